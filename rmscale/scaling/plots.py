@@ -35,6 +35,8 @@ def _save_atomic(fig: Figure, path) -> str:
   try:
     with os.fdopen(fd, "wb") as f:
       fig.savefig(f, format="png", dpi=_DPI)
+      f.flush()
+      os.fsync(f.fileno())
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
