@@ -80,6 +80,35 @@ def attention_mask(query_slots_L, key_valid_BxS):
   return causal_LxS[None] & key_valid_BxS[:, None, :]
 
 
+class Projection(nn.Module):
+  """Linear map contracting the last ``n_in`` input dims into ``features`` (a tuple of dims).
+
+  Written out instead of nn.DenseGeneral, which initialises kernels flat and so cannot carry
+  multi-dimensional logical axis names under a mesh.
+  """
+
+  cfg: TransformerConfig
+  features: tuple[int, ...]
+  names: tuple[str, ...]  # Logical names of the kernel: input dims then feature dims.
+  n_in: int = 1
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    kernel = self.param("kernel", _init(cfg.init_std, self.names),
+                        x.shape[x.ndim - self.n_in:] + self.features, cfg.params_dtype)
+    contract_x = tuple(range(x.ndim - self.n_in, x.ndim))
+    dims = ((contract_x, tuple(range(self.n_in))), ((), ()))
+    fp8 = _dot_general_cls(cfg)
+    dot_general = fp8() if fp8 is not None else jax.lax.dot_general
+    y = dot_general(x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype), dims)
+    if self.use_bias:
+      bias = self.param("bias", _zeros(self.names[self.n_in:]), self.features, cfg.params_dtype)
+      y = y + bias.astype(cfg.compute_dtype)
+    return y
+
+
 class Attention(nn.Module):
   cfg: TransformerConfig
 
@@ -87,13 +116,12 @@ class Attention(nn.Module):
   def __call__(self, x_BxLxE, positions_BxL, mask_BxLxS, layer_cache, cache_index):
     cfg = self.cfg
     H, K, D = cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
-    dense = lambda feats, names, bias, name: nn.DenseGeneral(  # noqa: E731
-        feats, use_bias=bias, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
-        kernel_init=_init(cfg.init_std, ("embed",) + names), bias_init=_zeros(names),
-        dot_general_cls=_dot_general_cls(cfg), name=name)
-    q = dense((H, D), ("heads", "head_dim"), cfg.qkv_bias, "query")(x_BxLxE)
-    k = dense((K, D), ("kv_heads", "head_dim"), cfg.qkv_bias, "key")(x_BxLxE)
-    v = dense((K, D), ("kv_heads", "head_dim"), cfg.qkv_bias, "value")(x_BxLxE)
+    q = Projection(cfg, (H, D), ("embed", "heads", "head_dim"), use_bias=cfg.qkv_bias,
+                   name="query")(x_BxLxE)
+    k = Projection(cfg, (K, D), ("embed", "kv_heads", "head_dim"), use_bias=cfg.qkv_bias,
+                   name="key")(x_BxLxE)
+    v = Projection(cfg, (K, D), ("embed", "kv_heads", "head_dim"), use_bias=cfg.qkv_bias,
+                   name="value")(x_BxLxE)
     if cfg.position == "rope":
       q = rope(q, positions_BxL, cfg.rotary_dim, cfg.rope_theta)
       k = rope(k, positions_BxL, cfg.rotary_dim, cfg.rope_theta)
@@ -117,11 +145,8 @@ class Attention(nn.Module):
     probs = jax.nn.softmax(logits, axis=-1)
     out = jnp.einsum("bkgls,bskd->blkgd", probs, v.astype(jnp.float32)).reshape(B, L, H, D)
     out = out.astype(cfg.compute_dtype)
-    y = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), use_bias=cfg.out_bias, dtype=cfg.compute_dtype,
-                        param_dtype=cfg.params_dtype,
-                        kernel_init=_init(cfg.init_std, ("heads", "head_dim", "embed")),
-                        bias_init=_zeros(("embed",)), dot_general_cls=_dot_general_cls(cfg),
-                        name="out")(out)
+    y = Projection(cfg, (cfg.d_model,), ("heads", "head_dim", "embed"), n_in=2,
+                   use_bias=cfg.out_bias, name="out")(out)
     return y, new_cache
 
 

@@ -1,0 +1,74 @@
+"""Atomic result files: JSON, JSONL records and NumPy archives under the workdir.
+
+Every file is written to a temporary name in the same directory and renamed into place, so a
+killed run leaves either the old file or the new one, never half of one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+
+import numpy as np
+
+
+def _atomic_write(path: str, write) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      write(f)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def _default(x):
+  if isinstance(x, np.generic):
+    return x.item()
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  raise TypeError(f"cannot serialise {type(x).__name__} to JSON")
+
+
+def write_json(path: str, obj) -> None:
+  _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, default=_default).encode()))
+
+
+def read_json(path: str):
+  with open(path) as f:
+    return json.load(f)
+
+
+def write_jsonl(path: str, records: Iterable[dict]) -> None:
+  text = "".join(json.dumps(r, default=_default) + "\n" for r in records)
+  _atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def read_jsonl(path: str) -> list[dict]:
+  out = []
+  with open(path) as f:
+    for i, line in enumerate(f, 1):
+      if line.strip():
+        try:
+          out.append(json.loads(line))
+        except json.JSONDecodeError as e:
+          raise ValueError(f"{path}:{i}: corrupt JSON record ({e.msg})") from None
+  return out
+
+
+def write_npz(path: str, **arrays) -> None:
+  _atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def read_npz(path: str) -> dict[str, np.ndarray]:
+  try:
+    with np.load(path) as z:
+      return {k: z[k] for k in z.files}
+  except (OSError, ValueError, EOFError) as e:
+    raise ValueError(f"{path}: corrupt or truncated array file ({e})") from None

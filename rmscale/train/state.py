@@ -1,0 +1,133 @@
+"""Train state (a plain dict), optimizers, sharded initialisation and the generic jitted train step.
+
+State: ``{'params', 'opt_state', 'step', 'rng'}`` with ``rng`` stored as raw key data (uint32) so it
+checkpoints like any array. Parameters and optimizer state are created already sharded:
+``eval_shape`` of a boxed init -> logical specs -> NamedShardings -> ``jit(init, out_shardings=...)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from rmscale.models.config import TransformerConfig
+from rmscale.models.transformer import Transformer
+from rmscale.parallel import mesh as mesh_lib
+
+State = dict[str, Any]
+# loss_fn(params, batch, rng) -> (loss, metrics dict of scalars)
+LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  learning_rate: float = 1e-3
+  warmup_steps: int = 0
+  total_steps: int = 1000  # Length of the decay; the schedule ends at end_lr_fraction * lr.
+  schedule: str = "cosine"  # "cosine" | "linear" | "constant"
+  end_lr_fraction: float = 0.1
+  weight_decay: float = 0.0
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  grad_clip: float = 1.0  # Global-norm clipping; 0 disables.
+
+  def __post_init__(self):
+    if self.schedule not in ("cosine", "linear", "constant"):
+      raise ValueError(f"optim.schedule={self.schedule!r} is not one of cosine, linear, constant")
+    if self.learning_rate <= 0:
+      raise ValueError(f"optim.learning_rate must be positive, got {self.learning_rate}")
+
+
+def make_schedule(ocfg: OptimConfig) -> optax.Schedule:
+  lr, end = ocfg.learning_rate, ocfg.learning_rate * ocfg.end_lr_fraction
+  decay_steps = max(ocfg.total_steps - ocfg.warmup_steps, 1)
+  if ocfg.schedule == "constant":
+    decay = optax.constant_schedule(lr)
+  elif ocfg.schedule == "linear":
+    decay = optax.linear_schedule(lr, end, decay_steps)
+  else:
+    decay = optax.cosine_decay_schedule(lr, decay_steps, alpha=ocfg.end_lr_fraction)
+  if not ocfg.warmup_steps:
+    return decay
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, ocfg.warmup_steps), decay],
+                              [ocfg.warmup_steps])
+
+
+def make_optimizer(ocfg: OptimConfig) -> optax.GradientTransformation:
+  parts = [optax.clip_by_global_norm(ocfg.grad_clip)] if ocfg.grad_clip else []
+  parts.append(optax.adamw(make_schedule(ocfg), b1=ocfg.b1, b2=ocfg.b2, eps=ocfg.eps,
+                           weight_decay=ocfg.weight_decay))
+  return optax.chain(*parts)
+
+
+def _boxed_init(model_cfg: TransformerConfig, seq_len: int):
+  model = Transformer(model_cfg)
+  return lambda rng: model.init(rng, jnp.zeros((1, seq_len), jnp.int32),
+                                method=Transformer.forward)["params"]
+
+
+def init_state(model_cfg: TransformerConfig, tx: optax.GradientTransformation, rng: jax.Array,
+               mesh, rules=mesh_lib.DEFAULT_RULES, params=None, seq_len: int = 8):
+  """A sharded train state and its shardings.
+
+  ``params`` (optional, plain arrays) replaces the random initialisation, e.g. to start a reward
+  model from a pretrained trunk; it is resharded onto the state's layout.
+  """
+  boxed_init = _boxed_init(model_cfg, seq_len)
+
+  def make(rng_data, params_in):
+    key = jax.random.wrap_key_data(rng_data)
+    boxed = boxed_init(jax.random.fold_in(key, 0))
+    if params_in is not None:
+      boxed = jax.tree.map(lambda b, p: b.replace_boxed(p) if isinstance(b, nn.Partitioned) else p,
+                           boxed, params_in, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    return {"params": boxed, "opt_state": tx.init(boxed), "step": jnp.zeros((), jnp.int32),
+            "rng": rng_data}
+
+  rng_data = jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
+  abstract = jax.eval_shape(make, rng_data, params)
+  shardings = mesh_lib.logical_shardings(nn.unbox(abstract), nn.get_partition_spec(abstract), mesh,
+                                         rules)
+  # Traced outside the sharding context: flax's DenseGeneral initialises kernels flat, which cannot
+  # carry their logical constraint; out_shardings alone lays the state out (XLA propagates it back).
+  state = jax.jit(lambda r, p: nn.unbox(make(r, p)), out_shardings=shardings)(rng_data, params)
+  return state, shardings
+
+
+def train_step(state: State, batch: dict, *, loss_fn: LossFn, tx: optax.GradientTransformation):
+  """One optimizer step; the step's RNG is ``fold_in(rng, step)`` so a resumed run repeats it."""
+  rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, rng)
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
+  return {**state, "params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+
+
+def compile_train_step(loss_fn: LossFn, tx, state_shardings, mesh, rules=mesh_lib.DEFAULT_RULES):
+  """``train_step`` jitted with explicit shardings and the state donated."""
+  jitted = jax.jit(functools.partial(train_step, loss_fn=loss_fn, tx=tx),
+                   in_shardings=(state_shardings, mesh_lib.batch_sharding(mesh)),
+                   out_shardings=(state_shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
+
+  def step(state, batch):
+    with mesh_lib.sharding_context(mesh, rules):
+      return jitted(state, batch)
+
+  return step
+
+
+def check_finite(metrics: dict, step: int) -> dict:
+  """Fetches metrics to host; NaN or inf stops the run naming the metric and step."""
+  host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  bad = [k for k, v in host.items() if not jnp.isfinite(v)]
+  if bad:
+    raise FloatingPointError(f"non-finite {', '.join(bad)} at step {step}: {host}")
+  return host
