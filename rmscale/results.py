@@ -72,3 +72,7 @@ def read_npz(path: str) -> dict[str, np.ndarray]:
       return {k: z[k] for k in z.files}
   except (OSError, ValueError, EOFError) as e:
     raise ValueError(f"{path}: corrupt or truncated array file ({e})") from None
+
+
+def write_text(path: str, text: str) -> None:
+  _atomic_write(path, lambda f: f.write(text.encode()))

@@ -13,6 +13,9 @@ from rmscale.models.transformer import Transformer
 from rmscale.parallel import mesh as mesh_lib
 
 
+BATCH_KEYS = ("chosen", "chosen_mask", "rejected", "rejected_mask")
+
+
 def make_rm_loss(model_cfg: TransformerConfig, score_l2: float = 0.0):
   """Batch: ``chosen``/``rejected`` tokens [B,L] with ``chosen_mask``/``rejected_mask``.
 

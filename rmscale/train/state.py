@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from flax import traverse_util
 
 from rmscale.models.config import TransformerConfig
 from rmscale.models.transformer import Transformer
@@ -73,12 +74,31 @@ def _boxed_init(model_cfg: TransformerConfig, seq_len: int):
                                 method=Transformer.forward)["params"]
 
 
+def merge_params(boxed, loaded):
+  """``boxed`` (fresh init) with every leaf that ``loaded`` also has replaced by the loaded value.
+
+  Leaves only in ``boxed`` keep their fresh init (e.g. a new reward head on a pretrained trunk);
+  leaves only in ``loaded`` are dropped (e.g. the LM head). Shapes must agree.
+  """
+  flat_new = traverse_util.flatten_dict(boxed)
+  flat_in = traverse_util.flatten_dict(loaded)
+  for key, box in flat_new.items():
+    if key in flat_in:
+      value = flat_in[key]
+      if tuple(value.shape) != tuple(nn.unbox(box).shape):
+        raise ValueError(f"parameter {'/'.join(key)}: loaded shape {tuple(value.shape)} does not match "
+                         f"the model's {tuple(nn.unbox(box).shape)}")
+      flat_new[key] = box.replace_boxed(value) if isinstance(box, nn.Partitioned) else value
+  return traverse_util.unflatten_dict(flat_new)
+
+
 def init_state(model_cfg: TransformerConfig, tx: optax.GradientTransformation, rng: jax.Array,
                mesh, rules=mesh_lib.DEFAULT_RULES, params=None, seq_len: int = 8):
   """A sharded train state and its shardings.
 
-  ``params`` (optional, plain arrays) replaces the random initialisation, e.g. to start a reward
-  model from a pretrained trunk; it is resharded onto the state's layout.
+  ``params`` (optional, plain arrays, possibly a partial tree) replaces the random initialisation
+  where it has leaves (``merge_params``), e.g. to start a reward model from a pretrained trunk; it is
+  resharded onto the state's layout.
   """
   boxed_init = _boxed_init(model_cfg, seq_len)
 
@@ -86,8 +106,7 @@ def init_state(model_cfg: TransformerConfig, tx: optax.GradientTransformation, r
     key = jax.random.wrap_key_data(rng_data)
     boxed = boxed_init(jax.random.fold_in(key, 0))
     if params_in is not None:
-      boxed = jax.tree.map(lambda b, p: b.replace_boxed(p) if isinstance(b, nn.Partitioned) else p,
-                           boxed, params_in, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+      boxed = merge_params(boxed, params_in)
     return {"params": boxed, "opt_state": tx.init(boxed), "step": jnp.zeros((), jnp.int32),
             "rng": rng_data}
 

@@ -1,0 +1,113 @@
+"""Quickstart: the whole overoptimization experiment in miniature, on a CPU, with no downloads.
+
+    python -m rmscale.main --config=configs/quickstart.py --workdir=runs/qs
+    python -m rmscale.main --config=configs/quickstart.py:tiny --workdir=/tmp/qs   # seconds (tests)
+
+Arguments after ``:``: ``tiny`` shrinks every stage to a seconds-scale smoke run; ``oracle`` uses the
+human utility itself as the gold RM instead of training one.
+"""
+import ml_collections
+
+from rmscale.configs import parse_arg
+from rmscale.parallel.mesh import DEFAULT_RULES
+
+
+def get_config(arg=None):
+  a = parse_arg(arg, tiny=False, oracle=False)
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # Seeds the world's samples, every model init and every data order.
+  c.stages = "policy_init,gold,label,proxies,bon,fit"  # Stages to run, in order; finished ones are skipped.
+  c.log_every = 50  # Steps between metric fetches (and NaN checks).
+  c.save_every = 500  # Steps between orbax checkpoints of a training run (and always at its end).
+  c.sample_batch_size = 512  # Rows per jitted sampler call.
+  c.score_batch_size = 1024  # Rows per jitted RM scoring call.
+
+  c.mesh = dict(data=-1, fsdp=1, tensor=1)  # Device mesh axis sizes; -1 takes the remaining devices.
+  c.rules = [list(r) for r in DEFAULT_RULES]  # Logical axis -> mesh axes (see rmscale/parallel/mesh.py).
+
+  # The offline world (rmscale/data/world.py: WorldConfig fields may be overridden here).
+  c.world = dict(seed=0)
+
+  c.model = ml_collections.ConfigDict()
+  c.model.family = "neox"  # Architecture preset for every model: neox | llama | gpt2.
+  c.model.reward_head = "linear"  # Reward-head type of gold and proxy RMs: linear | mlp.
+  c.model.dtype = "float32"  # Compute dtype.
+  c.model.param_dtype = "float32"  # Parameter storage dtype.
+  c.model.matmul = "default"  # "fp8": FP8 quantised matmuls in attention and MLP.
+
+  # Initial policy: SFT on the human writer's corpus.
+  c.policy = ml_collections.ConfigDict()
+  c.policy.size = "400k"  # Named size from rmscale/models/sizes.py.
+  c.policy.num_examples = 40_000  # SFT corpus size.
+  c.policy.steps = 1500  # Optimizer steps.
+  c.policy.batch_size = 64
+  c.policy.lr = 3e-3
+  c.policy.warmup_steps = 100
+  c.policy.weight_decay = 0.0
+
+  # Gold RM: trained on comparisons labelled by the human utility, or the utility itself.
+  c.gold = ml_collections.ConfigDict()
+  c.gold.kind = "oracle" if a.oracle else "trained"  # trained | oracle.
+  c.gold.size = "1.6m"
+  c.gold.num_comparisons = 40_000  # Human-utility comparisons to train on.
+  c.gold.eval_comparisons = 4000  # Held-out comparisons for the accuracy report.
+  c.gold.steps = 2500
+  c.gold.batch_size = 64
+  c.gold.lr = 1e-3
+  c.gold.warmup_steps = 100
+  c.gold.weight_decay = 0.0
+  c.gold.p_ramble = 0.3  # The raters' broader writer: rambling past the request ...
+  c.gold.p_keyword_extra = 0.3  # ... keyword stuffing ...
+  c.gold.p_repeat = 0.15  # ... and repetition, so the gold RM learns where the utility turns down.
+
+  # Comparisons: two policy samples per prompt, the gold RM picks the winner.
+  c.label = ml_collections.ConfigDict()
+  c.label.num_comparisons = 10_000
+  c.label.val_fraction = 0.1  # Held out for proxy validation loss/accuracy (Gao et al.: 10%).
+  c.label.noise = 0.0  # Probability of flipping a label (0: deterministic, as in the paper).
+
+  # Proxy RMs: one per (size, data size, seed).
+  c.proxies = ml_collections.ConfigDict()
+  c.proxies.sizes = ["100k", "400k", "1.6m"]
+  c.proxies.data_sizes = [1000, 9000]
+  c.proxies.seeds = [0]
+  c.proxies.init = "scratch"  # scratch | pretrained (an LM of each size trained on the SFT corpus).
+  c.proxies.epochs = 2.0
+  c.proxies.batch_size = 32
+  c.proxies.lr = 1e-3
+  c.proxies.warmup_steps = 20
+  c.proxies.weight_decay = 0.0
+  c.proxies.score_l2 = 0.0  # L2 on reward scores (Coste et al.: 1e-3).
+  c.proxies.pretrain = ml_collections.ConfigDict()  # Used when init = pretrained.
+  c.proxies.pretrain.num_examples = 20_000
+  c.proxies.pretrain.steps = 500
+  c.proxies.pretrain.batch_size = 64
+  c.proxies.pretrain.lr = 3e-3
+  c.proxies.pretrain.warmup_steps = 50
+  c.proxies.pretrain.weight_decay = 0.0
+
+  # Best-of-n on held-out prompts.
+  c.bon = ml_collections.ConfigDict()
+  c.bon.num_prompts = 200
+  c.bon.n_samples = 256  # N samples per prompt; n runs over a geometric grid up to N.
+  c.bon.num_n = 12
+
+  c.sampling = ml_collections.ConfigDict()
+  c.sampling.temperature = 1.0
+  c.sampling.top_k = 0
+  c.sampling.top_p = 1.0
+
+  c.fit = ml_collections.ConfigDict()
+  c.fit.num_bootstrap = 200  # Bootstrap replicates over prompts for coefficient intervals.
+
+  if a.tiny:
+    c.log_every = 10
+    c.policy.num_examples, c.policy.steps = 2000, 30
+    c.gold.num_comparisons, c.gold.eval_comparisons, c.gold.steps = 1000, 256, 30
+    c.label.num_comparisons = 400
+    c.proxies.sizes, c.proxies.data_sizes, c.proxies.epochs = ["100k", "200k"], [100, 300], 1.0
+    c.proxies.pretrain.num_examples, c.proxies.pretrain.steps = 1000, 10
+    c.bon.num_prompts, c.bon.n_samples, c.bon.num_n = 8, 16, 5
+    c.sample_batch_size, c.score_batch_size = 64, 128
+    c.fit.num_bootstrap = 20
+  return c

@@ -1,0 +1,119 @@
+"""Runs an experiment config's stages in order; each is skipped when its done-marker exists.
+
+A stage reads the artefacts of earlier stages from the workdir and writes its own atomically, then
+writes ``stages/<name>.json`` (its summary figures). A killed run therefore resumes at the stage it
+was in, and inside long stages from the last orbax checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import ml_collections
+from absl import logging
+
+from rmscale import results
+from rmscale.data.world import World, WorldConfig
+from rmscale.models import sizes
+from rmscale.parallel import mesh as mesh_lib
+from rmscale.stages import bon_stage, common, fit, gold, label, policy_init, proxies
+
+STAGES = {
+    "policy_init": policy_init.run,
+    "gold": gold.run,
+    "label": label.run,
+    "proxies": proxies.run,
+    "bon": bon_stage.run,
+    "fit": fit.run,
+}
+ORDER = tuple(STAGES)
+
+
+def stage_list(config) -> list[str]:
+  names = [s.strip() for s in config.stages.split(",") if s.strip()]
+  unknown = [s for s in names if s not in STAGES]
+  if unknown:
+    raise ValueError(f"config.stages names unknown stages {unknown}; known: {list(ORDER)}")
+  if names != sorted(names, key=ORDER.index):
+    raise ValueError(f"config.stages must follow the order {list(ORDER)}, got {names}")
+  return names
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Start-up checks; every error names the config key at fault."""
+  stage_list(config)
+  mesh_shape = mesh_lib.mesh_shape(dict(config.mesh), num_devices)
+  dp = mesh_shape[0] * mesh_shape[1]
+  world = WorldConfig(**config.world)  # Validates the world's fields.
+  del world
+  for key in ("policy.size", "gold.size"):
+    section, field = key.split(".")
+    if config[section][field] not in sizes.SIZES:
+      raise ValueError(f"config.{key}={config[section][field]!r} is not a known size; known: {list(sizes.SIZES)}")
+  for s in config.proxies.sizes:
+    if s not in sizes.SIZES:
+      raise ValueError(f"config.proxies.sizes has unknown size {s!r}; known: {list(sizes.SIZES)}")
+  if config.gold.kind not in ("trained", "oracle"):
+    raise ValueError(f"config.gold.kind={config.gold.kind!r} must be 'trained' or 'oracle'")
+  if config.proxies.init not in ("scratch", "pretrained"):
+    raise ValueError(f"config.proxies.init={config.proxies.init!r} must be 'scratch' or 'pretrained'")
+  for key in ("policy.batch_size", "gold.batch_size", "proxies.batch_size", "proxies.pretrain.batch_size",
+              "sample_batch_size", "score_batch_size"):
+    value = config
+    for part in key.split("."):
+      value = value[part]
+    if value <= 0 or value % dp:
+      raise ValueError(f"config.{key}={value} is not divisible by the {dp} data-parallel devices")
+  if not 0.0 <= config.label.noise < 0.5:
+    raise ValueError(f"config.label.noise={config.label.noise} must be in [0, 0.5)")
+  if not 0.0 < config.label.val_fraction < 1.0:
+    raise ValueError(f"config.label.val_fraction={config.label.val_fraction} must be in (0, 1)")
+  n_train = config.label.num_comparisons - round(config.label.val_fraction * config.label.num_comparisons)
+  for d in config.proxies.data_sizes:
+    if not 0 < d <= n_train:
+      raise ValueError(f"config.proxies.data_sizes has {d}, but label gives {n_train} training comparisons")
+  if config.bon.n_samples < 2 or config.bon.num_n < 2:
+    raise ValueError("config.bon.n_samples and config.bon.num_n must be >= 2")
+  for m in ("dtype", "param_dtype"):
+    if config.model[m] not in ("float32", "bfloat16", "float16"):
+      raise ValueError(f"config.model.{m}={config.model[m]!r} is not float32, bfloat16 or float16")
+
+
+def make_context(config, workdir: str) -> common.Context:
+  mesh = mesh_lib.make_mesh(dict(config.mesh))
+  writer = None
+  if jax.process_index() == 0:
+    from tensorboardX import SummaryWriter
+    writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+  return common.Context(config=config, workdir=workdir, mesh=mesh,
+                        rules=mesh_lib.rules_from_config(config.rules),
+                        world=World(WorldConfig(**config.world)), writer=writer)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Runs the configured stages; returns summary.md's text (or a short status)."""
+  validate(config, jax.device_count())
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    results.write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+  ctx = make_context(config, workdir)
+  info: dict[str, dict] = {}
+  for name in stage_list(config):
+    marker = ctx.path("stages", f"{name}.json")
+    if os.path.exists(marker):
+      info[name] = results.read_json(marker)
+      logging.info("stage %s: done already, skipped (%s)", name, marker)
+      continue
+    start = time.time()
+    logging.info("stage %s: starting", name)
+    out = fit.run(ctx, info) if name == "fit" else STAGES[name](ctx)
+    out = {**out, "seconds": round(time.time() - start, 1)}
+    results.write_json(marker, out)
+    info[name] = out
+    logging.info("stage %s: done in %.1fs %s", name, out["seconds"], json.dumps(out))
+  if ctx.writer is not None:
+    ctx.writer.close()
+  summary = ctx.path("summary.md")
+  return open(summary).read() if os.path.exists(summary) else json.dumps(info, indent=2)

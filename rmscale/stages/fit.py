@@ -1,0 +1,124 @@
+"""Stage ``fit``: functional forms per proxy, coefficient trends in RM size, plots and summary.md."""
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+
+import numpy as np
+
+from rmscale import results
+from rmscale.scaling import fit as fit_lib
+from rmscale.scaling import plots
+from rmscale.stages import bon_stage, common, proxies
+
+RESULTS = ("results", "fits.jsonl")
+FORMS = {"bon": "bon", "rl": "rl"}
+KEYS = ("rm_size", "rm_params", "data_size", "seed", "name")
+
+
+def _curves(records: list[dict]) -> dict[tuple, list[dict]]:
+  by = defaultdict(list)
+  for r in records:
+    by[(r["method"], r["name"])].append(r)
+  return by
+
+
+def fit_curves(records: list[dict], per_unit: dict[tuple, np.ndarray], num_boot: int, seed: int) -> list[dict]:
+  """One row per (method, proxy): coefficients, peak, fit quality and bootstrap intervals."""
+  rows = []
+  rng = np.random.default_rng(seed)
+  for (method, name), recs in sorted(_curves(records).items()):
+    recs = sorted(recs, key=lambda r: r["kl"])
+    d = np.sqrt([r["kl"] for r in recs])
+    gold = np.array([r["gold"] for r in recs])
+    f = fit_lib.fit_curve(FORMS[method], d, gold)
+    row = {"method": method, **{k: recs[0][k] for k in KEYS}, **f.to_dict()}
+    units = per_unit.get((method, name))
+    if units is not None and num_boot:
+      boot = fit_lib.bootstrap_fit(FORMS[method], d, units, num_boot, rng)
+      for coef, (lo, hi) in boot.intervals.items():
+        row[f"{coef}_lo"], row[f"{coef}_hi"] = lo, hi
+    rows.append(row)
+  return rows
+
+
+def trends(rows: list[dict]) -> list[dict]:
+  """alpha and beta against log RM size, per method and data size (needs >= 2 sizes)."""
+  out = []
+  groups = defaultdict(list)
+  for r in rows:
+    groups[(r["method"], r["data_size"])].append(r)
+  for (method, data_size), rs in sorted(groups.items()):
+    if len({r["rm_params"] for r in rs}) < 2:
+      continue
+    for coef in ("alpha", "beta"):
+      t = fit_lib.coefficient_trend([r["rm_params"] for r in rs], [r[coef] for r in rs])
+      out.append({"method": method, "data_size": data_size, "coef": coef, "slope_per_efold": t.slope,
+                  "slope_se": t.slope_se, "r2": t.r2})
+  return out
+
+
+def _per_unit(ctx: common.Context) -> dict[tuple, np.ndarray]:
+  """Per-prompt gold curves of best-of-n (the bootstrap's resampling units)."""
+  path = ctx.path(*bon_stage.SAMPLES)
+  if not os.path.exists(path):
+    return {}
+  data = results.read_npz(path)
+  prefix = "gold_per_prompt__"
+  return {("bon", k[len(prefix):]): v for k, v in data.items() if k.startswith(prefix)}
+
+
+def _fmt(x, spec=".3f") -> str:
+  return "-" if x is None or (isinstance(x, float) and not np.isfinite(x)) else format(x, spec)
+
+
+def summary_markdown(ctx: common.Context, stage_info: dict, rm_records, fit_rows, trend_rows) -> str:
+  lines = ["# rmscale experiment summary", "", f"workdir: `{ctx.workdir}`", ""]
+  gold = stage_info.get("gold", {})
+  lab = stage_info.get("label", {})
+  lines += ["## Gold RM", "", f"- kind: {gold.get('kind', ctx.config.gold.kind)}"]
+  if "heldout_accuracy" in gold:
+    lines.append(f"- held-out accuracy on human-utility comparisons: {gold['heldout_accuracy']:.3f}")
+  if "gold_utility_agreement" in lab:
+    lines.append(f"- agreement with the human utility on policy-sample pairs: {lab['gold_utility_agreement']:.3f}")
+  lines += ["", "## Proxy reward models", "", "| proxy | non-emb params | comparisons | seed | val loss | val acc |",
+            "|---|---|---|---|---|---|"]
+  for r in sorted(rm_records, key=lambda r: (r["data_size"], r["rm_params"], r["seed"])):
+    lines.append(f"| {r['rm_size']} | {r['rm_params']:,} | {r['data_size']:,} | {r['seed']} | "
+                 f"{r['val_loss']:.4f} | {r['val_accuracy']:.3f} |")
+  lines += ["", "## Fitted functional forms (gold score vs d = sqrt(KL))", "",
+            "BoN: R = d(alpha - beta d); RL: R = d(alpha - beta log d). Intervals: 95% bootstrap over prompts.", "",
+            "| method | proxy | comparisons | alpha | beta | d* | R* | r2 |", "|---|---|---|---|---|---|---|---|"]
+  for r in fit_rows:
+    ci = lambda k: f" [{_fmt(r.get(k + '_lo'))}, {_fmt(r.get(k + '_hi'))}]" if k + "_lo" in r else ""  # noqa: E731
+    lines.append(f"| {r['method']} | {r['rm_size']} | {r['data_size']:,} | {_fmt(r['alpha'])}{ci('alpha')} | "
+                 f"{_fmt(r['beta'])}{ci('beta')} | {_fmt(r['d_star'])} | {_fmt(r['r_star'])} | {_fmt(r['r2'])} |")
+  if trend_rows:
+    lines += ["", "## Coefficients vs RM size (slope per e-fold of parameters)", "",
+              "| method | comparisons | coefficient | slope | se | r2 |", "|---|---|---|---|---|---|"]
+    for t in trend_rows:
+      lines.append(f"| {t['method']} | {t['data_size']:,} | {t['coef']} | {t['slope_per_efold']:+.4f} | "
+                   f"{_fmt(t['slope_se'], '.4f')} | {_fmt(t['r2'])} |")
+  lines += ["", "Plots: `plots/score_vs_sqrt_kl.png`, `plots/coefficients_vs_size.png`, "
+            "`plots/rm_validation.png`, `plots/gold_vs_proxy.png`.", ""]
+  return "\n".join(lines)
+
+
+def run(ctx: common.Context, stage_info: dict | None = None) -> dict:
+  records = results.read_jsonl(ctx.path(*bon_stage.RESULTS))
+  rl_path = ctx.path("results", "rl.jsonl")
+  if os.path.exists(rl_path):
+    records += results.read_jsonl(rl_path)
+  rm_records = proxies.load(ctx)
+  fit_rows = fit_curves(records, _per_unit(ctx), ctx.config.fit.num_bootstrap, ctx.config.seed)
+  trend_rows = trends(fit_rows)
+  results.write_jsonl(ctx.path(*RESULTS), fit_rows)
+  results.write_jsonl(ctx.path("results", "trends.jsonl"), trend_rows)
+  plots.plot_score_vs_sqrt_kl(records, fit_rows, ctx.path("plots", "score_vs_sqrt_kl.png"))
+  plots.plot_gold_vs_proxy(records, ctx.path("plots", "gold_vs_proxy.png"))
+  plots.plot_rm_validation(rm_records, ctx.path("plots", "rm_validation.png"))
+  if len({r["rm_params"] for r in fit_rows}) > 1:
+    plots.plot_coefficients_vs_size(fit_rows, ctx.path("plots", "coefficients_vs_size.png"))
+  text = summary_markdown(ctx, stage_info or {}, rm_records, fit_rows, trend_rows)
+  results.write_text(ctx.path("summary.md"), text)
+  return {"num_fits": len(fit_rows)}

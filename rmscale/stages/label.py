@@ -1,0 +1,49 @@
+"""Stage ``label``: two samples per prompt from the initial policy, the gold RM picks the winner.
+
+Labels are deterministic (higher gold score wins, as in Gao et al.), with optional label noise
+(flip probability ``label.noise``, seeded). The last ``label.val_fraction`` of rows is validation.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from rmscale import results
+from rmscale.stages import common
+from rmscale.stages.gold import comparison_arrays
+
+PATH = ("label", "comparisons.npz")
+
+
+def run(ctx: common.Context) -> dict:
+  c, seed = ctx.config.label, ctx.config.seed
+  policy_cfg = common.model_config(ctx, ctx.config.policy.size, "policy")
+  params = common.load_params(ctx, ctx.path("policy_init", "params"), policy_cfg)
+  prompts = ctx.world.sample_prompts(np.random.default_rng(seed + 4), c.num_comparisons, "train")
+  a = common.sample(ctx, policy_cfg, params, prompts["ids"], prompts["mask"], seed + 5)
+  b = common.sample(ctx, policy_cfg, params, prompts["ids"], prompts["mask"], seed + 6)
+  gold = common.gold_fn(ctx)
+  ga = gold(*common.sequences(prompts["ids"], prompts["mask"], a["ids"], a["mask"]))
+  gb = gold(*common.sequences(prompts["ids"], prompts["mask"], b["ids"], b["mask"]))
+  ua = ctx.world.utility(prompts["ids"], a["ids"], a["mask"])
+  ub = ctx.world.utility(prompts["ids"], b["ids"], b["mask"])
+  a_wins = ga >= gb
+  flip = np.random.default_rng(seed + 7).random(len(a_wins)) < c.noise
+  labels = a_wins ^ flip
+  arrays = comparison_arrays(prompts["ids"], prompts["mask"], a, b, labels)
+  n_val = int(round(c.val_fraction * len(labels)))
+  split = np.zeros(len(labels), np.int8)
+  split[len(labels) - n_val:] = 1
+  decided = ua != ub
+  results.write_npz(ctx.path(*PATH), split=split, gold_chosen=np.where(labels, ga, gb),
+                    gold_rejected=np.where(labels, gb, ga), **arrays)
+  return {"num_train": int((split == 0).sum()), "num_val": n_val, "label_noise": c.noise,
+          # How often the gold label agrees with the human utility on policy samples (ties excluded).
+          "gold_utility_agreement": float(np.mean((ga >= gb)[decided] == (ua > ub)[decided])),
+          "mean_response_tokens": float(np.concatenate([a["mask"], b["mask"]]).sum(1).mean())}
+
+
+def load(ctx: common.Context) -> tuple[dict, dict]:
+  """(train, validation) comparison arrays."""
+  data = results.read_npz(ctx.path(*PATH))
+  split = data.pop("split")
+  return ({k: v[split == 0] for k, v in data.items()}, {k: v[split == 1] for k, v in data.items()})

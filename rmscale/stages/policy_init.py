@@ -1,0 +1,31 @@
+"""Stage ``policy_init``: supervised finetuning of the initial policy on the human writer's corpus."""
+from __future__ import annotations
+
+import numpy as np
+
+from rmscale.stages import common
+from rmscale.train import sft
+
+
+def sft_corpus(ctx: common.Context, n: int, seed: int) -> dict[str, np.ndarray]:
+  ex = ctx.world.sft_examples(np.random.default_rng(seed), n, split="train")
+  tokens, mask = common.sequences(ex["prompt_ids"], ex["prompt_mask"], ex["response_ids"],
+                                  ex["response_mask"])
+  loss_mask = np.zeros_like(mask)
+  loss_mask[:, ctx.prompt_len:] = ex["response_mask"]
+  return {"tokens": tokens, "mask": mask, "loss_mask": loss_mask}
+
+
+def train_lm(ctx: common.Context, name: str, size: str, section) -> tuple:
+  """SFT of an LM of ``size`` on the writer corpus (the policy, and pretrained RM trunks)."""
+  model_cfg = common.model_config(ctx, size, "policy")
+  data = sft_corpus(ctx, section.num_examples, ctx.config.seed + 1)
+  params, history = common.train(
+      ctx, name, model_cfg, sft.make_sft_loss(model_cfg), data, batch_size=section.batch_size,
+      steps=section.steps, optim=common.optim_config(section, section.steps), seed=ctx.config.seed)
+  return params, history
+
+
+def run(ctx: common.Context) -> dict:
+  _, history = train_lm(ctx, "policy_init", ctx.config.policy.size, ctx.config.policy)
+  return {"final_loss": history[-1]["loss"]}
