@@ -1,0 +1,126 @@
+"""The experiment end to end in its seconds-scale form: stages, skipping, resume, determinism, errors."""
+import os
+import subprocess
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from rmscale import pipeline, results
+from rmscale.stages import common, label, proxies
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**overrides):
+  sys.path.insert(0, ROOT)
+  from configs import quickstart
+  c = quickstart.get_config("tiny,oracle")
+  with c.unlocked():
+    for k, v in overrides.items():
+      section, field = k.split(".") if "." in k else (None, k)
+      (c[section] if section else c)[field] = v
+  return c
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("qs"))
+  summary = pipeline.run(tiny_config(), workdir)
+  return workdir, summary
+
+
+def test_all_stages_write_their_artefacts(finished):
+  workdir, summary = finished
+  for stage in pipeline.ORDER:
+    assert os.path.exists(os.path.join(workdir, "stages", f"{stage}.json")), stage
+  bon = results.read_jsonl(os.path.join(workdir, "results", "bon.jsonl"))
+  names = {r["name"] for r in bon}
+  assert len(names) == 4  # 2 sizes x 2 data sizes x 1 seed
+  n1 = [r for r in bon if r["n"] == 1]
+  # n = 1 is the initial policy: recentred gold and utility are 0 there by construction.
+  np.testing.assert_allclose([r["gold"] for r in n1], 0.0, atol=1e-9)
+  np.testing.assert_allclose([r["kl"] for r in n1], 0.0, atol=1e-12)
+  for name in names:
+    curve = sorted((r for r in bon if r["name"] == name), key=lambda r: r["n"])
+    proxy = [r["proxy"] for r in curve]
+    assert all(b >= a - 1e-9 for a, b in zip(proxy, proxy[1:]))  # BoN never lowers the proxy score.
+  fits = results.read_jsonl(os.path.join(workdir, "results", "fits.jsonl"))
+  assert len(fits) == 4 and all(np.isfinite(f["alpha"]) for f in fits)
+  for png in ("score_vs_sqrt_kl", "gold_vs_proxy", "rm_validation", "coefficients_vs_size"):
+    assert os.path.getsize(os.path.join(workdir, "plots", f"{png}.png")) > 1000
+  assert "Proxy reward models" in summary
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
+
+
+def test_finished_stages_are_skipped(finished, monkeypatch):
+  workdir, _ = finished
+  before = {f: os.path.getmtime(os.path.join(workdir, "results", f))
+            for f in os.listdir(os.path.join(workdir, "results"))}
+
+  def boom(ctx):
+    raise AssertionError("a finished stage ran again")
+
+  monkeypatch.setattr(pipeline, "STAGES", {k: boom for k in pipeline.STAGES})
+  pipeline.run(tiny_config(), workdir)
+  after = {f: os.path.getmtime(os.path.join(workdir, "results", f)) for f in before}
+  assert before == after
+
+
+def test_killed_proxies_stage_resumes_to_the_same_result(finished):
+  workdir, _ = finished
+  before = proxies.load(pipeline.make_context(tiny_config(), workdir))
+  # As if killed after the last checkpoint of one proxy but before its metrics and the stage marker.
+  os.remove(os.path.join(workdir, "stages", "proxies.json"))
+  os.remove(os.path.join(workdir, "proxies", before[0]["name"], "metrics.json"))
+  ctx = pipeline.make_context(tiny_config(), workdir)
+  proxies.run(ctx)
+  after = proxies.load(ctx)
+  assert [r["val_loss"] for r in after] == [r["val_loss"] for r in before]
+
+
+def test_labels_are_deterministic(finished, tmp_path):
+  workdir, _ = finished
+  # Re-label into a second workdir that reuses the trained policy.
+  os.makedirs(tmp_path / "policy_init")
+  os.symlink(os.path.join(workdir, "policy_init", "params"), tmp_path / "policy_init" / "params")
+  ctx = pipeline.make_context(tiny_config(), str(tmp_path))
+  label.run(ctx)
+  a = results.read_npz(os.path.join(workdir, *label.PATH))
+  b = results.read_npz(os.path.join(str(tmp_path), *label.PATH))
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  # Oracle gold labels: the chosen response really has the higher utility.
+  assert (a["gold_chosen"] >= a["gold_rejected"]).all()
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"policy.batch_size": 7}, "config.policy.batch_size=7 is not divisible by the 8 data-parallel"),
+    ({"stages": "policy_init,rl_typo"}, "unknown stages"),
+    ({"stages": "gold,policy_init"}, "must follow the order"),
+    ({"proxies.data_sizes": [100, 10**6]}, "config.proxies.data_sizes has 1000000"),
+    ({"policy.size": "huge"}, "config.policy.size='huge' is not a known size"),
+    ({"mesh": dict(data=3)}, "needs 3 devices"),
+    ({"label.noise": 0.7}, "config.label.noise"),
+])
+def test_config_errors_name_the_key(overrides, message, tmp_path):
+  with pytest.raises(ValueError, match=message):
+    pipeline.run(tiny_config(**overrides), str(tmp_path))
+  assert not os.listdir(tmp_path)  # Nothing is written before the config is known to be good.
+
+
+def test_cli_rejects_unknown_override(tmp_path):
+  out = subprocess.run([sys.executable, "-m", "rmscale.main", "--config=configs/quickstart.py:tiny",
+                        f"--workdir={tmp_path}", "--config.policy.sizes=12m"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert out.returncode != 0
+  assert "'sizes'" in out.stderr and 'Did you mean "size"' in out.stderr
+
+
+def test_cli_rejects_unknown_config_argument(tmp_path):
+  out = subprocess.run([sys.executable, "-m", "rmscale.main", "--config=configs/quickstart.py:tiny,fast",
+                        f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert out.returncode != 0 and "unknown config argument 'fast'" in out.stderr
