@@ -37,9 +37,9 @@ def get_config(arg=None):
 
   # Initial policy: SFT on the human writer's corpus.
   c.policy = ml_collections.ConfigDict()
-  c.policy.size = "400k"  # Named size from rmscale/models/sizes.py.
+  c.policy.size = "200k"  # Named size from rmscale/models/sizes.py.
   c.policy.num_examples = 40_000  # SFT corpus size.
-  c.policy.steps = 1500  # Optimizer steps.
+  c.policy.steps = 1000  # Optimizer steps.
   c.policy.batch_size = 64
   c.policy.lr = 3e-3
   c.policy.warmup_steps = 100
@@ -48,11 +48,11 @@ def get_config(arg=None):
   # Gold RM: trained on comparisons labelled by the human utility, or the utility itself.
   c.gold = ml_collections.ConfigDict()
   c.gold.kind = "oracle" if a.oracle else "trained"  # trained | oracle.
-  c.gold.size = "1.6m"
+  c.gold.size = "400k"
   c.gold.num_comparisons = 40_000  # Human-utility comparisons to train on.
   c.gold.eval_comparisons = 4000  # Held-out comparisons for the accuracy report.
-  c.gold.steps = 2500
-  c.gold.batch_size = 64
+  c.gold.steps = 1500
+  c.gold.batch_size = 32  # Comparison pairs per step.
   c.gold.lr = 1e-3
   c.gold.warmup_steps = 100
   c.gold.weight_decay = 0.0
@@ -68,12 +68,12 @@ def get_config(arg=None):
 
   # Proxy RMs: one per (size, data size, seed).
   c.proxies = ml_collections.ConfigDict()
-  c.proxies.sizes = ["100k", "400k", "1.6m"]
+  c.proxies.sizes = ["100k", "200k", "400k"]
   c.proxies.data_sizes = [1000, 9000]
   c.proxies.seeds = [0]
   c.proxies.init = "scratch"  # scratch | pretrained (an LM of each size trained on the SFT corpus).
   c.proxies.epochs = 2.0
-  c.proxies.batch_size = 32
+  c.proxies.batch_size = 32  # Comparison pairs per step (Gao et al.: 64).
   c.proxies.lr = 1e-3
   c.proxies.warmup_steps = 20
   c.proxies.weight_decay = 0.0

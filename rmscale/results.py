@@ -13,7 +13,8 @@ from collections.abc import Iterable
 import numpy as np
 
 
-def _atomic_write(path: str, write) -> None:
+def atomic_write(path: str, write) -> None:
+  """Calls ``write(binary_file)`` on a temporary file beside ``path``, then renames it into place."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
   try:
@@ -37,7 +38,7 @@ def _default(x):
 
 
 def write_json(path: str, obj) -> None:
-  _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, default=_default).encode()))
+  atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, default=_default).encode()))
 
 
 def read_json(path: str):
@@ -47,7 +48,7 @@ def read_json(path: str):
 
 def write_jsonl(path: str, records: Iterable[dict]) -> None:
   text = "".join(json.dumps(r, default=_default) + "\n" for r in records)
-  _atomic_write(path, lambda f: f.write(text.encode()))
+  atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -63,7 +64,7 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 def write_npz(path: str, **arrays) -> None:
-  _atomic_write(path, lambda f: np.savez(f, **arrays))
+  atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def read_npz(path: str) -> dict[str, np.ndarray]:
@@ -75,4 +76,4 @@ def read_npz(path: str) -> dict[str, np.ndarray]:
 
 
 def write_text(path: str, text: str) -> None:
-  _atomic_write(path, lambda f: f.write(text.encode()))
+  atomic_write(path, lambda f: f.write(text.encode()))

@@ -12,13 +12,13 @@ from __future__ import annotations
 import collections
 import math
 import os
-import tempfile
 from typing import Any, Iterable, Mapping, Sequence
 
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
+from rmscale import results
 from rmscale.scaling import fit as fit_lib
 
 _METHOD_TITLES = {"bon": "Best-of-n", "rl": "RL"}
@@ -27,21 +27,9 @@ _DPI = 110
 
 
 def _save_atomic(fig: Figure, path) -> str:
-  """Render to a temp file in the target directory, then rename, so readers never see half a PNG."""
+  """Render with Agg and write atomically, so readers never see half a PNG."""
   path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=directory)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      fig.savefig(f, format="png", dpi=_DPI)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  results.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=_DPI))
   return path
 
 
