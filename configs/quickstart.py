@@ -45,10 +45,20 @@ def get_config(arg=None):
   c.policy.warmup_steps = 100
   c.policy.weight_decay = 0.0
 
+  # LMs of other sizes than the policy, trained on the SFT corpus to initialise RMs ('pretrained' init).
+  c.pretrain = ml_collections.ConfigDict()
+  c.pretrain.num_examples = 20_000
+  c.pretrain.steps = 500
+  c.pretrain.batch_size = 64
+  c.pretrain.lr = 3e-3
+  c.pretrain.warmup_steps = 50
+  c.pretrain.weight_decay = 0.0
+
   # Gold RM: trained on comparisons labelled by the human utility, or the utility itself.
   c.gold = ml_collections.ConfigDict()
   c.gold.kind = "oracle" if a.oracle else "trained"  # trained | oracle.
-  c.gold.size = "400k"
+  c.gold.size = "200k"
+  c.gold.init = "pretrained"  # pretrained (from an LM of gold.size: the policy's own when equal) | scratch.
   c.gold.num_comparisons = 40_000  # Human-utility comparisons to train on.
   c.gold.eval_comparisons = 4000  # Held-out comparisons for the accuracy report.
   c.gold.steps = 1500
@@ -72,20 +82,13 @@ def get_config(arg=None):
   c.proxies.data_sizes = [1000, 9000]
   c.proxies.seeds = [0]
   c.proxies.init = "scratch"  # scratch | pretrained (an LM of each size trained on the SFT corpus).
+  #                             Scratch keeps the CPU quickstart within minutes; Gao et al. pretrain.
   c.proxies.epochs = 2.0
   c.proxies.batch_size = 32  # Comparison pairs per step (Gao et al.: 64).
   c.proxies.lr = 1e-3
   c.proxies.warmup_steps = 20
   c.proxies.weight_decay = 0.0
   c.proxies.score_l2 = 0.0  # L2 on reward scores (Coste et al.: 1e-3).
-  c.proxies.pretrain = ml_collections.ConfigDict()  # Used when init = pretrained.
-  c.proxies.pretrain.num_examples = 20_000
-  c.proxies.pretrain.steps = 500
-  c.proxies.pretrain.batch_size = 64
-  c.proxies.pretrain.lr = 3e-3
-  c.proxies.pretrain.warmup_steps = 50
-  c.proxies.pretrain.weight_decay = 0.0
-
   # Best-of-n on held-out prompts.
   c.bon = ml_collections.ConfigDict()
   c.bon.num_prompts = 200
@@ -106,7 +109,7 @@ def get_config(arg=None):
     c.gold.num_comparisons, c.gold.eval_comparisons, c.gold.steps = 1000, 256, 30
     c.label.num_comparisons = 400
     c.proxies.sizes, c.proxies.data_sizes, c.proxies.epochs = ["100k", "200k"], [100, 300], 1.0
-    c.proxies.pretrain.num_examples, c.proxies.pretrain.steps = 1000, 10
+    c.pretrain.num_examples, c.pretrain.steps = 1000, 10
     c.bon.num_prompts, c.bon.n_samples, c.bon.num_n = 8, 16, 5
     c.sample_batch_size, c.score_batch_size = 64, 128
     c.fit.num_bootstrap = 20

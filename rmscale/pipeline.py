@@ -17,6 +17,7 @@ from absl import logging
 from rmscale import results
 from rmscale.data.world import World, WorldConfig
 from rmscale.models import sizes
+from rmscale.parallel import distributed
 from rmscale.parallel import mesh as mesh_lib
 from rmscale.stages import bon_stage, common, fit, gold, label, policy_init, proxies
 
@@ -57,9 +58,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
       raise ValueError(f"config.proxies.sizes has unknown size {s!r}; known: {list(sizes.SIZES)}")
   if config.gold.kind not in ("trained", "oracle"):
     raise ValueError(f"config.gold.kind={config.gold.kind!r} must be 'trained' or 'oracle'")
-  if config.proxies.init not in ("scratch", "pretrained"):
-    raise ValueError(f"config.proxies.init={config.proxies.init!r} must be 'scratch' or 'pretrained'")
-  for key in ("policy.batch_size", "gold.batch_size", "proxies.batch_size", "proxies.pretrain.batch_size",
+  for key in ("proxies", "gold"):
+    if config[key].init not in ("scratch", "pretrained"):
+      raise ValueError(f"config.{key}.init={config[key].init!r} must be 'scratch' or 'pretrained'")
+  for key in ("policy.batch_size", "gold.batch_size", "proxies.batch_size", "pretrain.batch_size",
               "sample_batch_size", "score_batch_size"):
     value = config
     for part in key.split("."):
@@ -102,7 +104,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
   info: dict[str, dict] = {}
   for name in stage_list(config):
     marker = ctx.path("stages", f"{name}.json")
-    if os.path.exists(marker):
+    # Process 0 decides for all, so every host runs (or skips) the same stages and collectives.
+    if distributed.agree(os.path.exists(marker)):
       info[name] = results.read_json(marker)
       logging.info("stage %s: done already, skipped (%s)", name, marker)
       continue
@@ -111,6 +114,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
     out = fit.run(ctx, info) if name == "fit" else STAGES[name](ctx)
     out = {**out, "seconds": round(time.time() - start, 1)}
     results.write_json(marker, out)
+    # Process 0 alone writes artefacts; the other hosts read them only after this point.
+    distributed.barrier(f"stage {name} done")
     info[name] = out
     logging.info("stage %s: done in %.1fs %s", name, out["seconds"], json.dumps(out))
   if ctx.writer is not None:

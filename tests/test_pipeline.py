@@ -3,13 +3,11 @@ import os
 import subprocess
 import sys
 
-import jax
-import ml_collections
 import numpy as np
 import pytest
 
 from rmscale import pipeline, results
-from rmscale.stages import common, label, proxies
+from rmscale.stages import label, proxies
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -16,6 +16,7 @@ from rmscale.data.world import World
 from rmscale.models import sizes
 from rmscale.models.config import TransformerConfig
 from rmscale.models.transformer import abstract_params
+from rmscale.parallel import distributed
 from rmscale.parallel import mesh as mesh_lib
 from rmscale.sampling import SamplingConfig, make_sampler
 from rmscale.train import rm as rm_lib
@@ -111,7 +112,11 @@ def reward_fn(ctx: Context, model_cfg: TransformerConfig, params):
   batch = ctx.config.score_batch_size
   mesh_lib.check_batch_divisible(batch, ctx.mesh, "score_batch_size")
   scorer = rm_lib.make_scorer(model_cfg, ctx.mesh, param_shardings(ctx, model_cfg), ctx.rules)
-  return lambda tokens, mask: rm_lib.score_in_batches(scorer, params, tokens, mask, batch)
+  data = mesh_lib.batch_sharding(ctx.mesh)
+  # Every host holds the whole (seeded) batch: each places only its devices' rows.
+  global_scorer = lambda p, tok, m: scorer(p, distributed.global_array(tok, data),  # noqa: E731
+                                           distributed.global_array(m, data))
+  return lambda tokens, mask: rm_lib.score_in_batches(global_scorer, params, tokens, mask, batch)
 
 
 def gold_fn(ctx: Context):
@@ -146,7 +151,9 @@ def sample(ctx: Context, model_cfg: TransformerConfig, params, prompt_ids, promp
       p = np.concatenate([p, np.repeat(p[-1:], batch - k, 0)])
       m = np.concatenate([m, np.repeat(m[-1:], batch - k, 0)])
     with mesh_lib.sharding_context(ctx.mesh, ctx.rules):
-      res = jax.device_get(sampler(params, p, m, jax.random.fold_in(jax.random.key(seed), i)))
+      res = distributed.to_host(sampler(params, distributed.global_array(p, data),
+                                        distributed.global_array(m, data),
+                                        jax.random.fold_in(jax.random.key(seed), i)))
     out["ids"].append(res["tokens"][:k])
     out["mask"].append(res["mask"][:k])
     out["logprobs"].append(res["logprobs"][:k])

@@ -12,7 +12,7 @@ import numpy as np
 
 from rmscale import losses
 from rmscale.data.world import World
-from rmscale.stages import common
+from rmscale.stages import common, policy_init
 from rmscale.train import rm
 
 
@@ -51,9 +51,10 @@ def run(ctx: common.Context) -> dict:
     return {"kind": "oracle"}
   model_cfg = common.model_config(ctx, g.size, "rm")
   data = human_comparisons(ctx, g.num_comparisons, ctx.config.seed + 2, "train")
+  init = policy_init.pretrained_lm(ctx, g.size) if g.init == "pretrained" else None
   params, _ = common.train(ctx, "gold", model_cfg, rm.make_rm_loss(model_cfg), data,
                            batch_size=g.batch_size, steps=g.steps, optim=common.optim_config(g, g.steps),
-                           seed=ctx.config.seed + 2)
+                           seed=ctx.config.seed + 2, init_params=init)
   held_out = human_comparisons(ctx, g.eval_comparisons, ctx.config.seed + 3, "eval")
   metrics = evaluate(common.reward_fn(ctx, model_cfg, params), held_out)
   return {"kind": "trained", "size": g.size, "heldout_loss": metrics["loss"],

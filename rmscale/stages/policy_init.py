@@ -26,6 +26,18 @@ def train_lm(ctx: common.Context, name: str, size: str, section) -> tuple:
   return params, history
 
 
+def pretrained_lm(ctx: common.Context, size: str):
+  """An LM of ``size`` trained on the SFT corpus, to initialise reward models (as Gao et al. do).
+
+  The initial policy serves when the size matches; other sizes are trained once under
+  ``pretrained/<size>`` with ``config.pretrain`` and shared by every RM of that size.
+  """
+  if size == ctx.config.policy.size:
+    return common.load_params(ctx, ctx.path("policy_init", "params"), common.model_config(ctx, size, "policy"))
+  params, _ = train_lm(ctx, f"pretrained/{size}", size, ctx.config.pretrain)
+  return params
+
+
 def run(ctx: common.Context) -> dict:
   _, history = train_lm(ctx, "policy_init", ctx.config.policy.size, ctx.config.policy)
   return {"final_loss": history[-1]["loss"]}

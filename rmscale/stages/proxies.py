@@ -2,8 +2,7 @@
 
 Each proxy is its own resumable unit (``proxies/<name>/``); a finished one is skipped, so a sweep can
 add sizes to a workdir and train only what is new. With ``proxies.init = 'pretrained'`` each size
-starts from an LM of that size trained on the SFT corpus (Gao et al. initialise every RM from a
-pretrained LM); the LM is trained once per size and shared by all data sizes and seeds.
+starts from an LM of that size trained on the SFT corpus (``policy_init.pretrained_lm``).
 """
 from __future__ import annotations
 
@@ -41,8 +40,7 @@ def train_proxy(ctx: common.Context, spec: dict, train_data: dict, val_data: dic
   model_cfg = common.model_config(ctx, spec["rm_size"], "rm")
   init = None
   if p.init == "pretrained":
-    init, _ = policy_init.train_lm(ctx, os.path.join("pretrained", spec["rm_size"]), spec["rm_size"],
-                                   p.pretrain)
+    init = policy_init.pretrained_lm(ctx, spec["rm_size"])
   subset = {k: v[:spec["data_size"]] for k, v in train_data.items() if k in rm.BATCH_KEYS}
   steps = max(1, math.ceil(p.epochs * spec["data_size"] / p.batch_size))
   params, history = common.train(ctx, name, model_cfg, rm.make_rm_loss(model_cfg, p.score_l2), subset,
