@@ -1,0 +1,553 @@
+"""PPO for language models against a reward function, one jitted iteration per rollout.
+
+An iteration is one pure function of ``(state, ref_params, reward_params, prompts)`` (the purejaxrl
+structure): sample responses with the KV-cache sampler -> one full forward pass of the policy, the
+frozen reference and the critic over ``[left-padded prompt | right-padded response]`` -> per-token
+rewards (``-kl_coef * KL`` on every response token, the reward model's score added at the last) ->
+GAE -> ``lax.scan`` over epochs of ``lax.scan`` over shuffled minibatches of optax updates. There is
+no Python loop over tokens or minibatches, so the whole iteration compiles once and runs sharded.
+
+Conventions. Response token j sits at sequence slot ``P + j``; its log-prob and the value of the
+state it is drawn from are read at slot ``P + j - 1``. Log-probs are those of the *tempered* policy
+(``logits / temperature``), the distribution the sampler draws from, for the policy and the
+reference alike, so KL(pi || pi_ref) is the KL between the distributions actually sampled.
+
+The train state is a plain dict of arrays (checkpointable by ``rmscale.checkpoint``):
+``params`` and ``opt_state`` (the policy; with ``critic='shared'`` its value head is the critic),
+``critic_params`` and ``critic_opt_state`` (``critic='separate'`` only), ``step`` (iterations done),
+``rng`` (key data) and ``kl_coef`` (the KL controller's state).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from rmscale import rl_losses
+from rmscale.checkpoint import Checkpointer, abstract_like
+from rmscale.losses import token_logprobs
+from rmscale.models.config import TransformerConfig
+from rmscale.models.transformer import Transformer, abstract_params, last_token_index
+from rmscale.parallel import mesh as mesh_lib
+from rmscale.rl_losses import gae, kl_per_token, policy_loss, value_loss, whiten
+from rmscale.sampling import SamplingConfig, sample
+from rmscale.train.state import State, check_finite, init_state
+
+# reward_fn(reward_params, tokens_BxL, mask_BxL) -> float32[B]: a pure, jittable scorer of full
+# [prompt | response] sequences. Its parameters are an argument (not closed over) so a reward model
+# is passed to the jitted step sharded, like any other input, instead of baked into the program.
+RewardFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
+
+KL_MODES = ("fixed", "adaptive")
+CRITICS = ("shared", "separate")
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig:
+  """PPO hyper-parameters; defaults follow Gao et al. (2023, Table 1) where they give one."""
+
+  rollout_batch_size: int = 64  # Prompts per iteration (one response each); the paper uses 256.
+  minibatch_size: int = 16  # Sequences per gradient step; must divide rollout_batch_size.
+  epochs: int = 4  # Passes over each rollout, reshuffled every pass.
+  clip_eps: float = 0.2  # Clip range of the probability ratio in the surrogate.
+  value_clip: float = 0.2  # Clip range of the value update around the rollout's values; 0 disables.
+  vf_coef: float = 0.1  # Value-loss weight; small so a shared trunk is not dominated by the critic.
+  gamma: float = 1.0  # Discount: episodes are short and the reward sits at the end.
+  gae_lambda: float = 0.95  # GAE's bias-variance trade-off.
+  kl_coef: float = 0.0  # KL penalty per token (the initial value under 'adaptive'); 0 = Gao's default.
+  kl_mode: str = "fixed"  # 'fixed' | 'adaptive' (Ziegler et al. 2019 proportional controller).
+  kl_target: float = 6.0  # 'adaptive': KL(pi || pi_ref) per sequence (nats) the controller aims at.
+  kl_horizon: int = 10000  # 'adaptive': sequences over which the coefficient may change by ~e^0.2.
+  kl_estimator: str = "k1"  # Per-token KL in the penalty: 'k1' log-ratio, 'k2' half-square, 'k3'.
+  entropy_coef: float = 0.0  # Entropy bonus weight in the policy loss.
+  whiten_advantages: bool = True  # Normalise advantages over the rollout's response tokens.
+  critic: str = "shared"  # 'shared': value head on the policy trunk; 'separate': own model.
+  temperature: float = 1.0  # Sampling temperature; log-probs and KL are those of the tempered policy.
+  max_new_tokens: int = 32  # Response length limit (the rollout's time axis).
+  eos_id: int | None = None  # The tokenizer's EOS (ends a response); None: fixed-length responses.
+  pad_id: int = 0  # The tokenizer's pad id, written after EOS.
+
+  def __post_init__(self):
+    for name in ("rollout_batch_size", "minibatch_size", "epochs", "max_new_tokens", "kl_horizon"):
+      if int(getattr(self, name)) <= 0:
+        raise ValueError(f"ppo.{name} must be positive, got {getattr(self, name)}")
+    if self.rollout_batch_size % self.minibatch_size:
+      raise ValueError(f"ppo.minibatch_size={self.minibatch_size} does not divide "
+                       f"ppo.rollout_batch_size={self.rollout_batch_size}")
+    if self.clip_eps <= 0:
+      raise ValueError(f"ppo.clip_eps must be positive, got {self.clip_eps}")
+    if self.value_clip < 0:
+      raise ValueError(f"ppo.value_clip must be >= 0 (0 disables), got {self.value_clip}")
+    for name in ("vf_coef", "kl_coef", "entropy_coef"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"ppo.{name} must be >= 0, got {getattr(self, name)}")
+    for name in ("gamma", "gae_lambda"):
+      if not 0.0 <= getattr(self, name) <= 1.0:
+        raise ValueError(f"ppo.{name} must be in [0, 1], got {getattr(self, name)}")
+    if self.kl_mode not in KL_MODES:
+      raise ValueError(f"ppo.kl_mode={self.kl_mode!r} is not one of {KL_MODES}")
+    if self.kl_mode == "adaptive" and (self.kl_coef <= 0 or self.kl_target <= 0):
+      raise ValueError("ppo.kl_mode='adaptive' needs ppo.kl_coef > 0 (the starting coefficient) and "
+                       f"ppo.kl_target > 0, got kl_coef={self.kl_coef}, kl_target={self.kl_target}")
+    if self.kl_estimator not in rl_losses.KL_ESTIMATORS:
+      raise ValueError(f"ppo.kl_estimator={self.kl_estimator!r} is not one of {rl_losses.KL_ESTIMATORS}")
+    if self.critic not in CRITICS:
+      raise ValueError(f"ppo.critic={self.critic!r} is not one of {CRITICS}")
+    if self.temperature <= 0:
+      raise ValueError(f"ppo.temperature must be > 0 (PPO needs a stochastic policy), got {self.temperature}")
+
+  @property
+  def num_minibatches(self) -> int:
+    return self.rollout_batch_size // self.minibatch_size
+
+  @property
+  def updates_per_iteration(self) -> int:
+    """Optimizer steps per iteration: size ``OptimConfig.total_steps`` as iterations times this."""
+    return self.epochs * self.num_minibatches
+
+  def sampling_config(self) -> SamplingConfig:
+    return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                          eos_id=self.eos_id, pad_id=self.pad_id)
+
+
+# -- models ------------------------------------------------------------------------------------
+
+
+def reference_config(policy_cfg: TransformerConfig) -> TransformerConfig:
+  """The frozen reference (initial policy): the policy's architecture without a value head."""
+  return policy_cfg.replace(value_head=False)
+
+
+def critic_config(base_cfg: TransformerConfig) -> TransformerConfig:
+  """A separate critic on the trunk of ``base_cfg`` (a policy or a reward model): value head only.
+
+  ``init_ppo_state`` then loads the trunk's parameters and initialises the value head fresh.
+  """
+  return base_cfg.replace(lm_head=False, tie_embeddings=False, reward_head="none", value_head=True)
+
+
+def rm_reward_fn(rm_cfg: TransformerConfig) -> RewardFn:
+  """A reward model's score at the last real token as a ``RewardFn`` (params passed per call)."""
+  if rm_cfg.reward_head == "none":
+    raise ValueError("rm_reward_fn needs a model config with a reward head (model.reward_head)")
+  model = Transformer(rm_cfg)
+
+  def score(params, tokens_BxL, mask_BxL):
+    return model.apply({"params": params}, tokens_BxL, mask_BxL, method=Transformer.forward)["reward"]
+
+  return score
+
+
+def model_param_shardings(model_cfg: TransformerConfig, mesh, rules=mesh_lib.DEFAULT_RULES):
+  """NamedShardings of a model's parameters from their logical axis names."""
+  shapes, specs = abstract_params(model_cfg)
+  return mesh_lib.logical_shardings(shapes, specs, mesh, rules)
+
+
+def _check_models(cfg: PPOConfig, policy_cfg: TransformerConfig, critic_cfg: TransformerConfig | None):
+  if not policy_cfg.lm_head:
+    raise ValueError("the PPO policy needs an LM head (model.lm_head=True)")
+  if cfg.critic == "shared":
+    if not policy_cfg.value_head:
+      raise ValueError("ppo.critic='shared' puts the value head on the policy: pass "
+                       "policy_cfg.replace(value_head=True)")
+    if critic_cfg is not None:
+      raise ValueError("ppo.critic='shared' takes no critic_cfg (the policy's value head is the critic)")
+  else:
+    if critic_cfg is None or not critic_cfg.value_head:
+      raise ValueError("ppo.critic='separate' needs a critic_cfg with value_head=True "
+                       "(e.g. ppo.critic_config(policy_cfg) or ppo.critic_config(rm_cfg))")
+    if policy_cfg.value_head:
+      raise ValueError("ppo.critic='separate' trains its own critic: pass a policy_cfg without "
+                       "value_head (its value head would be dead weight)")
+
+
+def init_ppo_state(cfg: PPOConfig, policy_cfg: TransformerConfig, policy_params,
+                   tx: optax.GradientTransformation, rng: jax.Array, mesh, rules=mesh_lib.DEFAULT_RULES, *,
+                   critic_cfg: TransformerConfig | None = None, critic_params=None,
+                   critic_tx: optax.GradientTransformation | None = None) -> tuple[State, dict]:
+  """The sharded PPO train state and its shardings.
+
+  ``policy_params`` (e.g. the SFT policy, possibly without a value head) seeds the policy; heads it
+  lacks are initialised fresh. Under ``critic='separate'``, ``critic_params`` (a policy's or a reward
+  model's parameters; any extra heads are dropped) seeds the critic's trunk and ``critic_tx``
+  (default ``tx``) optimises it.
+  """
+  _check_models(cfg, policy_cfg, critic_cfg)
+  key = jax.random.wrap_key_data(rng) if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
+  state, shardings = init_state(policy_cfg, tx, key, mesh, rules, params=policy_params)
+  if cfg.critic == "separate":
+    critic, critic_shardings = init_state(critic_cfg, critic_tx or tx, jax.random.fold_in(key, 1),
+                                          mesh, rules, params=critic_params)
+    state.update(critic_params=critic["params"], critic_opt_state=critic["opt_state"])
+    shardings.update(critic_params=critic_shardings["params"],
+                     critic_opt_state=critic_shardings["opt_state"])
+  rep = mesh_lib.replicated(mesh)
+  state["kl_coef"] = jax.device_put(jnp.asarray(cfg.kl_coef, jnp.float32), rep)
+  shardings["kl_coef"] = rep
+  return state, shardings
+
+
+# -- the iteration -----------------------------------------------------------------------------
+
+
+def _to_minibatches(x, n: int):
+  """[B, ...] -> [n, B/n, ...], minibatch m holding rows m, n + m, 2n + m, ...
+
+  That row order keeps each device's rows on that device when the batch dimension is sharded (a
+  device's contiguous block of rows splits evenly over the minibatches), so no data moves.
+  """
+  B = x.shape[0]
+  y = x.reshape((B // n, n) + x.shape[1:]).swapaxes(0, 1)
+  return nn.with_logical_constraint(y, (None, "batch") + (None,) * (x.ndim - 1))
+
+
+def _from_minibatches(y):
+  n, b = y.shape[:2]
+  return y.swapaxes(0, 1).reshape((n * b,) + y.shape[2:])
+
+
+def _map_minibatches(fn, arrays: dict, n: int) -> dict:
+  """``fn`` over n minibatches in sequence (``lax.map``), so full [B, L, V] logits never coexist."""
+  out = jax.lax.map(fn, jax.tree.map(lambda x: _to_minibatches(x, n), arrays))
+  return jax.tree.map(_from_minibatches, out)
+
+
+def _forward(model_cfg: TransformerConfig, params, tokens_BxL, mask_BxL) -> dict:
+  return Transformer(model_cfg).apply({"params": params}, tokens_BxL, mask_BxL,
+                                      method=Transformer.forward)
+
+
+def _response_logits(out: dict, P: int, temperature: float):
+  """Tempered logits predicting each response token and the one after the last: [B, N+1, V]."""
+  return out["logits"][:, P - 1:] / temperature
+
+
+def _response_values(out: dict, P: int):
+  """V(state before response token j) for each j: [B, N]."""
+  return out["value"][:, P - 1:-1]
+
+
+def _score(reward_fn: RewardFn, reward_params, tokens_BxL, mask_BxL):
+  score = reward_fn(reward_params, tokens_BxL, mask_BxL)
+  if score.shape != (tokens_BxL.shape[0],):
+    raise ValueError(f"reward_fn must return one score per sequence, shape ({tokens_BxL.shape[0]},); "
+                     f"got {score.shape}")
+  return score.astype(jnp.float32)
+
+
+def rollout(params, prompt_BxP, prompt_mask_BxP, rng, *, cfg: PPOConfig, policy_cfg: TransformerConfig):
+  """Samples one response per prompt; returns full ``tokens``/``mask`` [B, P+N] and ``response_mask``."""
+  out = sample(params, prompt_BxP, prompt_mask_BxP, rng, model_cfg=policy_cfg, scfg=cfg.sampling_config())
+  tokens = jnp.concatenate([prompt_BxP.astype(jnp.int32), out["tokens"]], 1)
+  mask = jnp.concatenate([prompt_mask_BxP.astype(bool), out["mask"]], 1)
+  return {"tokens": tokens, "mask": mask, "response_mask": out["mask"]}
+
+
+def ppo_iteration(state: State, ref_params, reward_params, batch: dict, *, cfg: PPOConfig,
+                  policy_cfg: TransformerConfig, reward_fn: RewardFn, tx: optax.GradientTransformation,
+                  critic_cfg: TransformerConfig | None = None,
+                  critic_tx: optax.GradientTransformation | None = None) -> tuple[State, dict]:
+  """One PPO iteration on ``batch = {'ids': prompt_BxP, 'mask': prompt_mask_BxP}`` (left-padded).
+
+  Pure and jittable; the iteration's randomness is ``fold_in(rng, step)``, so a resumed run repeats
+  it exactly. Returns the new state and a flat dict of scalar metrics.
+  """
+  separate = cfg.critic == "separate"
+  critic_tx = critic_tx or tx
+  P = batch["ids"].shape[1]
+  M, T = cfg.num_minibatches, cfg.temperature
+  ref_cfg = reference_config(policy_cfg)
+  key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+  sample_rng, shuffle_rng = jax.random.split(key)
+
+  # Rollout and its scoring under the current (old) policy.
+  roll = rollout(state["params"], batch["ids"], batch["mask"], sample_rng, cfg=cfg, policy_cfg=policy_cfg)
+  rmask_BxN = roll["response_mask"]
+
+  def score_minibatch(mb):
+    tok, m = mb["tokens"], mb["mask"]
+    pol = _forward(policy_cfg, state["params"], tok, m)
+    logits = _response_logits(pol, P, T)
+    out = {"logp": token_logprobs(logits, tok[:, P - 1:]),
+           "entropy": rl_losses.token_entropy(logits[:, :-1]),
+           "logp_ref": token_logprobs(_response_logits(_forward(ref_cfg, ref_params, tok, m), P, T),
+                                      tok[:, P - 1:]),
+           "score": _score(reward_fn, reward_params, tok, m)}
+    critic_out = _forward(critic_cfg, state["critic_params"], tok, m) if separate else pol
+    out["value"] = _response_values(critic_out, P)
+    return out
+
+  exp = _map_minibatches(score_minibatch, {"tokens": roll["tokens"], "mask": roll["mask"]}, M)
+  values_BxN = jnp.where(rmask_BxN, exp["value"], 0.0)
+  N = rmask_BxN.shape[1]
+  kl_coef = state["kl_coef"]
+  kl_tok_BxN = jnp.where(rmask_BxN, kl_per_token(exp["logp"], exp["logp_ref"], cfg.kl_estimator), 0.0)
+  at_last_BxN = jnp.arange(N)[None, :] == last_token_index(rmask_BxN)[:, None]
+  rewards_BxN = -kl_coef * kl_tok_BxN + jnp.where(at_last_BxN & rmask_BxN, exp["score"][:, None], 0.0)
+  adv_BxN, returns_BxN = gae(rewards_BxN, values_BxN, rmask_BxN, cfg.gamma, cfg.gae_lambda)
+  if cfg.whiten_advantages:
+    adv_BxN = whiten(adv_BxN, rmask_BxN)
+
+  data = {"tokens": roll["tokens"], "mask": roll["mask"], "response_mask": rmask_BxN,
+          "logp": exp["logp"], "value": values_BxN, "adv": adv_BxN, "ret": returns_BxN}
+
+  def loss_fn(trainable, mb):
+    params, critic_params = trainable
+    tok, m, rmask = mb["tokens"], mb["mask"], mb["response_mask"]
+    pol = _forward(policy_cfg, params, tok, m)
+    logits = _response_logits(pol, P, T)
+    logp = token_logprobs(logits, tok[:, P - 1:])
+    values = _response_values(_forward(critic_cfg, critic_params, tok, m) if separate else pol, P)
+    pg, pg_metrics = policy_loss(logp, mb["logp"], mb["adv"], rmask, cfg.clip_eps)
+    vf, vf_metrics = value_loss(values, mb["value"], mb["ret"], rmask, cfg.value_clip)
+    loss = pg + cfg.vf_coef * vf
+    metrics = {"pg_loss": pg, "vf_loss": vf, **pg_metrics, **vf_metrics}
+    if cfg.entropy_coef:
+      entropy = rl_losses.masked_mean(rl_losses.token_entropy(logits[:, :-1]), rmask)
+      loss = loss - cfg.entropy_coef * entropy
+    return loss, metrics
+
+  def minibatch_step(carry, mb):
+    params, opt_state, critic_params, critic_opt_state = carry
+    (_, metrics), (grads, critic_grads) = jax.value_and_grad(loss_fn, has_aux=True)(
+        (params, critic_params), mb)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    if separate:
+      updates, critic_opt_state = critic_tx.update(critic_grads, critic_opt_state, critic_params)
+      critic_params = optax.apply_updates(critic_params, updates)
+      metrics["critic_grad_norm"] = optax.tree.norm(critic_grads)
+    return (params, opt_state, critic_params, critic_opt_state), metrics
+
+  def epoch(carry, epoch_rng):
+    perm = jax.random.permutation(epoch_rng, cfg.rollout_batch_size)
+    minibatches = jax.tree.map(lambda x: _to_minibatches(x[perm], M), data)
+    return jax.lax.scan(minibatch_step, carry, minibatches)
+
+  carry = (state["params"], state["opt_state"], state.get("critic_params"), state.get("critic_opt_state"))
+  carry, upd_ExM = jax.lax.scan(epoch, carry, jax.random.split(shuffle_rng, cfg.epochs))
+  params, opt_state, critic_params, critic_opt_state = carry
+
+  # KL(pi || pi_ref) per sequence (k1, the unbiased estimate whatever the penalty's estimator).
+  seq_kl_B = rl_losses.sequence_kl(exp["logp"], exp["logp_ref"], rmask_BxN)
+  kl_mean, kl_se = rl_losses.mean_and_se(seq_kl_B)
+  new_coef = kl_coef
+  if cfg.kl_mode == "adaptive":  # Ziegler et al.: proportional error clipped to +-0.2.
+    err = jnp.clip(kl_mean / cfg.kl_target - 1.0, -0.2, 0.2)
+    new_coef = kl_coef * (1.0 + err * cfg.rollout_batch_size / cfg.kl_horizon)
+
+  new_state = {**state, "params": params, "opt_state": opt_state, "step": state["step"] + 1,
+               "kl_coef": new_coef}
+  if separate:
+    new_state.update(critic_params=critic_params, critic_opt_state=critic_opt_state)
+
+  length_B = rmask_BxN.sum(1).astype(jnp.float32)
+  metrics = {k: v.mean() for k, v in upd_ExM.items()}
+  # The last epoch's minibatches see the policy after nearly all of the iteration's updates, so their
+  # KL(pi_old || pi) measures how far this iteration moved the policy.
+  metrics["approx_kl"] = upd_ExM["approx_kl"][-1].mean()
+  metrics.update(
+      score_mean=exp["score"].mean(), score_std=exp["score"].std(), kl_mean=kl_mean, kl_se=kl_se,
+      kl_penalty=(kl_coef * kl_tok_BxN).sum(1).mean(), reward_mean=rewards_BxN.sum(1).mean(),
+      entropy=rl_losses.masked_mean(exp["entropy"], rmask_BxN), response_len=length_B.mean(),
+      value_mean=rl_losses.masked_mean(values_BxN, rmask_BxN),
+      return_mean=rl_losses.masked_mean(returns_BxN, rmask_BxN), kl_coef=kl_coef)
+  return new_state, metrics
+
+
+def make_ppo_step(cfg: PPOConfig, policy_cfg: TransformerConfig, reward_fn: RewardFn,
+                  tx: optax.GradientTransformation, state_shardings: dict, mesh,
+                  rules=mesh_lib.DEFAULT_RULES, *, critic_cfg: TransformerConfig | None = None,
+                  critic_tx: optax.GradientTransformation | None = None, reward_shardings=None,
+                  compiler_options: dict | None = None):
+  """``ppo_iteration`` jitted on ``mesh``: ``step(state, ref_params, reward_params, batch)``.
+
+  The state is donated; prompts and every per-sequence array are sharded over the data axes;
+  ``ref_params`` (the initial policy, no value head) are laid out like the policy; ``reward_shardings``
+  (default: replicated) lays out ``reward_params``. Metrics come back replicated.
+  ``compiler_options`` are XLA options for this program (e.g. scheduler flags on TPU).
+  """
+  _check_models(cfg, policy_cfg, critic_cfg)
+  mesh_lib.check_batch_divisible(cfg.rollout_batch_size, mesh, "ppo.rollout_batch_size")
+  mesh_lib.check_batch_divisible(cfg.minibatch_size, mesh, "ppo.minibatch_size")
+  ref_cfg = reference_config(policy_cfg)
+  ref_shardings = model_param_shardings(ref_cfg, mesh, rules)
+  ref_structure = jax.tree.structure(abstract_params(ref_cfg)[0])
+  rep = mesh_lib.replicated(mesh)
+  fn = functools.partial(ppo_iteration, cfg=cfg, policy_cfg=policy_cfg, reward_fn=reward_fn, tx=tx,
+                         critic_cfg=critic_cfg, critic_tx=critic_tx)
+  jitted = jax.jit(fn, in_shardings=(state_shardings, ref_shardings, reward_shardings or rep,
+                                     mesh_lib.batch_sharding(mesh)),
+                   out_shardings=(state_shardings, rep), donate_argnums=0,
+                   compiler_options=compiler_options)
+
+  def step(state, ref_params, reward_params, batch):
+    if jax.tree.structure(ref_params) != ref_structure:
+      raise ValueError("ref_params do not match the reference model (the policy's architecture without "
+                       "a value head): pass the initial policy's parameters")
+    if set(batch) != {"ids", "mask"} or batch["ids"].shape[0] != cfg.rollout_batch_size:
+      raise ValueError(f"batch must be {{'ids', 'mask'}} of {cfg.rollout_batch_size} left-padded prompts "
+                       f"(ppo.rollout_batch_size); got keys {sorted(batch)} with "
+                       f"{batch['ids'].shape[0] if 'ids' in batch else '?'} rows")
+    with mesh_lib.sharding_context(mesh, rules):
+      return jitted(state, ref_params, reward_params, batch)
+
+  return step
+
+
+# -- evaluation --------------------------------------------------------------------------------
+
+
+def evaluate_batch(policy_params, init_params, reward_params, batch: dict, rng, *, cfg: PPOConfig,
+                   policy_cfg: TransformerConfig, reward_fn: RewardFn | None = None) -> dict:
+  """Fresh samples from the policy with KL(pi || pi_init) per sequence (and the reward, if given).
+
+  Returns ``tokens``/``mask`` [B, P+N] ([prompt | response], for a gold RM), ``response_mask``,
+  ``kl`` [B] (sum over response tokens of log pi - log pi_init, tempered), ``length`` [B] and
+  ``score`` [B] when ``reward_fn`` is given.
+  """
+  P = batch["ids"].shape[1]
+  roll = rollout(policy_params, batch["ids"], batch["mask"], rng, cfg=cfg, policy_cfg=policy_cfg)
+  ref_cfg = reference_config(policy_cfg)
+
+  def per_minibatch(mb):
+    tok, m = mb["tokens"], mb["mask"]
+    logp = token_logprobs(_response_logits(_forward(policy_cfg, policy_params, tok, m), P,
+                                           cfg.temperature), tok[:, P - 1:])
+    logp_init = token_logprobs(_response_logits(_forward(ref_cfg, init_params, tok, m), P,
+                                                cfg.temperature), tok[:, P - 1:])
+    out = {"kl": rl_losses.sequence_kl(logp, logp_init, mb["response_mask"])}
+    if reward_fn is not None:
+      out["score"] = _score(reward_fn, reward_params, tok, m)
+    return out
+
+  B = batch["ids"].shape[0]
+  out = _map_minibatches(per_minibatch, roll, B // cfg.minibatch_size if B % cfg.minibatch_size == 0 else 1)
+  return {**roll, **out, "length": roll["response_mask"].sum(1)}
+
+
+def make_evaluator(cfg: PPOConfig, policy_cfg: TransformerConfig, policy_shardings, mesh,
+                   rules=mesh_lib.DEFAULT_RULES, *, reward_fn: RewardFn | None = None,
+                   reward_shardings=None, compiler_options: dict | None = None):
+  """``evaluate_batch`` jitted on ``mesh`` for batches of ``cfg.rollout_batch_size`` prompts:
+  ``fn(policy_params, init_params, reward_params, batch, rng) -> dict`` (see ``evaluate``)."""
+  mesh_lib.check_batch_divisible(cfg.rollout_batch_size, mesh, "ppo.rollout_batch_size")
+  rep, data = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
+  fn = functools.partial(evaluate_batch, cfg=cfg, policy_cfg=policy_cfg, reward_fn=reward_fn)
+  jitted = jax.jit(fn, in_shardings=(policy_shardings,
+                                     model_param_shardings(reference_config(policy_cfg), mesh, rules),
+                                     reward_shardings or rep, data, rep),
+                   out_shardings=data, compiler_options=compiler_options)
+
+  def evaluator(policy_params, init_params, reward_params, batch, rng):
+    with mesh_lib.sharding_context(mesh, rules):
+      return jitted(policy_params, init_params, reward_params, batch, rng)
+
+  evaluator.batch_size = cfg.rollout_batch_size
+  return evaluator
+
+
+def evaluate(evaluator, policy_params, init_params, prompt_ids: np.ndarray, prompt_mask: np.ndarray,
+             rng: jax.Array, *, reward_params=None) -> dict:
+  """KL(pi || pi_init) on fresh samples for every prompt row, in the evaluator's fixed batches.
+
+  Returns host arrays ``tokens``, ``mask`` (full sequences, ready for a gold RM), ``response_mask``,
+  ``kl`` and ``length`` per sample (``score`` too if the evaluator has a reward_fn), plus
+  ``kl_mean`` and ``kl_se`` (standard error) in nats. Batch i uses ``fold_in(rng, i)``.
+  """
+  n, batch = prompt_ids.shape[0], evaluator.batch_size
+  if n == 0:
+    raise ValueError("evaluate needs at least one prompt")
+  parts = []
+  for i, start in enumerate(range(0, n, batch)):
+    ids, mask = prompt_ids[start:start + batch], prompt_mask[start:start + batch]
+    k = ids.shape[0]
+    if k < batch:  # Pad with copies of the last prompt; their samples are dropped.
+      ids = np.concatenate([ids, np.repeat(ids[-1:], batch - k, 0)])
+      mask = np.concatenate([mask, np.repeat(mask[-1:], batch - k, 0)])
+    out = evaluator(policy_params, init_params, reward_params,
+                    {"ids": ids.astype(np.int32), "mask": mask.astype(bool)}, jax.random.fold_in(rng, i))
+    parts.append({key: v[:k] for key, v in jax.device_get(out).items()})
+  res = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+  res["kl_mean"] = float(res["kl"].mean())
+  res["kl_se"] = float(res["kl"].std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0
+  return res
+
+
+# -- the loop ----------------------------------------------------------------------------------
+
+
+def train_ppo(state: State, state_shardings, step_fn: Callable[[State, dict], tuple[State, dict]],
+              prompt_fn: Callable[[int], dict], num_iterations: int, *, ckpt_dir: str | None = None,
+              save_every: int = 0, log_every: int = 1, eval_every: int = 0,
+              eval_fn: Callable[[State, int], dict] | None = None,
+              on_eval: Callable[[int, dict], dict | None] | None = None, writer=None,
+              desc: str = "ppo") -> tuple[State, list[dict], list[dict]]:
+  """Runs PPO iterations until ``state['step'] == num_iterations``; returns ``(state, history, evals)``.
+
+  ``step_fn(state, prompt_fn(i))`` runs iteration i (e.g. ``make_ppo_step``'s step with the
+  reference and reward parameters bound); prompts are a pure function of i, so a resumed run sees
+  what an uninterrupted one would. Every ``eval_every`` iterations (and at 0 and at the end)
+  ``on_eval(i, eval_fn(state, i))`` runs; a dict it returns is kept in ``evals`` (with
+  ``iteration``) and checkpointed with the training ``history``, so after a resume both lists are
+  whole; evaluations after the last checkpoint are redone, so write results from the returned lists.
+  With ``ckpt_dir``, the latest checkpoint there replaces ``state`` first, and one is written every
+  ``save_every`` iterations and at the end. NaN or inf in logged metrics raises.
+  """
+  if eval_every and (eval_fn is None or on_eval is None):
+    raise ValueError("train_ppo: eval_every > 0 needs both eval_fn and on_eval")
+  history: list[dict] = []
+  evals: list[dict] = []
+  ckpt = Checkpointer(ckpt_dir, max_to_keep=2) if ckpt_dir else None
+
+  def run_eval(iteration: int):
+    record = on_eval(iteration, eval_fn(state, iteration))
+    if record is not None:
+      evals.append({"iteration": iteration, **record})
+      if writer is not None:
+        for k, v in record.items():
+          if isinstance(v, (int, float)):
+            writer.add_scalar(f"{desc}_eval/{k}", v, iteration)
+
+  try:
+    if ckpt is not None and ckpt.latest_step() is not None:
+      state, meta = ckpt.restore(target=abstract_like(state, state_shardings))
+      history, evals = list(meta.get("history", [])), list(meta.get("evals", []))
+      logging.info("%s: resumed at iteration %d from %s", desc, int(state["step"]), ckpt_dir)
+    start = int(jax.device_get(state["step"]))
+    if eval_every and start == 0:
+      run_eval(0)
+    bar = tqdm(range(start, num_iterations), desc=desc, initial=start, total=num_iterations,
+               disable=jax.process_index() != 0, leave=False, mininterval=2.0)
+    for it in bar:
+      state, metrics = step_fn(state, prompt_fn(it))
+      done = it + 1
+      last = done == num_iterations
+      if done % log_every == 0 or last:
+        host = check_finite(metrics, it)
+        history.append({"iteration": done, **host})
+        bar.set_postfix({k: f"{host[k]:.4g}" for k in ("score_mean", "kl_mean") if k in host})
+        if writer is not None:
+          for k, v in host.items():
+            writer.add_scalar(f"{desc}/{k}", v, done)
+      if eval_every and (done % eval_every == 0 or last):
+        run_eval(done)
+      if ckpt is not None and (last or (save_every and done % save_every == 0)):
+        ckpt.save(done, state, {"history": history, "evals": evals}, force=True)
+    if ckpt is not None:
+      ckpt.wait()
+  finally:
+    if ckpt is not None:
+      ckpt.close()
+  return state, history, evals
