@@ -1,7 +1,8 @@
 """Atomic result files: JSON, JSONL records and NumPy archives under the workdir.
 
 Every file is written to a temporary name in the same directory and renamed into place, so a
-killed run leaves either the old file or the new one, never half of one.
+killed run leaves either the old file or the new one, never half of one. In a multi-host job only
+process 0 writes (every process computes the same replicated results); the others skip the write.
 """
 from __future__ import annotations
 
@@ -10,11 +11,17 @@ import os
 import tempfile
 from collections.abc import Iterable
 
+import jax
 import numpy as np
 
 
 def atomic_write(path: str, write) -> None:
-  """Calls ``write(binary_file)`` on a temporary file beside ``path``, then renames it into place."""
+  """Calls ``write(binary_file)`` on a temporary file beside ``path``, then renames it into place.
+
+  A no-op on processes other than 0: readers on other hosts wait at a barrier (pipeline.run).
+  """
+  if jax.process_index() != 0:
+    return
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
   try:

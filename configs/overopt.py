@@ -1,0 +1,165 @@
+"""Gao, Schulman & Hilton (2023) at real scale: 1.2B policy, ~7B gold RM, proxies over the 3M-3B ladder.
+
+    python -m rmscale.main --config=configs/overopt.py:rm=85m,data=90k --workdir=/mnt/shared/overopt/rm85m
+    python -m rmscale.main --config=configs/overopt.py:rm=all,data=90k,seeds=3 --workdir=...
+    python -m rmscale.parallel.aot --config=configs/overopt.py:rm=3b        # per-device memory first
+    python -m launch.sweep --config=configs/sweeps/rm_size.py --target=tpu --dry_run
+
+Arguments after ``:`` (comma-separated; lists joined with ``+``):
+  rm      proxy RM size(s): a ladder name (``85m``), ``3m+85m+3b``, or ``all`` (3m ... 3b).
+  data    training comparisons per proxy: ``90k``, ``2k+8k+90k``, or ``all`` (2k ... 90k).
+  seeds   number of proxy seeds (0 .. seeds-1).
+  gold    gold RM size (default ``pythia-6.9b``: the GPT-NeoX shape of Pythia 6.9B, like Gao's 6B gold).
+  policy  policy size (default ``1.2b``, Gao's policy; ``3b`` for a larger-policy study).
+  n       best-of-n samples per prompt (``10k``).
+  runlocal  the same protocol shrunk to CPU sizes (seconds-scale compiles and runs; tests, AOT smoke).
+
+The world is the offline one (rmscale/data/world.py), so nothing is downloaded; only the scale of
+models and data follows the paper. Steps and learning rates are starting points, not tuned values.
+"""
+import ml_collections
+
+from rmscale.configs import parse_arg
+from rmscale.parallel.mesh import DEFAULT_RULES
+
+LADDER = ("3m", "12m", "25m", "42m", "85m", "300m", "680m", "1.2b", "3b")  # Gao et al.'s proxies.
+DATA_LADDER = (2_000, 4_000, 8_000, 16_000, 32_000, 64_000, 90_000)  # Below ~2k, RMs are near chance.
+
+
+def _count(text: str) -> int:
+  """``90k`` -> 90000, ``1.5m`` -> 1500000, ``500`` -> 500."""
+  text = str(text).strip().lower()
+  scale = {"k": 1_000, "m": 1_000_000}.get(text[-1:], 1)
+  try:
+    value = float(text[:-1] if scale > 1 else text) * scale
+  except ValueError:
+    raise ValueError(f"overopt: {text!r} is not a count such as 90k or 5000") from None
+  if value <= 0 or value != int(value):
+    raise ValueError(f"overopt: {text!r} is not a positive whole count")
+  return int(value)
+
+
+def _list(text, every: tuple, parse) -> tuple:
+  """``all``, or ``+``-separated items; duplicates dropped, order kept."""
+  text = str(text)
+  items = every if text == "all" else [parse(t) for t in text.split("+") if t]
+  return tuple(dict.fromkeys(items))
+
+
+def get_config(arg=None):
+  a = parse_arg(arg, rm="85m", data="90k", seeds=1, gold="pythia-6.9b", policy="1.2b", n="10k",
+                runlocal=False)
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # Seeds the world's samples, every model init and every data order.
+  c.stages = "policy_init,gold,label,proxies,bon,fit"  # Stages to run, in order; finished ones are skipped.
+  c.log_every = 100  # Steps between metric fetches (and NaN checks).
+  c.save_every = 1000  # Steps between orbax checkpoints (a preempted pod loses at most this much).
+  c.sample_batch_size = 1024  # Rows per jitted sampler call; divisible by mesh data x fsdp.
+  c.score_batch_size = 1024  # Rows per jitted RM scoring call; divisible by mesh data x fsdp.
+
+  # Fully sharded data parallel: the 7B gold RM's parameters and Adam moments (~16 bytes/param) do
+  # not fit one device. Batches must divide by data x fsdp: beyond 64 devices (RM batch 64) set
+  # tensor > 1, e.g. --config.mesh.tensor=4 on 256 chips.
+  c.mesh = dict(data=1, fsdp=-1, tensor=1)  # Device mesh axis sizes; -1 takes the remaining devices.
+  # Logical axis -> mesh axes (see rmscale/parallel/mesh.py). The world's 291-token vocabulary is not
+  # divisible by a tensor axis and too small to be worth sharding: vocab dimensions stay replicated.
+  c.rules = [[name, None if name in ("vocab", "act_vocab") else axes] for name, axes in DEFAULT_RULES]
+
+  # The offline world (rmscale/data/world.py: WorldConfig fields may be overridden here).
+  c.world = dict(seed=0)
+
+  c.model = ml_collections.ConfigDict()
+  c.model.family = "neox"  # Architecture preset for every model: neox | llama | gpt2 (Gao: GPT-style).
+  c.model.reward_head = "linear"  # Reward-head type of gold and proxy RMs: linear | mlp.
+  c.model.dtype = "bfloat16"  # Compute dtype (softmax, norms and losses stay float32).
+  c.model.param_dtype = "float32"  # Parameter storage dtype (master weights for Adam).
+  c.model.matmul = "default"  # "fp8": FP8 quantised matmuls in attention and MLP.
+
+  # Initial policy: SFT on the human writer's corpus (Gao: a 1.2B SFT policy).
+  c.policy = ml_collections.ConfigDict()
+  c.policy.size = a.policy  # Named size from rmscale/models/sizes.py.
+  c.policy.num_examples = 400_000  # SFT corpus size.
+  c.policy.steps = 10_000  # Optimizer steps (~6 epochs at batch 256).
+  c.policy.batch_size = 256
+  c.policy.lr = 3e-4
+  c.policy.warmup_steps = 500
+  c.policy.weight_decay = 0.0
+
+  # LMs of other sizes than the policy, trained on the SFT corpus to initialise RMs ('pretrained' init):
+  # the gold RM's and each proxy size's, each trained once per workdir.
+  c.pretrain = ml_collections.ConfigDict()
+  c.pretrain.num_examples = 400_000
+  c.pretrain.steps = 5_000
+  c.pretrain.batch_size = 256
+  c.pretrain.lr = 3e-4
+  c.pretrain.warmup_steps = 250
+  c.pretrain.weight_decay = 0.0
+
+  # Gold RM (Gao: 6B, trained on human comparisons); here on comparisons labelled by the utility.
+  c.gold = ml_collections.ConfigDict()
+  c.gold.kind = "trained"  # trained | oracle (the utility itself; skips the 7B model).
+  c.gold.size = a.gold
+  c.gold.init = "pretrained"  # pretrained (from an LM of gold.size) | scratch.
+  c.gold.num_comparisons = 400_000  # Human-utility comparisons to train on.
+  c.gold.eval_comparisons = 20_000  # Held-out comparisons for the accuracy report.
+  c.gold.steps = 6_000  # ~2 epochs at batch 128.
+  c.gold.batch_size = 128  # Comparison pairs per step.
+  c.gold.lr = 1e-4
+  c.gold.warmup_steps = 300
+  c.gold.weight_decay = 0.0
+  c.gold.p_ramble = 0.3  # The raters' broader writer: rambling past the request ...
+  c.gold.p_keyword_extra = 0.3  # ... keyword stuffing ...
+  c.gold.p_repeat = 0.15  # ... and repetition, so the gold RM learns where the utility turns down.
+
+  # Comparisons: two policy samples per prompt, the gold RM picks the winner (Gao: 100k, 10% held out).
+  c.label = ml_collections.ConfigDict()
+  c.label.num_comparisons = 100_000
+  c.label.val_fraction = 0.1  # Held out for proxy validation loss/accuracy: 90k remain for training.
+  c.label.noise = 0.0  # Probability of flipping a label (0: deterministic, as in the paper).
+
+  # Proxy RMs: one per (size, data size, seed), each initialised from a pretrained LM of its size.
+  c.proxies = ml_collections.ConfigDict()
+  # Tuples, not lists: ml_collections can override tuples from the command line (--config.proxies.sizes='("3m",)').
+  c.proxies.sizes = _list(a.rm, LADDER, str)
+  c.proxies.data_sizes = _list(a.data, DATA_LADDER, _count)
+  c.proxies.seeds = tuple(range(a.seeds))
+  c.proxies.init = "pretrained"  # scratch | pretrained (Gao: every RM starts from a pretrained LM).
+  c.proxies.epochs = 1.0  # Gao: one epoch (more overfits, see reference section 1).
+  c.proxies.batch_size = 64  # Comparison pairs per step (Gao: 64).
+  c.proxies.lr = 1e-4
+  c.proxies.warmup_steps = 50
+  c.proxies.weight_decay = 0.0
+  c.proxies.score_l2 = 0.0  # L2 on reward scores (Coste et al.: 1e-3).
+
+  # Best-of-n on held-out prompts (Gao fitted n <= 1000 and checked up to 60,000).
+  c.bon = ml_collections.ConfigDict()
+  c.bon.num_prompts = 1000
+  c.bon.n_samples = _count(a.n)  # N samples per prompt; n runs over a geometric grid up to N.
+  c.bon.num_n = 20
+
+  c.sampling = ml_collections.ConfigDict()
+  c.sampling.temperature = 1.0
+  c.sampling.top_k = 0
+  c.sampling.top_p = 1.0
+
+  c.fit = ml_collections.ConfigDict()
+  c.fit.num_bootstrap = 1000  # Bootstrap replicates over prompts for coefficient intervals.
+
+  if a.runlocal:  # Same stages and structure, CPU-sized: model sizes map down the tiny ladder.
+    tiny = dict(zip(LADDER, ("100k", "200k", "400k", "800k", "1.6m") + ("1.6m",) * 4))
+    c.model.dtype = "float32"
+    c.mesh = dict(data=-1, fsdp=1, tensor=1)
+    c.log_every, c.save_every = 10, 100
+    c.policy.size, c.gold.size = "200k", "400k"
+    c.proxies.sizes = tuple(dict.fromkeys(tiny.get(s, s) for s in c.proxies.sizes))
+    c.policy.num_examples, c.policy.steps, c.policy.batch_size, c.policy.warmup_steps = 2000, 30, 64, 5
+    c.gold.num_comparisons, c.gold.eval_comparisons, c.gold.steps, c.gold.batch_size = 1000, 256, 30, 32
+    c.gold.warmup_steps = 5
+    c.label.num_comparisons = 1000
+    c.proxies.data_sizes = tuple(dict.fromkeys(max(1, d * 900 // 90_000) for d in c.proxies.data_sizes))
+    c.proxies.batch_size, c.proxies.warmup_steps = 32, 5
+    c.pretrain.num_examples, c.pretrain.steps, c.pretrain.batch_size, c.pretrain.warmup_steps = 1000, 10, 64, 2
+    c.bon.num_prompts, c.bon.n_samples, c.bon.num_n = 8, 16, 5
+    c.sample_batch_size, c.score_batch_size = 64, 128
+    c.fit.num_bootstrap = 20
+  return c
