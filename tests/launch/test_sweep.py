@@ -26,7 +26,7 @@ def test_rm_size_sweep_expands_into_named_runs_over_shared_stages():
   assert [r.workdir for r in s.runs] == [f"/sw/rm-{x}" for x in sizes]
   assert [r.config for r in s.runs] == [f"configs/overopt.py:data=90k,rm={x}" for x in sizes]
   assert all(r.overrides == () and r.link == SHARED for r in s.runs)
-  assert s.runs[0].stages == ("policy_init", "gold", "label", "proxies", "bon", "fit")
+  assert s.runs[0].stages == ("policy_init", "gold", "label", "proxies", "bon", "rl", "fit")
   assert s.shared == sweep.Run("shared", "configs/overopt.py:data=90k", (("stages", "policy_init,gold,label"),),
                                "/sw/shared", SHARED)
   assert s.runs[4].argv("py") == ["py", "-m", "rmscale.main", "--config=configs/overopt.py:data=90k,rm=85m",
@@ -110,9 +110,9 @@ def test_finished_runs_are_skipped_and_the_status_table_tells_states(tmp_path, c
   assert table[0] == (f"sweep rm-size ({tmp_path}): 6 runs, 2 done, 1 running, 1 failed, 1 partial, 1 pending")
   rows = {line.split()[0]: line.split()[1:] for line in table[2:]}
   assert rows == {"shared": ["done", "3/3", "label"],
-                  "rm-3m": ["done", "6/6", "fit", "100k_d900_s0:", "alpha=0.612", "beta=0.100"],
-                  "rm-12m": ["partial", "4/6", "proxies"], "rm-25m": ["failed", "0/6", "exit", "code", "2"],
-                  "rm-42m": ["running", "0/6"], "rm-85m": ["pending", "0/6"]}
+                  "rm-3m": ["done", "7/7", "fit", "100k_d900_s0:", "alpha=0.612", "beta=0.100"],
+                  "rm-12m": ["partial", "4/7", "proxies"], "rm-25m": ["failed", "0/7", "exit", "code", "2"],
+                  "rm-42m": ["running", "0/7"], "rm-85m": ["pending", "0/7"]}
 
 
 def test_cluster_targets_run_the_shared_job_first(tmp_path, capsys):

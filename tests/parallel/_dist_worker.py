@@ -37,25 +37,26 @@ def dataset() -> dict[str, np.ndarray]:
 
 
 def score(params, axes: dict, devices) -> np.ndarray:
-  """Rewards of every chosen then every rejected sequence with rmscale's jitted scorer, every host passing all rows (as the
-  pipeline's scoring does), fetched to every host."""
+  """Rewards of every chosen, then every rejected sequence, by rmscale's jitted scorer; every host
+  passes all rows (as the pipeline's scoring does) and gets all scores back."""
   from rmscale.models import sizes
+  from rmscale.models.transformer import abstract_params
   from rmscale.parallel import distributed
   from rmscale.parallel import mesh as mesh_lib
   from rmscale.train import rm
 
   cfg = sizes.model_config("100k", vocab_size=V, reward_head="linear", d_ff=128)
   mesh = mesh_lib.make_mesh(axes, devices)
-  from rmscale.models.transformer import abstract_params
   shapes, specs = abstract_params(cfg)
   scorer = rm.make_scorer(cfg, mesh, mesh_lib.logical_shardings(shapes, specs, mesh))
   data = mesh_lib.batch_sharding(mesh)
-  global_scorer = lambda p, t, m: scorer(p, distributed.global_array(t, data),  # noqa: E731
-                                         distributed.global_array(m, data))
+
+  def global_scorer(p, tokens, mask):
+    return scorer(p, distributed.global_array(tokens, data), distributed.global_array(mask, data))
+
   d = dataset()
-  tokens = np.concatenate([d["chosen"], d["rejected"]])
-  mask = np.concatenate([d["chosen_mask"], d["rejected_mask"]])
-  return rm.score_in_batches(global_scorer, params, tokens, mask, 16)
+  return rm.score_in_batches(global_scorer, params, np.concatenate([d["chosen"], d["rejected"]]),
+                             np.concatenate([d["chosen_mask"], d["rejected_mask"]]), 16)
 
 
 def train(axes: dict, devices, ckpt_dir: str | None = None):
