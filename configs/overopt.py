@@ -158,6 +158,7 @@ def get_config(arg=None):
   c.rl.eval_prompts = 1024  # Held-out prompts per evaluation (a multiple of rollout_batch_size).
   c.rl.log_every = 10
   c.rl.save_every = 50  # Iterations between checkpoints.
+  c.rl.proxies = ()  # Proxy names to optimise against; () means every proxy.
   c.rl.kl_study_proxy = ""  # Proxy name for the KL-penalty study, e.g. "85m_d90000_s0" ("" skips it).
   c.rl.kl_study_coefs = (0.01, 0.05)  # Fixed KL coefficients compared with rl.kl_coef.
 

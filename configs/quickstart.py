@@ -16,7 +16,7 @@ def get_config(arg=None):
   a = parse_arg(arg, tiny=False, oracle=False)
   c = ml_collections.ConfigDict()
   c.seed = 0  # Seeds the world's samples, every model init and every data order.
-  c.stages = "policy_init,gold,label,proxies,bon,fit"  # Stages to run, in order; finished ones are skipped.
+  c.stages = "policy_init,gold,label,proxies,bon,rl,fit"  # Stages to run, in order; finished ones are skipped.
   c.log_every = 50  # Steps between metric fetches (and NaN checks).
   c.save_every = 500  # Steps between orbax checkpoints of a training run (and always at its end).
   c.sample_batch_size = 512  # Rows per jitted sampler call.
@@ -78,9 +78,9 @@ def get_config(arg=None):
 
   # Proxy RMs: one per (size, data size, seed).
   c.proxies = ml_collections.ConfigDict()
-  c.proxies.sizes = ["100k", "200k", "400k"]
-  c.proxies.data_sizes = [1000, 9000]
-  c.proxies.seeds = [0]
+  c.proxies.sizes = ("100k", "200k", "400k")
+  c.proxies.data_sizes = (1000, 9000)
+  c.proxies.seeds = (0,)
   c.proxies.init = "scratch"  # scratch | pretrained (an LM of each size trained on the SFT corpus).
   #                             Scratch keeps the CPU quickstart within minutes; Gao et al. pretrain.
   c.proxies.epochs = 2.0
@@ -95,6 +95,31 @@ def get_config(arg=None):
   c.bon.n_samples = 256  # N samples per prompt; n runs over a geometric grid up to N.
   c.bon.num_n = 12
 
+  # PPO against every proxy (rmscale/train/ppo.py), gold-evaluated along the KL axis.
+  c.rl = ml_collections.ConfigDict()
+  c.rl.iterations = 40  # PPO iterations (one rollout each) per proxy.
+  c.rl.rollout_batch_size = 64  # Prompts per rollout (Gao et al.: 256).
+  c.rl.minibatch_size = 16
+  c.rl.epochs = 4  # Passes over each rollout.
+  c.rl.lr = 1e-3
+  c.rl.warmup_steps = 10
+  c.rl.clip_eps = 0.2
+  c.rl.value_clip = 0.2
+  c.rl.vf_coef = 0.1
+  c.rl.gae_lambda = 0.95
+  c.rl.entropy_coef = 0.0
+  c.rl.critic = "shared"  # shared (value head on the policy) | separate (own model from the policy).
+  c.rl.kl_coef = 0.0  # KL penalty per token (0: Gao et al.'s default).
+  c.rl.kl_mode = "fixed"  # fixed | adaptive (then kl_coef is the start and kl_target the aim).
+  c.rl.kl_target = 6.0
+  c.rl.eval_every = 5  # Iterations between gold evaluations on held-out prompts.
+  c.rl.eval_prompts = 128  # Held-out prompts per evaluation (a multiple of rollout_batch_size).
+  c.rl.log_every = 5
+  c.rl.save_every = 10  # Iterations between checkpoints.
+  c.rl.proxies = ()  # Proxy names to optimise against; () means every proxy.
+  c.rl.kl_study_proxy = "100k_d1000_s0"  # Proxy for the KL-penalty study ("" skips it).
+  c.rl.kl_study_coefs = (0.05, 0.2)  # Fixed KL coefficients compared with rl.kl_coef.
+
   c.sampling = ml_collections.ConfigDict()
   c.sampling.temperature = 1.0
   c.sampling.top_k = 0
@@ -108,9 +133,12 @@ def get_config(arg=None):
     c.policy.num_examples, c.policy.steps = 2000, 30
     c.gold.num_comparisons, c.gold.eval_comparisons, c.gold.steps = 1000, 256, 30
     c.label.num_comparisons = 400
-    c.proxies.sizes, c.proxies.data_sizes, c.proxies.epochs = ["100k", "200k"], [100, 300], 1.0
+    c.proxies.sizes, c.proxies.data_sizes, c.proxies.epochs = ("100k", "200k"), (100, 300), 1.0
     c.pretrain.num_examples, c.pretrain.steps = 1000, 10
     c.bon.num_prompts, c.bon.n_samples, c.bon.num_n = 8, 16, 5
+    c.rl.iterations, c.rl.rollout_batch_size, c.rl.minibatch_size = 4, 16, 8
+    c.rl.eval_every, c.rl.eval_prompts, c.rl.log_every, c.rl.save_every = 2, 16, 1, 2
+    c.rl.proxies, c.rl.kl_study_proxy, c.rl.kl_study_coefs = ("100k_d300_s0", "200k_d300_s0"), "100k_d300_s0", (0.1,)
     c.sample_batch_size, c.score_batch_size = 64, 128
     c.fit.num_bootstrap = 20
   return c

@@ -19,7 +19,7 @@ from rmscale.data.world import World, WorldConfig
 from rmscale.models import sizes
 from rmscale.parallel import distributed
 from rmscale.parallel import mesh as mesh_lib
-from rmscale.stages import bon_stage, common, fit, gold, label, policy_init, proxies
+from rmscale.stages import bon_stage, common, fit, gold, label, policy_init, proxies, rl
 
 STAGES = {
     "policy_init": policy_init.run,
@@ -27,6 +27,7 @@ STAGES = {
     "label": label.run,
     "proxies": proxies.run,
     "bon": bon_stage.run,
+    "rl": rl.run,
     "fit": fit.run,
 }
 ORDER = tuple(STAGES)
@@ -78,6 +79,21 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
       raise ValueError(f"config.proxies.data_sizes has {d}, but label gives {n_train} training comparisons")
   if config.bon.n_samples < 2 or config.bon.num_n < 2:
     raise ValueError("config.bon.n_samples and config.bon.num_n must be >= 2")
+  r = config.rl
+  for key in ("rollout_batch_size", "minibatch_size", "eval_prompts"):
+    if r[key] <= 0 or r[key] % dp:
+      raise ValueError(f"config.rl.{key}={r[key]} is not divisible by the {dp} data-parallel devices")
+  if r.rollout_batch_size % r.minibatch_size:
+    raise ValueError(f"config.rl.minibatch_size={r.minibatch_size} does not divide rl.rollout_batch_size")
+  if r.eval_prompts % r.rollout_batch_size:
+    raise ValueError(f"config.rl.eval_prompts={r.eval_prompts} is not a multiple of rl.rollout_batch_size")
+  names = {proxies.proxy_name(s, d, x) for s in config.proxies.sizes for d in config.proxies.data_sizes
+           for x in config.proxies.seeds}
+  unknown = [n for n in r.proxies if n not in names]
+  if unknown:
+    raise ValueError(f"config.rl.proxies names {unknown}, which are not proxies of this config: {sorted(names)}")
+  if r.kl_study_proxy and r.kl_study_proxy not in names:
+    raise ValueError(f"config.rl.kl_study_proxy={r.kl_study_proxy!r} is not one of the proxies {sorted(names)}")
   for m in ("dtype", "param_dtype"):
     if config.model[m] not in ("float32", "bfloat16", "float16"):
       raise ValueError(f"config.model.{m}={config.model[m]!r} is not float32, bfloat16 or float16")

@@ -45,9 +45,19 @@ def test_all_stages_write_their_artefacts(finished):
     curve = sorted((r for r in bon if r["name"] == name), key=lambda r: r["n"])
     proxy = [r["proxy"] for r in curve]
     assert all(b >= a - 1e-9 for a, b in zip(proxy, proxy[1:]))  # BoN never lowers the proxy score.
+  rl = results.read_jsonl(os.path.join(workdir, "results", "rl.jsonl"))
+  assert {r["name"] for r in rl} == {"100k_d300_s0", "200k_d300_s0"}  # config.rl.proxies
+  for name in ("100k_d300_s0", "200k_d300_s0"):
+    curve = sorted((r for r in rl if r["name"] == name), key=lambda r: r["iteration"])
+    assert [r["iteration"] for r in curve] == [0, 2, 4]
+    assert curve[0]["kl"] < 1e-3  # Iteration 0 evaluates the initial policy: no KL spent yet.
+    assert curve[-1]["kl"] > curve[0]["kl"]
+  study = results.read_jsonl(os.path.join(workdir, "results", "rl_kl_study.jsonl"))
+  assert {r["kl_coef"] for r in study} == {0.0, 0.1}
   fits = results.read_jsonl(os.path.join(workdir, "results", "fits.jsonl"))
-  assert len(fits) == 4 and all(np.isfinite(f["alpha"]) for f in fits)
-  for png in ("score_vs_sqrt_kl", "gold_vs_proxy", "rm_validation", "coefficients_vs_size"):
+  assert sorted(f["method"] for f in fits) == ["bon"] * 4 + ["rl"] * 2
+  assert all(np.isfinite(f["alpha"]) for f in fits)
+  for png in ("score_vs_sqrt_kl", "gold_vs_proxy", "rm_validation", "coefficients_vs_size", "kl_penalty"):
     assert os.path.getsize(os.path.join(workdir, "plots", f"{png}.png")) > 1000
   assert "Proxy reward models" in summary
   assert os.listdir(os.path.join(workdir, "tensorboard"))
@@ -103,6 +113,8 @@ def test_labels_are_deterministic(finished, tmp_path):
     ({"policy.size": "huge"}, "config.policy.size='huge' is not a known size"),
     ({"mesh": dict(data=3)}, "needs 3 devices"),
     ({"label.noise": 0.7}, "config.label.noise"),
+    ({"rl.proxies": ("12m_d1_s0",)}, "config.rl.proxies names"),
+    ({"rl.minibatch_size": 24}, "config.rl.minibatch_size=24 is not divisible by the 8"),
 ])
 def test_config_errors_name_the_key(overrides, message, tmp_path):
   with pytest.raises(ValueError, match=message):

@@ -64,8 +64,8 @@ def _format_count(n: float) -> str:
 
 def _numeric(value) -> float:
   if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-      or not value > 0:
-    raise ValueError(f"colour key values must be positive numbers, got {value!r}")
+      or not np.isfinite(value):
+    raise ValueError(f"colour key values must be finite numbers, got {value!r}")
   return float(value)
 
 
@@ -76,12 +76,14 @@ def _curve_order(item):
 
 
 def _colours(values: Iterable[float]) -> dict[float, Any]:
-  """Viridis by log value (dark = small, green-yellow = large); top end trimmed for legibility."""
+  """Viridis by log value (dark = small, green-yellow = large), by rank when some value is <= 0
+  (e.g. a KL coefficient of 0); top end trimmed for legibility."""
   values = sorted(set(values), key=_numeric)
   cmap = matplotlib.colormaps["viridis"]
   if len(values) == 1:
     return {values[0]: cmap(0.35)}
-  logs = np.log(np.asarray(values, dtype=np.float64))
+  raw = np.asarray(values, dtype=np.float64)
+  logs = np.log(raw) if raw.min() > 0 else np.arange(len(values), dtype=np.float64)
   span = logs.max() - logs.min()
   pos = (logs - logs.min()) / span if span > 0 else np.linspace(0, 1, len(values))
   return {v: cmap(0.85 * p) for v, p in zip(values, pos)}

@@ -9,7 +9,7 @@ import numpy as np
 from rmscale import results
 from rmscale.scaling import fit as fit_lib
 from rmscale.scaling import plots
-from rmscale.stages import bon_stage, common, proxies
+from rmscale.stages import bon_stage, common, proxies, rl
 
 RESULTS = ("results", "fits.jsonl")
 FORMS = {"bon": "bon", "rl": "rl"}
@@ -58,21 +58,26 @@ def trends(rows: list[dict]) -> list[dict]:
   return out
 
 
-def _per_unit(ctx: common.Context) -> dict[tuple, np.ndarray]:
-  """Per-prompt gold curves of best-of-n (the bootstrap's resampling units)."""
+def _per_unit(ctx: common.Context, rl_records: list[dict]) -> dict[tuple, np.ndarray]:
+  """Per-prompt gold curves [prompts, points] (the bootstrap's resampling units), in KL order."""
+  out = {}
   path = ctx.path(*bon_stage.SAMPLES)
-  if not os.path.exists(path):
-    return {}
-  data = results.read_npz(path)
-  prefix = "gold_per_prompt__"
-  return {("bon", k[len(prefix):]): v for k, v in data.items() if k.startswith(prefix)}
+  if os.path.exists(path):
+    prefix = "gold_per_prompt__"
+    out.update({("bon", k[len(prefix):]): v for k, v in results.read_npz(path).items() if k.startswith(prefix)})
+  unique = {(r["name"], r["iteration"]): r for r in rl_records}  # The study's base run is a main run.
+  for (method, name), recs in _curves(list(unique.values())).items():
+    recs = sorted(recs, key=lambda r: r["kl"])
+    out[(method, name)] = np.stack([r["gold_per_prompt"] for r in recs], axis=1)
+  return out
 
 
 def _fmt(x, spec=".3f") -> str:
   return "-" if x is None or (isinstance(x, float) and not np.isfinite(x)) else format(x, spec)
 
 
-def summary_markdown(ctx: common.Context, stage_info: dict, rm_records, fit_rows, trend_rows) -> str:
+def summary_markdown(ctx: common.Context, stage_info: dict, rm_records, fit_rows, trend_rows, study=(),
+                     study_rows=()) -> str:
   lines = ["# rmscale experiment summary", "", f"workdir: `{ctx.workdir}`", ""]
   gold = stage_info.get("gold", {})
   lab = stage_info.get("label", {})
@@ -99,18 +104,40 @@ def summary_markdown(ctx: common.Context, stage_info: dict, rm_records, fit_rows
     for t in trend_rows:
       lines.append(f"| {t['method']} | {t['data_size']:,} | {t['coef']} | {t['slope_per_efold']:+.4f} | "
                    f"{_fmt(t['slope_se'], '.4f')} | {_fmt(t['r2'])} |")
+  if study:
+    lines += ["", "## KL-penalty study (PPO against one proxy, fixed KL coefficients)", "",
+              "Does the penalty move the gold-vs-KL frontier, or only stop optimisation earlier?", "",
+              "| kl_coef | final KL (nats) | final gold | peak gold (iteration) | alpha_RL | beta_RL |",
+              "|---|---|---|---|---|---|"]
+    fits_by_name = {r["name"]: r for r in study_rows}
+    for name in sorted({r["name"] for r in study}, key=lambda n: min(r["kl_coef"] for r in study if r["name"] == n)):
+      recs = sorted((r for r in study if r["name"] == name), key=lambda r: r["iteration"])
+      best = max(recs, key=lambda r: r["gold"])
+      f = fits_by_name.get(name, {})
+      lines.append(f"| {recs[0]['kl_coef']:g} | {recs[-1]['kl']:.2f} | {recs[-1]['gold']:+.3f} | "
+                   f"{best['gold']:+.3f} ({best['iteration']}) | {_fmt(f.get('alpha'))} | {_fmt(f.get('beta'))} |")
   lines += ["", "Plots: `plots/score_vs_sqrt_kl.png`, `plots/coefficients_vs_size.png`, "
-            "`plots/rm_validation.png`, `plots/gold_vs_proxy.png`.", ""]
+            "`plots/rm_validation.png`, `plots/gold_vs_proxy.png`" + (", `plots/kl_penalty.png`" if study else "")
+            + ".", ""]
   return "\n".join(lines)
 
 
+def _read_optional(ctx: common.Context, parts: tuple) -> list[dict]:
+  path = ctx.path(*parts)
+  return results.read_jsonl(path) if os.path.exists(path) else []
+
+
 def run(ctx: common.Context, stage_info: dict | None = None) -> dict:
-  records = results.read_jsonl(ctx.path(*bon_stage.RESULTS))
-  rl_path = ctx.path("results", "rl.jsonl")
-  if os.path.exists(rl_path):
-    records += results.read_jsonl(rl_path)
+  rl_records = _read_optional(ctx, rl.RESULTS)
+  study = _read_optional(ctx, rl.STUDY)
+  records = results.read_jsonl(ctx.path(*bon_stage.RESULTS)) + rl_records
   rm_records = proxies.load(ctx)
-  fit_rows = fit_curves(records, _per_unit(ctx), ctx.config.fit.num_bootstrap, ctx.config.seed)
+  per_unit = _per_unit(ctx, rl_records + study)
+  fit_rows = fit_curves(records, per_unit, ctx.config.fit.num_bootstrap, ctx.config.seed)
+  study_rows = fit_curves(study, per_unit, ctx.config.fit.num_bootstrap, ctx.config.seed)
+  if study:
+    results.write_jsonl(ctx.path("results", "rl_kl_study_fits.jsonl"), study_rows)
+    plots.plot_score_vs_sqrt_kl(study, study_rows, ctx.path("plots", "kl_penalty.png"), colour_by="kl_coef")
   trend_rows = trends(fit_rows)
   results.write_jsonl(ctx.path(*RESULTS), fit_rows)
   results.write_jsonl(ctx.path("results", "trends.jsonl"), trend_rows)
@@ -119,6 +146,6 @@ def run(ctx: common.Context, stage_info: dict | None = None) -> dict:
   plots.plot_rm_validation(rm_records, ctx.path("plots", "rm_validation.png"))
   if len({r["rm_params"] for r in fit_rows}) > 1:
     plots.plot_coefficients_vs_size(fit_rows, ctx.path("plots", "coefficients_vs_size.png"))
-  text = summary_markdown(ctx, stage_info or {}, rm_records, fit_rows, trend_rows)
+  text = summary_markdown(ctx, stage_info or {}, rm_records, fit_rows, trend_rows, study, study_rows)
   results.write_text(ctx.path("summary.md"), text)
   return {"num_fits": len(fit_rows)}

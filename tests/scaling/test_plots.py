@@ -111,6 +111,16 @@ def test_bad_input_raises_and_writes_nothing(tmp_path, records):
     plots.plot_gold_vs_proxy([dict(records[0], method="dpo")], out)
   with pytest.raises(ValueError, match="method/form"):
     plots.plot_coefficients_vs_size([dict(rm_params=1e6, alpha=0.5, beta=0.1)], out)
-  with pytest.raises(ValueError, match="positive numbers"):
+  with pytest.raises(ValueError, match="finite numbers"):
     plots.plot_gold_vs_proxy([dict(r, rm_params="big") for r in records], out)
   assert not out.exists() and os.listdir(tmp_path) == []
+
+
+def test_kl_coefficient_colours_include_zero(tmp_path):
+  # The KL-penalty study colours curves by kl_coef, whose baseline is 0 (no log scale possible).
+  recs = [dict(method="rl", kl_coef=c, rm_params=1e5, data_size=100, seed=0, kl=k, proxy=k, gold=k - k * k)
+          for c in (0.0, 0.05, 0.2) for k in (0.0, 0.5, 1.0)]
+  path = plots.plot_score_vs_sqrt_kl(recs, None, tmp_path / "kl.png", colour_by="kl_coef")
+  assert os.path.getsize(path) > 1000
+  colours = plots._colours([0.0, 0.05, 0.2])
+  assert len({tuple(c) for c in colours.values()}) == 3
