@@ -70,6 +70,7 @@ def get_config(arg=None):
 
   c.model = ml_collections.ConfigDict()
   c.model.family = "neox"  # Architecture preset for every model: neox | llama | gpt2 (Gao: GPT-style).
+  c.model.rotary_pct = 0.25  # Fraction of each head rotated (Pythia: 0.25).
   c.model.reward_head = "linear"  # Reward-head type of gold and proxy RMs: linear | mlp.
   c.model.dtype = "bfloat16"  # Compute dtype (softmax, norms and losses stay float32).
   c.model.param_dtype = "float32"  # Parameter storage dtype (master weights for Adam).

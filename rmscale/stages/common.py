@@ -48,7 +48,7 @@ class Context:
 def model_config(ctx: Context, size: str, role: str) -> TransformerConfig:
   """The model of a role ('policy' or 'rm') at a named size, sized to the world's sequences."""
   m = ctx.config.model
-  common = dict(vocab_size=ctx.world.tokenizer.vocab_size, family=m.family,
+  common = dict(vocab_size=ctx.world.tokenizer.vocab_size, family=m.family, rotary_pct=m.rotary_pct,
                 max_len=ctx.prompt_len + ctx.response_len, dtype=m.dtype, param_dtype=m.param_dtype,
                 matmul=m.matmul)
   if role == "policy":
