@@ -17,8 +17,9 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
+
+from rmscale import atomic
 
 # The artefact directory of each stage that a sweep can share (pipeline stage name -> workdir entry).
 SHAREABLE_STAGES = ("policy_init", "gold", "label")
@@ -66,20 +67,7 @@ def run_commands(commands: Sequence[Sequence[str]], dry_run: bool, *, out=None,
 
 
 def write_json_atomic(path: str, obj) -> None:
-  """JSON written to a temporary file and renamed into place (the launchers avoid importing JAX)."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(obj, f, indent=2)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  atomic.write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 
 def _replace_symlink(target: str, link: str) -> None:

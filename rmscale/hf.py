@@ -26,7 +26,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,6 +33,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from rmscale import atomic
 from rmscale.models.config import TransformerConfig
 from rmscale.models.sizes import FAMILIES
 from rmscale.models.transformer import Transformer, abstract_params, init_params
@@ -111,13 +111,6 @@ def _read_tensor(info: _TensorInfo) -> np.ndarray:
   return a.reshape(info.shape)
 
 
-def _atomic_path(path: str) -> tuple[int, str]:
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
-                             prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-  os.chmod(tmp, 0o644)  # mkstemp's 0600 would make shared checkpoints unreadable to others.
-  return fd, tmp
-
-
 def write_safetensors(path: str, specs: Sequence[tuple[str, np.dtype, tuple[int, ...]]],
                       arrays, metadata: dict[str, str] | None = None) -> None:
   """Writes tensors atomically, streaming ``arrays`` (an iterable matching ``specs``) one at a time.
@@ -134,36 +127,21 @@ def write_safetensors(path: str, specs: Sequence[tuple[str, np.dtype, tuple[int,
     offset += nbytes
   blob = json.dumps(header, separators=(",", ":")).encode()
   blob += b" " * (-len(blob) % 8)  # Readers expect tensor data to start 8-byte aligned.
-  fd, tmp = _atomic_path(path)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(len(blob).to_bytes(8, "little"))
-      f.write(blob)
-      arrays = iter(arrays)
-      for name, dtype, shape in specs:
-        a = np.ascontiguousarray(next(arrays))
-        if a.dtype != np.dtype(dtype) or a.shape != tuple(shape):
-          raise ValueError(f"{path}: tensor {name!r} is {a.dtype}{list(a.shape)}, "
-                           f"expected {np.dtype(dtype)}{list(shape)}")
-        f.write(a.reshape(-1).view(np.uint8).data)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  def fill(f):
+    f.write(len(blob).to_bytes(8, "little"))
+    f.write(blob)
+    for (name, dtype, shape), a in zip(specs, arrays, strict=True):
+      a = np.ascontiguousarray(a)
+      if a.dtype != np.dtype(dtype) or a.shape != tuple(shape):
+        raise ValueError(f"{path}: tensor {name!r} is {a.dtype}{list(a.shape)}, "
+                         f"expected {np.dtype(dtype)}{list(shape)}")
+      f.write(a.reshape(-1).view(np.uint8).data)
+
+  atomic.write(path, fill)
 
 
 def _write_json(path: str, obj: Any) -> None:
-  fd, tmp = _atomic_path(path)
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(obj, f, indent=2, sort_keys=True)
-      f.write("\n")
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  atomic.write(path, lambda f: f.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,33 +7,18 @@ process 0 writes (every process computes the same replicated results); the other
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 
 import jax
 import numpy as np
 
+from rmscale import atomic
+
 
 def atomic_write(path: str, write) -> None:
-  """Calls ``write(binary_file)`` on a temporary file beside ``path``, then renames it into place.
-
-  A no-op on processes other than 0: readers on other hosts wait at a barrier (pipeline.run).
-  """
-  if jax.process_index() != 0:
-    return
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      write(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  """``atomic.write`` on process 0 only: readers on other hosts wait at a barrier (pipeline.run)."""
+  if jax.process_index() == 0:
+    atomic.write(path, write)
 
 
 def _default(x):

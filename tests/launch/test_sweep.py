@@ -58,7 +58,7 @@ BASE = dict(name="t", config="configs/overopt.py", arg={"runlocal": True})
      "run 'seed-1' changes config.seed, which the shared stages"),
     (dict(name="t", config="configs/overopt.py", grid={"policy": ["1.2b", "3b"]}, shared_stages="policy_init"),
      "run .policy-3b. changes config.policy"),
-    (dict(name="q", config="configs/quickstart.py", grid={"config.proxies.sizes": [("100k",)]}),
+    (dict(name="q", config="configs/quickstart.py", grid={"config.rules": [[["batch", "data"]]]}),
      "is a list, which ml_collections cannot override"),
 ])
 def test_bad_sweeps_fail_before_anything_runs(spec, match):
