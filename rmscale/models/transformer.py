@@ -9,6 +9,7 @@ it through ``lax.while_loop`` and a caller always sees what state a step reads.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -18,6 +19,9 @@ import jax.numpy as jnp
 from rmscale.models.config import TransformerConfig
 
 Cache = dict[str, jax.Array]
+
+# Reserved key under which a params tree may carry the FP8 delayed-scaling state (see Transformer.apply).
+FP8_META_KEY = "fp8_meta"
 
 _NEG_INF = -1e30  # Large finite: a fully masked row (a pad query) stays NaN-free.
 
@@ -228,6 +232,11 @@ class Transformer(nn.Module):
                             kernel_init=_init(cfg.init_std, ("embed", None)),
                             bias_init=_zeros((None,)), name="value_head")
 
+  @nn.nowrap
+  def apply(self, variables, *args, **kwargs):
+    """``nn.Module.apply``, also accepting the FP8 meta inside the params tree (``lift_fp8_meta``)."""
+    return super().apply(lift_fp8_meta(variables), *args, **kwargs)
+
   def __call__(self, tokens_BxL, mask_BxL=None, positions_BxL=None):
     return self.forward(tokens_BxL, mask_BxL, positions_BxL)["logits"]
 
@@ -314,6 +323,24 @@ class RewardHead(nn.Module):
                       bias_init=_zeros((None,)), name="score")(h)[:, 0]
     return nn.Dense(1, use_bias=False, param_dtype=cfg.params_dtype,
                     kernel_init=_init(cfg.init_std, ("embed", None)), name="score")(h)[:, 0]
+
+
+def lift_fp8_meta(variables):
+  """Moves ``variables['params']['fp8_meta']``, if present, to its own ``fp8_meta`` collection.
+
+  The train step hands the FP8 meta to loss functions inside the params tree, so every loss's
+  ``model.apply({'params': params}, ...)`` reads it and, differentiated, returns its update as the
+  "gradient" (rmscale/ops/fp8.py) without the loss knowing FP8 exists. A params tree without the key
+  (the non-FP8 case, and FP8 inference, which then scales each tensor by its own amax) is unchanged.
+  """
+  params = variables.get("params") if isinstance(variables, Mapping) else None
+  if not isinstance(params, Mapping) or FP8_META_KEY not in params:
+    return variables
+  if FP8_META_KEY in variables:
+    raise ValueError(f"FP8 meta given twice: as the {FP8_META_KEY!r} collection and inside 'params'")
+  params = dict(params)
+  meta = params.pop(FP8_META_KEY)
+  return {**variables, "params": params, FP8_META_KEY: meta}
 
 
 def init_cache(cfg: TransformerConfig, batch: int, length: int, dtype=None) -> Cache:

@@ -33,7 +33,11 @@ differentiates the loss w.r.t. ``{'params': ..., 'fp8_meta': ...}``, feeds only 
 gradient to the optimizer and calls ``apply_fp8_meta_update(variables, grads)``, which replaces
 the ``fp8_meta`` collection by its "gradient".  Consequences, all by design:
 
-* A forward pass that is not differentiated (eval, sampling) leaves the meta untouched.
+* A forward pass that is not differentiated (eval, sampling) leaves the meta untouched; one
+  without any meta (a bare ``{'params': ...}``) uses current scaling (see ``Fp8DotGeneral``).
+* ``rmscale.train.state.train_step`` does all this for any loss function: the state carries an
+  ``fp8_meta`` entry, which it passes inside the params tree (``Transformer.apply`` lifts it into
+  the collection) and replaces by its "gradient" after the step.
 * A module whose output does not reach the loss gets an all-zero cotangent; a legitimate scale is
   always > 0, so ``apply_fp8_meta_update`` keeps the old meta there.
 * Cotangents *add*: an ``Fp8DotGeneral`` instance must run once per differentiated forward pass
@@ -286,6 +290,54 @@ def fp8_dot(lhs_q: jax.Array, rhs_q: jax.Array, lhs_scale: jax.Array, rhs_scale:
 
 
 # ----------------------------------------------------------------------------------------------
+# Per-tensor scaled storage (FP8 gradients on the wire, FP8/FP16 optimizer state).
+# ----------------------------------------------------------------------------------------------
+
+
+class ScaledTensor(NamedTuple):
+  """A tensor stored as ``data`` in a narrow dtype with one float32 ``scale``: value = data / scale."""
+  data: jax.Array
+  scale: jax.Array
+
+
+# Formats whose range is too narrow for unscaled storage of gradients, moments or weights.
+_SCALED_DTYPES = FP8_DTYPES + (np.dtype(jnp.float16),)
+STORAGE_DTYPES = _SCALED_DTYPES + (np.dtype(jnp.bfloat16), np.dtype(jnp.float32))
+
+
+def check_storage_dtype(dtype) -> np.dtype:
+  dtype = np.dtype(dtype)
+  if dtype not in STORAGE_DTYPES:
+    raise ValueError(f"storage dtype must be one of {[str(d) for d in STORAGE_DTYPES]}, got {dtype}")
+  return dtype
+
+
+def encode_scaled(x: jax.Array, dtype, margin: float = 0.0, amax: jax.Array | None = None
+                  ) -> ScaledTensor:
+  """``x`` in ``dtype`` with a just-in-time per-tensor scale (``dtype_max / amax / 2**margin``).
+
+  FP8 and float16 are scaled so the tensor uses the format's whole range (float16 underflows at
+  6e-8: squared gradients of 1e-4 would vanish unscaled); bfloat16 and float32 have float32's
+  range and keep scale 1. ``amax`` overrides ``max |x|`` (e.g. a max over data-parallel ranks).
+  """
+  dtype = check_storage_dtype(dtype)
+  x = jnp.asarray(x, jnp.float32)
+  if dtype not in _SCALED_DTYPES:
+    return ScaledTensor(x.astype(dtype), jnp.ones((), jnp.float32))
+  fmax = float(jnp.finfo(dtype).max)
+  amax = amax_of(x) if amax is None else jnp.asarray(amax, jnp.float32)
+  scale = compute_scale(amax[None], fmax, margin)
+  if dtype in FP8_DTYPES:
+    return ScaledTensor(quantize(x, scale, dtype), scale)
+  return ScaledTensor(jnp.clip(x * scale, -fmax, fmax).astype(dtype), scale)
+
+
+def decode_scaled(t: ScaledTensor, dtype=jnp.float32) -> jax.Array:
+  """``data / scale`` in ``dtype`` (computed in float32)."""
+  return (t.data.astype(jnp.float32) * (1.0 / t.scale)).astype(dtype)
+
+
+# ----------------------------------------------------------------------------------------------
 # Delayed scaling.
 # ----------------------------------------------------------------------------------------------
 
@@ -367,6 +419,17 @@ def delayed_scale_step(meta: Fp8Meta, x: jax.Array, dtype, config: Fp8Config
 # ----------------------------------------------------------------------------------------------
 
 
+def _scale_step(meta: Fp8Meta | None, x: jax.Array, dtype, config: Fp8Config):
+  """``delayed_scale_step``, or with no meta "current scaling": the scale from ``x``'s own amax.
+
+  Current scaling needs no state, which is what inference on a bare params tree has; it costs an
+  extra reduction over ``x`` before the cast, which delayed scaling exists to avoid in training.
+  """
+  if meta is None:
+    return compute_scale(amax_of(x)[None], fp8_max(dtype), config.margin, config.power_of_two), None
+  return delayed_scale_step(meta, x, dtype, config)
+
+
 def _transpose_lhs_dims(dimension_numbers: DimensionNumbers, lhs_ndim: int, rhs_ndim: int,
                         swap_ans: bool = False):
   """Dimension numbers for ``dot(g, rhs)`` and the permutation turning it into d(lhs).
@@ -405,8 +468,8 @@ def _fp8_dot_general(lhs, rhs, lhs_meta, rhs_meta, grad_meta, dimension_numbers,
 
 def _fp8_dot_general_fwd(lhs, rhs, lhs_meta, rhs_meta, grad_meta, dimension_numbers, dtypes, config):
   _, _, out_dtype = dtypes
-  lhs_scale, new_lhs_meta = delayed_scale_step(lhs_meta, lhs, config.fwd_dtype, config)
-  rhs_scale, new_rhs_meta = delayed_scale_step(rhs_meta, rhs, config.fwd_dtype, config)
+  lhs_scale, new_lhs_meta = _scale_step(lhs_meta, lhs, config.fwd_dtype, config)
+  rhs_scale, new_rhs_meta = _scale_step(rhs_meta, rhs, config.fwd_dtype, config)
   lhs_q = quantize(lhs, lhs_scale, config.fwd_dtype)
   rhs_q = quantize(rhs, rhs_scale, config.fwd_dtype)
   out = fp8_dot(lhs_q, rhs_q, lhs_scale, rhs_scale, dimension_numbers, out_dtype)
@@ -418,7 +481,7 @@ def _fp8_dot_general_fwd(lhs, rhs, lhs_meta, rhs_meta, grad_meta, dimension_numb
 def _fp8_dot_general_bwd(dimension_numbers, dtypes, config, res, g):
   lhs_dtype, rhs_dtype, _ = dtypes
   lhs_q, rhs_q, lhs_scale, rhs_scale, new_lhs_meta, new_rhs_meta, grad_meta = res
-  g_scale, new_grad_meta = delayed_scale_step(grad_meta, g, config.bwd_dtype, config)
+  g_scale, new_grad_meta = _scale_step(grad_meta, g, config.bwd_dtype, config)
   g_q = quantize(g, g_scale, config.bwd_dtype)
 
   dims, perm = _transpose_lhs_dims(dimension_numbers, lhs_q.ndim, rhs_q.ndim)
@@ -433,22 +496,26 @@ def _fp8_dot_general_bwd(dimension_numbers, dtypes, config, res, g):
 _fp8_dot_general.defvjp(_fp8_dot_general_fwd, _fp8_dot_general_bwd)
 
 
-def fp8_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, lhs_meta: Fp8Meta,
-                    rhs_meta: Fp8Meta, grad_meta: Fp8Meta, *, config: Fp8Config = Fp8Config(),
-                    out_dtype=None) -> jax.Array:
+def fp8_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, lhs_meta: Fp8Meta | None,
+                    rhs_meta: Fp8Meta | None, grad_meta: Fp8Meta | None, *,
+                    config: Fp8Config = Fp8Config(), out_dtype=None) -> jax.Array:
   """``lax.dot_general`` through FP8 with delayed scaling (hybrid recipe).
 
   Differentiable w.r.t. ``lhs`` and ``rhs`` (straight-through FP8 gradients) and w.r.t. the three
   metas, whose "gradients" are their updated values (see the module docstring).
+  All three metas ``None``: current scaling (each tensor scaled by its own amax), no state.
   ``out_dtype`` defaults to the operands' result type.
   """
   lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
   for name, x in (("lhs", lhs), ("rhs", rhs)):
     if not jnp.issubdtype(x.dtype, jnp.floating):
       raise ValueError(f"fp8_dot_general {name} must be floating point, got {x.dtype}")
-  for name, meta in (("lhs_meta", lhs_meta), ("rhs_meta", rhs_meta), ("grad_meta", grad_meta)):
-    if not isinstance(meta, Fp8Meta):
-      raise ValueError(f"{name} must be an Fp8Meta, got {type(meta).__name__}")
+  metas = {"lhs_meta": lhs_meta, "rhs_meta": rhs_meta, "grad_meta": grad_meta}
+  if not all(m is None for m in metas.values()):
+    for name, meta in metas.items():
+      if not isinstance(meta, Fp8Meta):
+        raise ValueError(f"{name} must be an Fp8Meta (or all three metas None for current scaling), "
+                         f"got {type(meta).__name__}")
   out_dtype = np.dtype(out_dtype if out_dtype is not None else jnp.result_type(lhs, rhs))
   dtypes = (np.dtype(lhs.dtype), np.dtype(rhs.dtype), out_dtype)
   return _fp8_dot_general(lhs, rhs, lhs_meta, rhs_meta, grad_meta,
@@ -468,6 +535,10 @@ class Fp8DotGeneral(nn.Module):
   the rhs its kernel.  Meta lives in the ``fp8_meta`` collection as plain float32 arrays
   (``{role}_amax_history`` [H], ``{role}_scale`` []), so it checkpoints and shards like any
   other variable; update it with ``apply_fp8_meta_update``.
+
+  Applied without an ``fp8_meta`` collection (a bare ``{'params': ...}``: scoring, sampling) it
+  uses current scaling instead, so inference needs no training-time state; with the collection it
+  reproduces the training-time (delayed) scales exactly.
   """
   amax_history_length: int = 16
   margin: float = 0.0
@@ -477,6 +548,10 @@ class Fp8DotGeneral(nn.Module):
   def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
     del precision  # fp8 operands are exact at any precision; accumulation is always float32
     config = Fp8Config(margin=self.margin, power_of_two=self.power_of_two)
+    if (not self.is_mutable_collection(FP8_META_COLLECTION)
+        and not self.has_variable(FP8_META_COLLECTION, f"{ROLES[0]}_scale")):
+      return fp8_dot_general(lhs, rhs, dimension_numbers, None, None, None, config=config,
+                             out_dtype=preferred_element_type)
     init = init_fp8_meta(self.amax_history_length)
     metas = []
     for role in ROLES:
