@@ -1,5 +1,14 @@
-"""Test set-up: 8 fake CPU devices so mesh tests run anywhere; fp32 matmuls for tight parity."""
+"""Test set-up: 8 fake CPU devices so mesh tests run anywhere; fp32 matmuls for tight parity.
+
+Also the session's shared experiment (``tiny_run``) and a hand-written sweep (``synthetic_sweep``).
+"""
+import math
 import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -7,3 +16,98 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+  """The ``tiny,oracle`` quickstart, run once per test session: ``(workdir, summary)``.
+
+  Under pytest-xdist every worker process has its own session fixtures, so the run lives in the
+  directory the workers share (the parent of each worker's basetemp) behind a file lock: the first
+  worker to need it computes it, the others wait and read it. (Modules using it also carry
+  ``xdist_group("tiny_run")`` for ``--dist loadgroup``, which pytest 9.2 + xdist 3.8 silently ignore:
+  pytest-dev/pytest-xdist#1386.) Read-only: a test that changes a workdir works on a copy
+  (the ``copy_run`` fixture).
+  """
+  import fcntl
+
+  from rmscale import atomic, pipeline
+  sys.path.insert(0, ROOT)
+  from configs import quickstart
+  shared = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    shared = shared.parent
+  workdir, done = shared / "tiny_run", shared / "tiny_run.summary.md"
+  with open(shared / "tiny_run.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not done.exists():
+      summary = pipeline.run(quickstart.get_config("tiny,oracle"), str(workdir))
+      atomic.write(str(done), lambda f: f.write(summary.encode()))
+  return str(workdir), done.read_text()
+
+
+def _copy_run(workdir: str, dest) -> str:
+  dest = os.path.join(str(dest), "run")
+  shutil.copytree(workdir, dest, symlinks=True)
+  return dest
+
+
+@pytest.fixture(scope="session")
+def copy_run():
+  """``copy_run(workdir, dest_dir) -> path``: a private copy of a finished workdir (symlinks kept)."""
+  return _copy_run
+
+
+# A sweep root as launch.sweep lays it out (<root>/<run>/results/...; <root>/shared has no results),
+# written by hand from exact laws: alpha and beta linear in ln(RM params), per-prompt scores that
+# average exactly to the law. Fits recover the laws and the trend extrapolates without error.
+SWEEP_SIZES = {"100k": 100_000, "400k": 400_000, "1.6m": 1_600_000, "6.4m": 6_400_000}
+SWEEP_LAWS = {"bon": lambda x: (0.4 + 0.1 * x, 0.30 - 0.04 * x), "rl": lambda x: (0.5 + 0.05 * x, 0.4 - 0.03 * x)}
+SWEEP_PROMPTS = 6
+
+
+def sweep_law(method: str, rm_params: int) -> tuple[float, float]:
+  return SWEEP_LAWS[method](math.log(rm_params / 100_000))
+
+
+def write_sweep(root: str, data_size: int = 1000) -> str:
+  from rmscale import bon, results
+  from rmscale.scaling import fit
+  os.makedirs(os.path.join(root, "shared", "policy_init"), exist_ok=True)
+  # Prompt-to-prompt variation in both terms of the laws, zero mean: the prompt average is the law itself.
+  offsets_U = np.linspace(-1.0, 1.0, SWEEP_PROMPTS)
+  offsets2_U = np.roll(offsets_U, 2)
+  ns = bon.geometric_ns(256, 8)
+  for size, params in SWEEP_SIZES.items():
+    run = os.path.join(root, f"rm-{size}")
+    name = f"{size}_d{data_size}_s0"
+    meta = dict(rm_size=size, rm_params=params, data_size=data_size, seed=0, name=name)
+    bon_d = np.sqrt(bon.kl_bon(ns))
+    rl_d = np.linspace(0.0, 2.5, 6)
+    per_prompt = {}
+    recs = {"bon": [], "rl": []}
+    for method, d in (("bon", bon_d), ("rl", rl_d)):
+      gold = fit.predict(method, *sweep_law(method, params), d)
+      units_UxD = gold[None] + 0.3 * offsets_U[:, None] * d[None] + 0.1 * offsets2_U[:, None] * d[None] ** 2
+      per_prompt[method] = units_UxD
+      for i, (di, g) in enumerate(zip(d, gold)):
+        r = {**meta, "method": method, "kl": float(di * di), "d": float(di), "gold": float(g),
+             "gold_se": float(units_UxD[:, i].std(ddof=1) / np.sqrt(SWEEP_PROMPTS)), "proxy": float(2 * di)}
+        if method == "bon":
+          r["n"] = int(ns[i])
+        else:
+          r.update(iteration=i, proxy_name=name, kl_coef=0.0, gold_per_prompt=units_UxD[:, i].tolist())
+        recs[method].append(r)
+    results.write_jsonl(os.path.join(run, "results", "bon.jsonl"), recs["bon"])
+    results.write_jsonl(os.path.join(run, "results", "rl.jsonl"), recs["rl"])
+    results.write_jsonl(os.path.join(run, "results", "proxies.jsonl"),
+                        [{**meta, "val_loss": 0.6, "val_accuracy": 0.7}])
+    results.write_npz(os.path.join(run, "bon", "samples.npz"), **{f"gold_per_prompt__{name}": per_prompt["bon"]})
+  return root
+
+
+@pytest.fixture(scope="session")
+def synthetic_sweep(tmp_path_factory) -> str:
+  return write_sweep(str(tmp_path_factory.mktemp("sweep")))

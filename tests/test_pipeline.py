@@ -23,11 +23,14 @@ def tiny_config(**overrides):
   return c
 
 
+pytestmark = pytest.mark.xdist_group("tiny_run")  # Shares the session's tiny run (tests/conftest.py).
+
+
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("qs"))
-  summary = pipeline.run(tiny_config(), workdir)
-  return workdir, summary
+def finished(tiny_run, copy_run, tmp_path_factory):
+  # A private copy of the session's run: these tests delete markers and rerun stages.
+  workdir, summary = tiny_run
+  return copy_run(workdir, tmp_path_factory.mktemp("qs")), summary
 
 
 def test_all_stages_write_their_artefacts(finished):

@@ -23,6 +23,7 @@ from rmscale.train.state import OptimConfig, make_optimizer
 RESULTS = ("results", "rl.jsonl")
 _PROGRAMS: dict = {}  # (configs, mesh, rules) -> (jitted PPO step, jitted evaluator).
 STUDY = ("results", "rl_kl_study.jsonl")
+EVAL_SAMPLES = {"initial": "initial_samples.npz", "final": "final_samples.npz"}  # Under rl/<name>/.
 
 
 def reference_scores(ctx: common.Context) -> dict:
@@ -46,6 +47,16 @@ def ppo_config(ctx: common.Context, kl_coef: float) -> ppo.PPOConfig:
                        entropy_coef=r.entropy_coef, critic=r.critic,
                        temperature=ctx.config.sampling.temperature, max_new_tokens=ctx.response_len,
                        eos_id=tok.eos_id, pad_id=tok.pad_id)
+
+
+def save_eval_samples(path: str, samples: dict, prompt_len: int, gold_raw, utility_raw) -> None:
+  """One evaluation's samples with their raw scores (prompt/response tokens and masks, gold, utility,
+  proxy, KL), so a notebook can show side by side what the initial and the final policy wrote."""
+  tokens, mask = np.asarray(samples["tokens"]), np.asarray(samples["mask"])
+  results.write_npz(path, prompt_ids=tokens[:, :prompt_len], prompt_mask=mask[:, :prompt_len],
+                    response_ids=tokens[:, prompt_len:], response_mask=np.asarray(samples["response_mask"]),
+                    gold=np.asarray(gold_raw), utility=np.asarray(utility_raw),
+                    proxy=np.asarray(samples["score"]), kl=np.asarray(samples["kl"]))
 
 
 def run_one(ctx: common.Context, proxy: dict, kl_coef: float, name: str, gold, reference: dict) -> list[dict]:
@@ -90,8 +101,13 @@ def run_one(ctx: common.Context, proxy: dict, kl_coef: float, name: str, gold, r
   def on_eval(it: int, s: dict) -> dict:
     g_mean, g_std = reference["gold"]
     u_mean, u_std = reference["utility"]
-    gold_c = (gold(s["tokens"], s["mask"]) - g_mean) / g_std
-    util_c = (ctx.world.utility(s["tokens"][:, :P], s["tokens"][:, P:], s["response_mask"]) - u_mean) / u_std
+    gold_raw = gold(s["tokens"], s["mask"])
+    util_raw = ctx.world.utility(s["tokens"][:, :P], s["tokens"][:, P:], s["response_mask"])
+    if it in (0, r.iterations):  # Written before the checkpoint of that iteration, so a resume keeps them.
+      save_eval_samples(ctx.path("rl", name, EVAL_SAMPLES["initial" if it == 0 else "final"]), s, P,
+                        gold_raw, util_raw)
+    gold_c = (gold_raw - g_mean) / g_std
+    util_c = (util_raw - u_mean) / u_std
     proxy_c = s["score"] - reference["proxy"][proxy["name"]]
     rec = {"kl": float(max(s["kl_mean"], 0.0)), "kl_se": float(s["kl_se"]),
            "length": float(np.mean(s["length"])), "gold_per_prompt": gold_c.tolist()}
