@@ -117,7 +117,8 @@ def test_labels_are_deterministic(finished, tmp_path):
     ({"mesh": dict(data=3)}, "needs 3 devices"),
     ({"label.noise": 0.7}, "config.label.noise"),
     ({"rl.proxies": ("12m_d1_s0",)}, "config.rl.proxies names"),
-    ({"rl.minibatch_size": 24}, "config.rl.minibatch_size=24 is not divisible by the 8"),
+    ({"rl.minibatch_size": 12}, "config.rl.minibatch_size=12 is not divisible by the 8"),
+    ({"rl.minibatch_size": 48}, "config.rl.minibatch_size=48 does not divide rl.rollout_batch_size"),
 ])
 def test_config_errors_name_the_key(overrides, message, tmp_path):
   with pytest.raises(ValueError, match=message):

@@ -227,7 +227,8 @@ def plot_coefficients_vs_size(fit_table, path) -> str:
       bars = [_interval(r, name) for r in line]
       if all(b is not None for b in bars):
         lo, hi = np.array(bars, dtype=np.float64).T
-        ax.errorbar(x, y, yerr=[y - lo, hi - y], fmt="none", ecolor=colour, elinewidth=1,
+        # Clipped: a collapsed bootstrap interval can sit a rounding error off the point estimate.
+        ax.errorbar(x, y, yerr=[np.clip(y - lo, 0, None), np.clip(hi - y, 0, None)], fmt="none", ecolor=colour, elinewidth=1,
                     capsize=2)
       if np.unique(x).size >= 2:
         trend = fit_lib.coefficient_trend(x, y)
