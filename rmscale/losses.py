@@ -11,14 +11,6 @@ def token_logprobs(logits_BxLxV, tokens_BxL):
   return jnp.take_along_axis(logp, tokens_BxL[:, 1:, None], axis=-1)[..., 0]
 
 
-def sequence_logprob(logits_BxLxV, tokens_BxL, loss_mask_BxL):
-  """Sum of log-probs of the tokens with ``loss_mask`` set (e.g. response tokens only), shape [B].
-
-  ``loss_mask[t]`` refers to token t; the first token has no prediction and is ignored.
-  """
-  return jnp.sum(token_logprobs(logits_BxLxV, tokens_BxL) * loss_mask_BxL[:, 1:], axis=-1)
-
-
 def sft_loss(logits_BxLxV, tokens_BxL, loss_mask_BxL):
   """Mean next-token NLL over masked tokens; also returns the token count for weighting."""
   lp = token_logprobs(logits_BxLxV, tokens_BxL)
