@@ -23,6 +23,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from rmscale import results
 from rmscale.scaling import analysis
 
 RESULT_KINDS = ("proxies", "bon", "rl", "rl_kl_study", "fits", "trends")
@@ -164,15 +165,7 @@ def find_workdirs(root: str) -> dict[str, str]:
 
 
 def _read_jsonl(p) -> list[dict]:
-  import json
-  out = []
-  for i, line in enumerate(p.read_text().splitlines(), 1):
-    if line.strip():
-      try:
-        out.append(json.loads(line))
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{p}:{i}: corrupt JSON record ({e.msg})") from None
-  return out
+  return results.parse_jsonl(p.read_text(), str(p))
 
 
 def _read_npz(p, keep=lambda key: True) -> dict[str, np.ndarray]:

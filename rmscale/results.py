@@ -43,16 +43,21 @@ def write_jsonl(path: str, records: Iterable[dict]) -> None:
   atomic_write(path, lambda f: f.write(text.encode()))
 
 
-def read_jsonl(path: str) -> list[dict]:
+def parse_jsonl(text: str, source: str) -> list[dict]:
+  """Records of a JSONL text; a corrupt line raises naming ``source`` and the line number."""
   out = []
-  with open(path) as f:
-    for i, line in enumerate(f, 1):
-      if line.strip():
-        try:
-          out.append(json.loads(line))
-        except json.JSONDecodeError as e:
-          raise ValueError(f"{path}:{i}: corrupt JSON record ({e.msg})") from None
+  for i, line in enumerate(text.splitlines(), 1):
+    if line.strip():
+      try:
+        out.append(json.loads(line))
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{source}:{i}: corrupt JSON record ({e.msg})") from None
   return out
+
+
+def read_jsonl(path: str) -> list[dict]:
+  with open(path) as f:
+    return parse_jsonl(f.read(), path)
 
 
 def write_npz(path: str, **arrays) -> None:
