@@ -3,6 +3,7 @@
 A benchmark prints one JSON object per line on stdout so runs on different machines can be
 concatenated and compared; every record names the device, date, model size and shapes it measured.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -22,22 +23,25 @@ from rmscale.models.sizes import count_params
 # A device absent here, or an arithmetic without a figure, gives MFU null: we never guess a peak
 # (in particular not for CPUs, whose peak depends on the SKU, clocks and vector units in use).
 _NVIDIA_PEAKS: tuple[tuple[str, dict[str, float] | None], ...] = (
-    # Matched in order on the lower-cased device_kind, first hit wins.
-    ("h100 nvl", None),  # Datasheets quote per-pair and per-GPU figures inconsistently: unknown.
-    ("h200 nvl", None),
-    ("h100 pcie", {"bf16": 756e12, "tf32": 378e12, "fp32": 51e12}),
-    ("h100", {"bf16": 989.4e12, "tf32": 494.7e12, "fp32": 66.9e12}),  # SXM ("H100 80GB HBM3").
-    ("h200", {"bf16": 989.4e12, "tf32": 494.7e12, "fp32": 66.9e12}),  # Same compute as H100 SXM.
-    ("a100", {"bf16": 312e12, "tf32": 156e12, "fp32": 19.5e12}),  # SXM and PCIe alike.
+  # Matched in order on the lower-cased device_kind, first hit wins.
+  ("h100 nvl", None),  # Datasheets quote per-pair and per-GPU figures inconsistently: unknown.
+  ("h200 nvl", None),
+  ("h100 pcie", {"bf16": 756e12, "tf32": 378e12, "fp32": 51e12}),
+  ("h100", {"bf16": 989.4e12, "tf32": 494.7e12, "fp32": 66.9e12}),  # SXM ("H100 80GB HBM3").
+  ("h200", {"bf16": 989.4e12, "tf32": 494.7e12, "fp32": 66.9e12}),  # Same compute as H100 SXM.
+  ("a100", {"bf16": 312e12, "tf32": 156e12, "fp32": 19.5e12}),  # SXM and PCIe alike.
 )
 # TPUs: per chip (JAX exposes one device per chip from v4 on). With JAX's default precision an fp32
 # matmul is a single bf16 pass, so it runs at the bf16 peak; higher precisions take several passes
 # and have no datasheet figure.
 _TPU_PEAKS: dict[str, float] = {
-    "tpu v4": 275e12,
-    "tpu v5 lite": 197e12, "tpu v5e": 197e12,
-    "tpu v5": 459e12, "tpu v5p": 459e12,
-    "tpu v6 lite": 918e12, "tpu v6e": 918e12,
+  "tpu v4": 275e12,
+  "tpu v5 lite": 197e12,
+  "tpu v5e": 197e12,
+  "tpu v5": 459e12,
+  "tpu v5p": 459e12,
+  "tpu v6 lite": 918e12,
+  "tpu v6e": 918e12,
 }
 # jax_default_matmul_precision values under which fp32 matmuls run on the fast units.
 _FAST_FP32 = (None, "default", "fastest", "bfloat16", "tensorfloat32")
@@ -58,8 +62,9 @@ def matmul_arithmetic(platform: str, dtype: str, precision: str | None) -> str |
   return None
 
 
-def peak_flops_per_device(device_kind: str, platform: str, dtype: str,
-                          precision: str | None = None) -> float | None:
+def peak_flops_per_device(
+  device_kind: str, platform: str, dtype: str, precision: str | None = None
+) -> float | None:
   """Datasheet dense peak FLOP/s of one device for matmuls in ``dtype``; None where unknown."""
   arithmetic = matmul_arithmetic(platform, dtype, precision)
   if arithmetic is None:
@@ -93,10 +98,10 @@ def train_flops_per_token(cfg: TransformerConfig, seq_len: int) -> dict[str, int
     raise ValueError(f"seq_len must be positive, got {seq_len}")
   n = count_params(cfg)["non_embedding"]
   return {
-      "dense": 6 * n,
-      "attention": 12 * cfg.n_layers * cfg.n_heads * cfg.dim_per_head * seq_len,
-      "lm_head": 6 * cfg.d_model * cfg.vocab_size if cfg.lm_head else 0,
-      "value_head": 6 * cfg.d_model if cfg.value_head else 0,
+    "dense": 6 * n,
+    "attention": 12 * cfg.n_layers * cfg.n_heads * cfg.dim_per_head * seq_len,
+    "lm_head": 6 * cfg.d_model * cfg.vocab_size if cfg.lm_head else 0,
+    "value_head": 6 * cfg.d_model if cfg.value_head else 0,
   }
 
 
@@ -113,8 +118,11 @@ def train_flops_per_step(cfg: TransformerConfig, n_sequences: int, seq_len: int)
 
 def device_info(n_devices: int | None = None) -> dict:
   d = jax.devices()[0]
-  return {"kind": d.device_kind, "platform": d.platform,
-          "count": len(jax.devices()) if n_devices is None else n_devices}
+  return {
+    "kind": d.device_kind,
+    "platform": d.platform,
+    "count": len(jax.devices()) if n_devices is None else n_devices,
+  }
 
 
 def peak_memory_bytes() -> int | None:
@@ -123,20 +131,26 @@ def peak_memory_bytes() -> int | None:
   return None if not stats else stats.get("peak_bytes_in_use")
 
 
-def base_record(benchmark: str, size: str, cfg: TransformerConfig, batch: int, seq_len: int,
-                n_devices: int | None = None) -> dict:
+def base_record(
+  benchmark: str,
+  size: str,
+  cfg: TransformerConfig,
+  batch: int,
+  seq_len: int,
+  n_devices: int | None = None,
+) -> dict:
   counts = count_params(cfg)
   return {
-      "benchmark": benchmark,
-      "device": device_info(n_devices),
-      "date": datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
-      "jax": jax.__version__,
-      "model_size": size,
-      "params": {"non_embedding": counts["non_embedding"], "total": counts["total"]},
-      "batch": batch,
-      "seq_len": seq_len,
-      "dtype": cfg.dtype,
-      "matmul_precision": jax.config.jax_default_matmul_precision,
+    "benchmark": benchmark,
+    "device": device_info(n_devices),
+    "date": datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
+    "jax": jax.__version__,
+    "model_size": size,
+    "params": {"non_embedding": counts["non_embedding"], "total": counts["total"]},
+    "batch": batch,
+    "seq_len": seq_len,
+    "dtype": cfg.dtype,
+    "matmul_precision": jax.config.jax_default_matmul_precision,
   }
 
 
@@ -162,8 +176,12 @@ def time_calls(fn: Callable[[int], object], warmup: int, repeats: int) -> dict[s
     fn(i)
     times.append(time.perf_counter() - t0)
   timed = times[warmup:]
-  return {"first_s": times[0], "median_s": statistics.median(timed), "min_s": min(timed),
-          "max_s": max(timed)}
+  return {
+    "first_s": times[0],
+    "median_s": statistics.median(timed),
+    "min_s": min(timed),
+    "max_s": max(timed),
+  }
 
 
 def parse_list(text: str, name: str) -> list[str]:

@@ -25,6 +25,7 @@ NVIDIA Hopper/Ada GPU, XLA's GEMM rewriter turns the ``dot(f8, f8) -> f32`` + re
 them in the compiled HLO (``fp8_gemm_custom_calls``), so a speedup is only claimed where FP8
 GEMMs really run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,23 +63,42 @@ FP8_GEMM_CALL = "__cublas$lt$matmul$f8"
 DN_MATMUL = (((1,), (0,)), ((), ()))
 # A small world: 4 topics, requests of 2-6 words, sequences of 9 + 10 tokens; the raters' broad
 # writer of the gold stage (rambles, keyword stuffing, repeats) so comparisons span the utility.
-SMALL_WORLD = dict(num_topics=4, num_keywords=4, min_request=2, max_request=6, max_response_len=10,
-                   p_ramble=0.3, p_keyword_extra=0.3, p_repeat=0.15)
+SMALL_WORLD = dict(
+  num_topics=4,
+  num_keywords=4,
+  min_request=2,
+  max_request=6,
+  max_response_len=10,
+  p_ramble=0.3,
+  p_keyword_extra=0.3,
+  p_repeat=0.15,
+)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m benchmarks.fp8", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--what", default="gemm,train_step,memory", help=f"comma-separated: {', '.join(WHAT)}")
-  p.add_argument("--gemm_sizes", default="256,512,1024", help="comma-separated n of n x n x n GEMMs")
+  p = argparse.ArgumentParser(
+    prog="python -m benchmarks.fp8",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  p.add_argument(
+    "--what", default="gemm,train_step,memory", help=f"comma-separated: {', '.join(WHAT)}"
+  )
+  p.add_argument(
+    "--gemm_sizes", default="256,512,1024", help="comma-separated n of n x n x n GEMMs"
+  )
   p.add_argument("--sizes", default="100k,1.6m", help="model sizes for train_step and memory")
-  p.add_argument("--levels", default=",".join(LEVELS), help=f"train_step levels: {', '.join(LEVELS)}")
+  p.add_argument(
+    "--levels", default=",".join(LEVELS), help=f"train_step levels: {', '.join(LEVELS)}"
+  )
   p.add_argument("--batch", type=int, default=16, help="train_step sequences per step, global")
   p.add_argument("--seq_len", type=int, default=128)
   p.add_argument("--vocab_size", type=int, default=259)
   p.add_argument("--steps", type=int, default=10, help="timed steps / GEMM calls (median reported)")
   p.add_argument("--warmup", type=int, default=2, help="untimed calls first (the first compiles)")
-  p.add_argument("--quality_steps", type=int, default=400, help="optimizer steps of each quality run")
+  p.add_argument(
+    "--quality_steps", type=int, default=400, help="optimizer steps of each quality run"
+  )
   return p.parse_args(argv)
 
 
@@ -93,8 +113,11 @@ def fp8_gemm_calls(compiled_hlo: str) -> int:
 def hlo_record(compiled) -> dict:
   text = compiled.as_text()
   calls = fp8_gemm_calls(text)
-  return {"fp8_gemm_custom_calls": calls, "fp8_emulated": calls == 0,
-          "hlo_has_f8_types": bool(re.search(r"\bf8e[45]m[23]", text))}
+  return {
+    "fp8_gemm_custom_calls": calls,
+    "fp8_emulated": calls == 0,
+    "hlo_has_f8_types": bool(re.search(r"\bf8e[45]m[23]", text)),
+  }
 
 
 def _today() -> str:
@@ -114,7 +137,9 @@ def gemm_functions():
 
   def bf16(a, b, sa, sb):
     del sa, sb
-    return jax.lax.dot_general(a, b, DN_MATMUL, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
+    return jax.lax.dot_general(a, b, DN_MATMUL, preferred_element_type=jnp.float32).astype(
+      jnp.bfloat16
+    )
 
   def fp8_only(aq, bq, sa, sb):
     return fp8.fp8_dot(aq, bq, sa, sb, DN_MATMUL, jnp.bfloat16)
@@ -131,8 +156,11 @@ def run_gemm(n: int, warmup: int, repeats: int) -> list[dict]:
   b = jax.random.normal(kb, (n, n), jnp.float32).astype(jnp.bfloat16)
   sa = jnp.float32(fp8.fp8_max(fp8.E4M3)) / jnp.max(jnp.abs(a)).astype(jnp.float32)
   sb = jnp.float32(fp8.fp8_max(fp8.E4M3)) / jnp.max(jnp.abs(b)).astype(jnp.float32)
-  operands = {"bf16": (a, b), "fp8": (fp8.quantize(a, sa), fp8.quantize(b, sb)),
-              "fp8_quantize": (a, b)}
+  operands = {
+    "bf16": (a, b),
+    "fp8": (fp8.quantize(a, sa), fp8.quantize(b, sb)),
+    "fp8_quantize": (a, b),
+  }
   records, base_time = [], None
   for variant, fn in gemm_functions().items():
     x, y = operands[variant]
@@ -140,12 +168,24 @@ def run_gemm(n: int, warmup: int, repeats: int) -> list[dict]:
     call = functools.partial(compiled, x, y, sa, sb)
     times = common.time_calls(lambda _, call=call: jax.block_until_ready(call()), warmup, repeats)
     base_time = times["median_s"] if variant == "bf16" else base_time
-    records.append({
-        "benchmark": "fp8_gemm", "device": _device(), "jax": jax.__version__, "date": _today(),
-        "m": n, "n": n, "k": n, "variant": variant, "time_s": times["median_s"],
-        "first_call_s": times["first_s"], "tflops_per_s": 2 * n ** 3 / times["median_s"] / 1e12,
+    records.append(
+      {
+        "benchmark": "fp8_gemm",
+        "device": _device(),
+        "jax": jax.__version__,
+        "date": _today(),
+        "m": n,
+        "n": n,
+        "k": n,
+        "variant": variant,
+        "time_s": times["median_s"],
+        "first_call_s": times["first_s"],
+        "tflops_per_s": 2 * n**3 / times["median_s"] / 1e12,
         "speedup_vs_bf16": base_time / times["median_s"],
-        "operand_bytes": int(x.nbytes + y.nbytes), **hlo_record(compiled)})
+        "operand_bytes": int(x.nbytes + y.nbytes),
+        **hlo_record(compiled),
+      }
+    )
   return records
 
 
@@ -156,10 +196,12 @@ def level_setup(level: str, size: str, vocab_size: int):
   """Model config, optimizer config and whether the gradients take the O1 FP8 all-reduce."""
   if level not in LEVELS:
     raise ValueError(f"level {level!r} is not one of {LEVELS}")
-  cfg = sizes.model_config(size, vocab_size=vocab_size, dtype="bfloat16",
-                           matmul="default" if level == "bf16" else "fp8")
-  ocfg = OptimConfig(learning_rate=1e-4, total_steps=1000,
-                     moments="fp8" if level == "O2" else "float32")
+  cfg = sizes.model_config(
+    size, vocab_size=vocab_size, dtype="bfloat16", matmul="default" if level == "bf16" else "fp8"
+  )
+  ocfg = OptimConfig(
+    learning_rate=1e-4, total_steps=1000, moments="fp8" if level == "O2" else "float32"
+  )
   return cfg, ocfg, level in ("O1", "O2")
 
 
@@ -168,8 +210,9 @@ def abstract_memory(level: str, size: str, vocab_size: int, seq_len: int = 8) ->
   cfg, ocfg, o1 = level_setup(level, size, vocab_size)
   mesh = mesh_lib.make_mesh({"data": 1}, jax.devices()[:1])
   tx = make_optimizer(ocfg)
-  state = jax.eval_shape(lambda r: init_state(cfg, tx, r, mesh, seq_len=seq_len)[0],
-                         jax.random.key(0))
+  state = jax.eval_shape(
+    lambda r: init_state(cfg, tx, r, mesh, seq_len=seq_len)[0], jax.random.key(0)
+  )
   grads = state["params"]  # Gradients have the params' dtypes (float32) unless O1 encodes them.
   if o1:
     mask = fp8_collectives.fp8_gemm_kernel_mask(state["params"], state["fp8_meta"])
@@ -207,9 +250,11 @@ def run_train_step(level: str, size: str, args: argparse.Namespace) -> dict | No
   mask = np.ones_like(tokens, bool)
   batch = mesh_lib.put_batch({"tokens": tokens, "mask": mask, "loss_mask": mask}, mesh)
   jitted = jax.jit(
-      functools.partial(train_step, loss_fn=sft.make_sft_loss(cfg), tx=tx, grads_fn=grads_fn),
-      in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
-      out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
+    functools.partial(train_step, loss_fn=sft.make_sft_loss(cfg), tx=tx, grads_fn=grads_fn),
+    in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
+    out_shardings=(shardings, mesh_lib.replicated(mesh)),
+    donate_argnums=0,
+  )
   t0 = time.perf_counter()
   with mesh_lib.sharding_context(mesh):
     compiled = jitted.lower(state, batch).compile()
@@ -225,17 +270,22 @@ def run_train_step(level: str, size: str, args: argparse.Namespace) -> dict | No
   if not math.isfinite(loss):
     raise FloatingPointError(f"{size} {level}: non-finite loss {loss}")
   record = common.base_record("fp8_train_step", size, cfg, args.batch, args.seq_len, n_dev)
-  record.update({
-      "level": level, "matmul": cfg.matmul, "moments": ocfg.moments,
+  record.update(
+    {
+      "level": level,
+      "matmul": cfg.matmul,
+      "moments": ocfg.moments,
       "fp8_grad_all_reduce": o1 and n_dev > 1,
-      "step_time_s": times["median_s"], "compile_s": compile_s,
+      "step_time_s": times["median_s"],
+      "compile_s": compile_s,
       "tokens_per_s": args.batch * args.seq_len / times["median_s"],
       "final_loss": loss,
       "bytes_per_param": abstract_memory(level, size, args.vocab_size),
       "step_buffers_bytes": compiled_memory(compiled),
       "process_peak_memory_bytes": common.peak_memory_bytes(),
       **hlo_record(compiled),
-  })
+    }
+  )
   return record
 
 
@@ -249,9 +299,13 @@ def small_world() -> World:
 def preference_pairs(world: World, n: int, seed: int, split: str) -> dict[str, np.ndarray]:
   """``n`` comparisons of two writer responses per prompt, the higher human utility chosen."""
   from rmscale.stages.gold import comparison_arrays
+
   rng = np.random.default_rng(seed)
   prompts = world.sample_prompts(rng, n, split)
-  a, b = world.sample_responses(rng, prompts["index"]), world.sample_responses(rng, prompts["index"])
+  a, b = (
+    world.sample_responses(rng, prompts["index"]),
+    world.sample_responses(rng, prompts["index"]),
+  )
   ua = world.utility(prompts["ids"], a["ids"], a["mask"])
   ub = world.utility(prompts["ids"], b["ids"], b["mask"])
   return comparison_arrays(prompts["ids"], prompts["mask"], a, b, ua >= ub)
@@ -259,20 +313,41 @@ def preference_pairs(world: World, n: int, seed: int, split: str) -> dict[str, n
 
 def _tiny_setup(cfg: TransformerConfig, loss_fn, steps: int, lr: float, seed: int):
   mesh = mesh_lib.make_mesh({"data": 1}, jax.devices()[:1])
-  tx = make_optimizer(OptimConfig(learning_rate=lr, warmup_steps=min(20, steps // 10),
-                                  total_steps=steps, end_lr_fraction=0.0))
+  tx = make_optimizer(
+    OptimConfig(
+      learning_rate=lr, warmup_steps=min(20, steps // 10), total_steps=steps, end_lr_fraction=0.0
+    )
+  )
   state, shardings = init_state(cfg, tx, jax.random.key(seed), mesh)
   return state, compile_train_step(loss_fn, tx, shardings, mesh)
 
 
-def train_rm(world: World, matmul: str, *, steps: int, batch: int = 32, lr: float = 3e-3,
-             n_train: int = 8000, n_eval: int = 4000, size: str = "100k", dtype: str = "float32",
-             seed: int = 0, **overrides) -> dict:
+def train_rm(
+  world: World,
+  matmul: str,
+  *,
+  steps: int,
+  batch: int = 32,
+  lr: float = 3e-3,
+  n_train: int = 8000,
+  n_eval: int = 4000,
+  size: str = "100k",
+  dtype: str = "float32",
+  seed: int = 0,
+  **overrides,
+) -> dict:
   """Trains a linear-head RM; held-out accuracy scored on params alone (FP8: current scaling) and,
   for FP8, also with the trained delayed-scaling meta."""
-  cfg = sizes.model_config(size, vocab_size=world.tokenizer.vocab_size, lm_head=False,
-                           reward_head="linear", max_len=world.prompt_len + world.response_len,
-                           matmul=matmul, dtype=dtype, **overrides)
+  cfg = sizes.model_config(
+    size,
+    vocab_size=world.tokenizer.vocab_size,
+    lm_head=False,
+    reward_head="linear",
+    max_len=world.prompt_len + world.response_len,
+    matmul=matmul,
+    dtype=dtype,
+    **overrides,
+  )
   state, step = _tiny_setup(cfg, rm.make_rm_loss(cfg), steps, lr, seed)
   train = preference_pairs(world, n_train, seed + 1, "train")
   held_out = preference_pairs(world, n_eval, seed + 2, "eval")
@@ -286,21 +361,44 @@ def train_rm(world: World, matmul: str, *, steps: int, batch: int = 32, lr: floa
   score = jax.jit(lambda p, t, m: rm._reward(p, t, m, model_cfg=cfg))
 
   def accuracy(params):
-    return float(jnp.mean(score(params, held_out["chosen"], held_out["chosen_mask"])
-                          > score(params, held_out["rejected"], held_out["rejected_mask"])))
+    return float(
+      jnp.mean(
+        score(params, held_out["chosen"], held_out["chosen_mask"])
+        > score(params, held_out["rejected"], held_out["rejected_mask"])
+      )
+    )
 
-  out = {"accuracy": accuracy(state["params"]), "train_s": train_s, "final_loss": float(metrics["loss"])}
+  out = {
+    "accuracy": accuracy(state["params"]),
+    "train_s": train_s,
+    "final_loss": float(metrics["loss"]),
+  }
   if "fp8_meta" in state:
     out["accuracy_with_meta"] = accuracy({**state["params"], "fp8_meta": state["fp8_meta"]})
   return out
 
 
-def train_sft(world: World, matmul: str, *, steps: int, batch: int = 32, lr: float = 3e-3,
-              size: str = "100k", dtype: str = "float32", seed: int = 0, **overrides) -> dict:
+def train_sft(
+  world: World,
+  matmul: str,
+  *,
+  steps: int,
+  batch: int = 32,
+  lr: float = 3e-3,
+  size: str = "100k",
+  dtype: str = "float32",
+  seed: int = 0,
+  **overrides,
+) -> dict:
   """Trains an LM on the world's writer; returns the per-step training loss."""
-  cfg = sizes.model_config(size, vocab_size=world.tokenizer.vocab_size,
-                           max_len=world.prompt_len + world.response_len, matmul=matmul, dtype=dtype,
-                           **overrides)
+  cfg = sizes.model_config(
+    size,
+    vocab_size=world.tokenizer.vocab_size,
+    max_len=world.prompt_len + world.response_len,
+    matmul=matmul,
+    dtype=dtype,
+    **overrides,
+  )
   state, step = _tiny_setup(cfg, sft.make_sft_loss(cfg), steps, lr, seed)
   ex = world.sft_examples(seed + 1, steps * batch)
   tokens = np.concatenate([ex["prompt_ids"], ex["response_ids"]], 1)
@@ -321,28 +419,50 @@ def curve_deviation(reference: Sequence[float], other: Sequence[float], window: 
   """Relative deviation of a loss curve from a reference: per step, and of ``window``-step means."""
   a, b = np.asarray(reference, np.float64), np.asarray(other, np.float64)
   if a.shape != b.shape or a.ndim != 1 or a.size < window:
-    raise ValueError(f"curves must be 1-D, equally long and >= window={window}: {a.shape}, {b.shape}")
+    raise ValueError(
+      f"curves must be 1-D, equally long and >= window={window}: {a.shape}, {b.shape}"
+    )
   n = a.size // window * window
   wa, wb = a[:n].reshape(-1, window).mean(1), b[:n].reshape(-1, window).mean(1)
-  return {"max_step_rel_dev": float(np.max(np.abs(b - a) / a)),
-          "max_window_rel_dev": float(np.max(np.abs(wb - wa) / wa)),
-          "final_window_rel_dev": float(abs(wb[-1] - wa[-1]) / wa[-1])}
+  return {
+    "max_step_rel_dev": float(np.max(np.abs(b - a) / a)),
+    "max_window_rel_dev": float(np.max(np.abs(wb - wa) / wa)),
+    "final_window_rel_dev": float(abs(wb[-1] - wa[-1]) / wa[-1]),
+  }
 
 
 def run_quality(steps: int) -> list[dict]:
   world = small_world()
   records = []
-  base = {"benchmark": "fp8_quality", "device": _device(), "jax": jax.__version__, "date": _today(),
-          "steps": steps,
-          "world": SMALL_WORLD, "model_size": "100k"}
+  base = {
+    "benchmark": "fp8_quality",
+    "device": _device(),
+    "jax": jax.__version__,
+    "date": _today(),
+    "steps": steps,
+    "world": SMALL_WORLD,
+    "model_size": "100k",
+  }
   rm_runs = {m: train_rm(world, m, steps=steps) for m in ("default", "fp8")}
-  records.append({**base, "task": "rm", "baseline": rm_runs["default"], "fp8": rm_runs["fp8"],
-                  "accuracy_gap_points":
-                      100 * (rm_runs["fp8"]["accuracy"] - rm_runs["default"]["accuracy"])})
+  records.append(
+    {
+      **base,
+      "task": "rm",
+      "baseline": rm_runs["default"],
+      "fp8": rm_runs["fp8"],
+      "accuracy_gap_points": 100 * (rm_runs["fp8"]["accuracy"] - rm_runs["default"]["accuracy"]),
+    }
+  )
   sft_runs = {m: train_sft(world, m, steps=steps) for m in ("default", "fp8")}
   deviation = curve_deviation(sft_runs["default"]["losses"], sft_runs["fp8"]["losses"])
-  records.append({**base, "task": "sft", **deviation,
-                  "final_loss": {m: float(np.mean(r["losses"][-10:])) for m, r in sft_runs.items()}})
+  records.append(
+    {
+      **base,
+      "task": "sft",
+      **deviation,
+      "final_loss": {m: float(np.mean(r["losses"][-10:])) for m, r in sft_runs.items()},
+    }
+  )
   return records
 
 
@@ -369,9 +489,17 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     if "memory" in what:
       for size in size_names:
         for level in ("bf16", "O1", "O2"):
-          records.append(common.emit({"benchmark": "fp8_memory", "date": _today(), "model_size": size,
-                                      "level": level,
-                                      "bytes_per_param": abstract_memory(level, size, args.vocab_size)}))
+          records.append(
+            common.emit(
+              {
+                "benchmark": "fp8_memory",
+                "date": _today(),
+                "model_size": size,
+                "level": level,
+                "bytes_per_param": abstract_memory(level, size, args.vocab_size),
+              }
+            )
+          )
     if "quality" in what:
       records += [common.emit(r) for r in run_quality(args.quality_steps)]
   return records

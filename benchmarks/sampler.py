@@ -7,6 +7,7 @@ on when a random model happens to emit EOS. The time of one call covers the pref
 and all decode steps (what best-of-n and PPO rollouts pay); it runs on one device. Prints one JSON
 line per size.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,19 +23,32 @@ from rmscale.sampling import SamplingConfig, make_sampler
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m benchmarks.sampler", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--sizes", default="100k", help="comma-separated names from rmscale/models/sizes.py")
+  p = argparse.ArgumentParser(
+    prog="python -m benchmarks.sampler",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  p.add_argument(
+    "--sizes", default="100k", help="comma-separated names from rmscale/models/sizes.py"
+  )
   p.add_argument("--batch", type=int, default=16, help="prompts sampled in parallel")
   p.add_argument("--prompt_len", type=int, default=32)
   p.add_argument("--new_tokens", type=int, default=64)
   p.add_argument("--repeats", type=int, default=3, help="timed calls; the median is reported")
   p.add_argument("--warmup", type=int, default=1, help="untimed calls first (the first compiles)")
   p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
-  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                 help="compute dtype (and KV-cache dtype); parameters stay float32")
-  p.add_argument("--vocab_size", type=int, default=259,
-                 help="vocabulary of sizes not tied to a checkpoint (259: the byte tokenizer)")
+  p.add_argument(
+    "--dtype",
+    default="float32",
+    choices=("float32", "bfloat16", "float16"),
+    help="compute dtype (and KV-cache dtype); parameters stay float32",
+  )
+  p.add_argument(
+    "--vocab_size",
+    type=int,
+    default=259,
+    help="vocabulary of sizes not tied to a checkpoint (259: the byte tokenizer)",
+  )
   return p.parse_args(argv)
 
 
@@ -45,14 +59,16 @@ def run_one(size: str, args: argparse.Namespace) -> dict:
   sampler = make_sampler(cfg, scfg)
   rng = np.random.default_rng(0)
   prompt = jax.device_put(
-      rng.integers(1, cfg.vocab_size, (args.batch, args.prompt_len)).astype(np.int32))
+    rng.integers(1, cfg.vocab_size, (args.batch, args.prompt_len)).astype(np.int32)
+  )
   prompt_mask = jax.device_put(np.ones((args.batch, args.prompt_len), bool))
   key = jax.random.key(1)
   out = {}
 
   def one_call(i):
     out["samples"] = jax.block_until_ready(
-        sampler(params, prompt, prompt_mask, jax.random.fold_in(key, i)))
+      sampler(params, prompt, prompt_mask, jax.random.fold_in(key, i))
+    )
 
   times = common.time_calls(one_call, args.warmup, args.repeats)
   generated = int(np.asarray(out["samples"]["mask"]).sum())
@@ -60,9 +76,11 @@ def run_one(size: str, args: argparse.Namespace) -> dict:
   if generated != expected:  # EOS is off: anything else means the figure counts the wrong tokens.
     raise RuntimeError(f"{size}: sampler generated {generated} tokens, expected {expected}")
 
-  record = common.base_record("sampler", size, cfg, args.batch, args.prompt_len + args.new_tokens,
-                              n_devices=1)
-  record.update({
+  record = common.base_record(
+    "sampler", size, cfg, args.batch, args.prompt_len + args.new_tokens, n_devices=1
+  )
+  record.update(
+    {
       "prompt_len": args.prompt_len,
       "new_tokens": args.new_tokens,
       "temperature": args.temperature,
@@ -73,7 +91,8 @@ def run_one(size: str, args: argparse.Namespace) -> dict:
       "new_tokens_per_s": expected / times["median_s"],
       "ms_per_decode_step": 1e3 * times["median_s"] / args.new_tokens,  # Prefill amortised in.
       "process_peak_memory_bytes": common.peak_memory_bytes(),
-  })
+    }
+  )
   return record
 
 

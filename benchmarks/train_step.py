@@ -7,6 +7,7 @@ clipping included) on a data-parallel mesh over every visible device. An RM step
 *pairs*, so 2 x batch sequences go through the model; tokens/s and FLOPs count both sides.
 Prints one JSON line per (size, kind); see ``benchmarks/common.py`` for the FLOPs formula.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,23 +29,46 @@ KINDS = ("lm", "rm")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m benchmarks.train_step", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--sizes", default="100k", help="comma-separated names from rmscale/models/sizes.py")
-  p.add_argument("--kind", default="lm,rm", help="comma-separated: lm (next-token loss), rm (Bradley-Terry pairs)")
-  p.add_argument("--batch", type=int, default=16, help="sequences (lm) or pairs (rm) per step, global")
+  p = argparse.ArgumentParser(
+    prog="python -m benchmarks.train_step",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  p.add_argument(
+    "--sizes", default="100k", help="comma-separated names from rmscale/models/sizes.py"
+  )
+  p.add_argument(
+    "--kind",
+    default="lm,rm",
+    help="comma-separated: lm (next-token loss), rm (Bradley-Terry pairs)",
+  )
+  p.add_argument(
+    "--batch", type=int, default=16, help="sequences (lm) or pairs (rm) per step, global"
+  )
   p.add_argument("--seq_len", type=int, default=128)
   p.add_argument("--steps", type=int, default=10, help="timed steps; the median is reported")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first compiles)")
-  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                 help="compute dtype of the matmuls; parameters stay float32")
-  p.add_argument("--vocab_size", type=int, default=259,
-                 help="vocabulary of sizes not tied to a checkpoint (259: the byte tokenizer)")
-  p.add_argument("--remat", action="store_true", help="rematerialise each block (memory for compute)")
+  p.add_argument(
+    "--dtype",
+    default="float32",
+    choices=("float32", "bfloat16", "float16"),
+    help="compute dtype of the matmuls; parameters stay float32",
+  )
+  p.add_argument(
+    "--vocab_size",
+    type=int,
+    default=259,
+    help="vocabulary of sizes not tied to a checkpoint (259: the byte tokenizer)",
+  )
+  p.add_argument(
+    "--remat", action="store_true", help="rematerialise each block (memory for compute)"
+  )
   return p.parse_args(argv)
 
 
-def benchmark_config(size: str, kind: str, vocab_size: int, dtype: str, remat: bool) -> TransformerConfig:
+def benchmark_config(
+  size: str, kind: str, vocab_size: int, dtype: str, remat: bool
+) -> TransformerConfig:
   """The model a step of ``kind`` trains: LM head only for lm, linear reward head only for rm."""
   cfg = sizes.model_config(size, vocab_size=vocab_size, dtype=dtype, remat=remat)
   if kind == "rm":
@@ -59,7 +83,12 @@ def synthetic_batch(kind: str, batch: int, seq_len: int, vocab_size: int) -> dic
   mask = np.ones((batch, seq_len), bool)
   if kind == "lm":
     return {"tokens": tokens(), "mask": mask, "loss_mask": mask}
-  return {"chosen": tokens(), "chosen_mask": mask, "rejected": tokens(), "rejected_mask": mask.copy()}
+  return {
+    "chosen": tokens(),
+    "chosen_mask": mask,
+    "rejected": tokens(),
+    "rejected_mask": mask.copy(),
+  }
 
 
 def run_one(size: str, kind: str, args: argparse.Namespace, mesh) -> dict:
@@ -79,18 +108,22 @@ def run_one(size: str, kind: str, args: argparse.Namespace, mesh) -> dict:
   times = common.time_calls(one_step, args.warmup, args.steps)
   loss = float(holder["metrics"]["loss"])
   if not math.isfinite(loss):
-    raise FloatingPointError(f"{size} {kind}: non-finite loss {loss}; the timing would be meaningless")
+    raise FloatingPointError(
+      f"{size} {kind}: non-finite loss {loss}; the timing would be meaningless"
+    )
 
   n_sequences = args.batch * (2 if kind == "rm" else 1)
   tokens = n_sequences * args.seq_len
   flops = common.train_flops_per_step(cfg, n_sequences, args.seq_len)
   n_devices = mesh.devices.size
   device = jax.devices()[0]
-  peak = common.peak_flops_per_device(device.device_kind, device.platform, cfg.dtype,
-                                      jax.config.jax_default_matmul_precision)
+  peak = common.peak_flops_per_device(
+    device.device_kind, device.platform, cfg.dtype, jax.config.jax_default_matmul_precision
+  )
   achieved = flops / times["median_s"]
   record = common.base_record("train_step", size, cfg, args.batch, args.seq_len, n_devices)
-  record.update({
+  record.update(
+    {
       "kind": kind,
       "sequences_per_step": n_sequences,
       "steps_timed": args.steps,
@@ -106,7 +139,8 @@ def run_one(size: str, kind: str, args: argparse.Namespace, mesh) -> dict:
       "remat": cfg.remat,
       "final_loss": loss,
       "process_peak_memory_bytes": common.peak_memory_bytes(),  # Since start-up: monotone over records.
-  })
+    }
+  )
   return record
 
 

@@ -17,13 +17,22 @@ Arguments after ``:`` (comma-separated; lists joined with ``+``):
 The world is the offline one (rmscale/data/world.py), so nothing is downloaded; only the scale of
 models and data follows the paper. Steps and learning rates are starting points, not tuned values.
 """
+
 import ml_collections
 
 from rmscale.configs import parse_arg
 from rmscale.parallel.mesh import DEFAULT_RULES
 
 LADDER = ("3m", "12m", "25m", "42m", "85m", "300m", "680m", "1.2b", "3b")  # Gao et al.'s proxies.
-DATA_LADDER = (2_000, 4_000, 8_000, 16_000, 32_000, 64_000, 90_000)  # Below ~2k, RMs are near chance.
+DATA_LADDER = (
+  2_000,
+  4_000,
+  8_000,
+  16_000,
+  32_000,
+  64_000,
+  90_000,
+)  # Below ~2k, RMs are near chance.
 
 
 def _count(text: str) -> int:
@@ -47,8 +56,9 @@ def _list(text, every: tuple, parse) -> tuple:
 
 
 def get_config(arg=None):
-  a = parse_arg(arg, rm="85m", data="90k", seeds=1, gold="pythia-6.9b", policy="1.2b", n="10k",
-                runlocal=False)
+  a = parse_arg(
+    arg, rm="85m", data="90k", seeds=1, gold="pythia-6.9b", policy="1.2b", n="10k", runlocal=False
+  )
   c = ml_collections.ConfigDict()
   c.seed = 0  # Seeds the world's samples, every model init and every data order.
   c.stages = "policy_init,gold,label,proxies,bon,rl,fit"  # Stages to run, in order; finished ones are skipped.
@@ -60,16 +70,22 @@ def get_config(arg=None):
   # Fully sharded data parallel: the 7B gold RM's parameters and Adam moments (~16 bytes/param) do
   # not fit one device. Batches must divide by data x fsdp: beyond 64 devices (RM batch 64) set
   # tensor > 1, e.g. --config.mesh.tensor=4 on 256 chips.
-  c.mesh = dict(data=1, fsdp=-1, tensor=1)  # Device mesh axis sizes; -1 takes the remaining devices.
+  c.mesh = dict(
+    data=1, fsdp=-1, tensor=1
+  )  # Device mesh axis sizes; -1 takes the remaining devices.
   # Logical axis -> mesh axes (see rmscale/parallel/mesh.py). The world's 291-token vocabulary is not
   # divisible by a tensor axis and too small to be worth sharding: vocab dimensions stay replicated.
-  c.rules = [[name, None if name in ("vocab", "act_vocab") else axes] for name, axes in DEFAULT_RULES]
+  c.rules = [
+    [name, None if name in ("vocab", "act_vocab") else axes] for name, axes in DEFAULT_RULES
+  ]
 
   # The offline world (rmscale/data/world.py: WorldConfig fields may be overridden here).
   c.world = dict(seed=0)
 
   c.model = ml_collections.ConfigDict()
-  c.model.family = "neox"  # Architecture preset for every model: neox | llama | gpt2 (Gao: GPT-style).
+  c.model.family = (
+    "neox"  # Architecture preset for every model: neox | llama | gpt2 (Gao: GPT-style).
+  )
   c.model.rotary_pct = 0.25  # Fraction of each head rotated (Pythia: 0.25).
   c.model.reward_head = "linear"  # Reward-head type of gold and proxy RMs: linear | mlp.
   c.model.dtype = "bfloat16"  # Compute dtype (softmax, norms and losses stay float32).
@@ -115,7 +131,9 @@ def get_config(arg=None):
   # Comparisons: two policy samples per prompt, the gold RM picks the winner (Gao: 100k, 10% held out).
   c.label = ml_collections.ConfigDict()
   c.label.num_comparisons = 100_000
-  c.label.val_fraction = 0.1  # Held out for proxy validation loss/accuracy: 90k remain for training.
+  c.label.val_fraction = (
+    0.1  # Held out for proxy validation loss/accuracy: 90k remain for training.
+  )
   c.label.noise = 0.0  # Probability of flipping a label (0: deterministic, as in the paper).
 
   # Proxy RMs: one per (size, data size, seed), each initialised from a pretrained LM of its size.
@@ -140,9 +158,13 @@ def get_config(arg=None):
 
   # PPO against every proxy (rmscale/train/ppo.py), gold-evaluated along the KL axis (Gao et al. Table 1).
   c.rl = ml_collections.ConfigDict()
-  c.rl.iterations = 2000  # PPO iterations (one rollout each) per proxy; RL spends far more KL than BoN.
+  c.rl.iterations = (
+    2000  # PPO iterations (one rollout each) per proxy; RL spends far more KL than BoN.
+  )
   c.rl.rollout_batch_size = 256  # Prompts per rollout (Gao: RL batch 256).
-  c.rl.minibatch_size = 64  # Gao: 128 minibatches per epoch; 64 rows keep every data-parallel device busy.
+  c.rl.minibatch_size = (
+    64  # Gao: 128 minibatches per epoch; 64 rows keep every data-parallel device busy.
+  )
   c.rl.epochs = 4  # Passes over each rollout.
   c.rl.lr = 3e-6
   c.rl.warmup_steps = 20
@@ -151,7 +173,9 @@ def get_config(arg=None):
   c.rl.vf_coef = 0.1
   c.rl.gae_lambda = 0.95  # Gao: 0.95.
   c.rl.entropy_coef = 0.0
-  c.rl.critic = "shared"  # shared (value head on the policy) | separate (own model from the policy).
+  c.rl.critic = (
+    "shared"  # shared (value head on the policy) | separate (own model from the policy).
+  )
   c.rl.kl_coef = 0.0  # KL penalty per token (Gao: 0 except in the KL-penalty study).
   c.rl.kl_mode = "fixed"  # fixed | adaptive (then kl_coef is the start and kl_target the aim).
   c.rl.kl_target = 6.0
@@ -160,7 +184,9 @@ def get_config(arg=None):
   c.rl.log_every = 10
   c.rl.save_every = 50  # Iterations between checkpoints.
   c.rl.proxies = ()  # Proxy names to optimise against; () means every proxy.
-  c.rl.kl_study_proxy = ""  # Proxy name for the KL-penalty study, e.g. "85m_d90000_s0" ("" skips it).
+  c.rl.kl_study_proxy = (
+    ""  # Proxy name for the KL-penalty study, e.g. "85m_d90000_s0" ("" skips it).
+  )
   c.rl.kl_study_coefs = (0.01, 0.05)  # Fixed KL coefficients compared with rl.kl_coef.
 
   c.sampling = ml_collections.ConfigDict()
@@ -178,13 +204,30 @@ def get_config(arg=None):
     c.log_every, c.save_every = 10, 100
     c.policy.size, c.gold.size = "200k", "400k"
     c.proxies.sizes = tuple(dict.fromkeys(tiny.get(s, s) for s in c.proxies.sizes))
-    c.policy.num_examples, c.policy.steps, c.policy.batch_size, c.policy.warmup_steps = 2000, 30, 64, 5
-    c.gold.num_comparisons, c.gold.eval_comparisons, c.gold.steps, c.gold.batch_size = 1000, 256, 30, 32
+    c.policy.num_examples, c.policy.steps, c.policy.batch_size, c.policy.warmup_steps = (
+      2000,
+      30,
+      64,
+      5,
+    )
+    c.gold.num_comparisons, c.gold.eval_comparisons, c.gold.steps, c.gold.batch_size = (
+      1000,
+      256,
+      30,
+      32,
+    )
     c.gold.warmup_steps = 5
     c.label.num_comparisons = 1000
-    c.proxies.data_sizes = tuple(dict.fromkeys(max(1, d * 900 // 90_000) for d in c.proxies.data_sizes))
+    c.proxies.data_sizes = tuple(
+      dict.fromkeys(max(1, d * 900 // 90_000) for d in c.proxies.data_sizes)
+    )
     c.proxies.batch_size, c.proxies.warmup_steps = 32, 5
-    c.pretrain.num_examples, c.pretrain.steps, c.pretrain.batch_size, c.pretrain.warmup_steps = 1000, 10, 64, 2
+    c.pretrain.num_examples, c.pretrain.steps, c.pretrain.batch_size, c.pretrain.warmup_steps = (
+      1000,
+      10,
+      64,
+      2,
+    )
     c.bon.num_prompts, c.bon.n_samples, c.bon.num_n = 8, 16, 5
     c.rl.iterations, c.rl.rollout_batch_size, c.rl.minibatch_size, c.rl.lr = 4, 16, 8, 1e-3
     c.rl.eval_every, c.rl.eval_prompts, c.rl.log_every, c.rl.save_every = 2, 16, 1, 2

@@ -7,6 +7,7 @@ config value is always one shell word: it can never end a command or start anoth
     python -m launch.common link --shared=runs/sweep/shared --workdir=runs/sweep/rm-85m \
         --stages=policy_init,gold,label
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,6 +30,7 @@ SHAREABLE_STAGES = ("policy_init", "gold", "label")
 class Job:
   """One run of a multi-process program: ``prelude`` commands run once per host before ``main``,
   which every process of the job runs (TPU: every worker; SLURM: every task)."""
+
   name: str
   main: tuple[str, ...]
   prelude: tuple[tuple[str, ...], ...] = ()
@@ -41,19 +43,30 @@ class Job:
 def rmscale_job(name: str, python: str, main_args: Sequence[str], prelude=()) -> Job:
   """``python -m rmscale.main ARGS --distributed=on``: every process of the job joins one JAX job."""
   if not main_args:
-    raise ValueError("no arguments for rmscale.main: give them after '--', e.g. -- --config=... --workdir=...")
-  return Job(name, (python, "-m", "rmscale.main", *main_args, "--distributed=on"), tuple(map(tuple, prelude)))
+    raise ValueError(
+      "no arguments for rmscale.main: give them after '--', e.g. -- --config=... --workdir=..."
+    )
+  return Job(
+    name, (python, "-m", "rmscale.main", *main_args, "--distributed=on"), tuple(map(tuple, prelude))
+  )
 
 
 def check_name(name: str, what: str = "name") -> str:
   """Names become pod names, job names and directories: lower-case letters, digits, '-', '.', '_'."""
   if not name or not all(ch.isalnum() or ch in "-._" for ch in name) or name[0] in "-.":
-    raise ValueError(f"{what} {name!r} must be letters, digits, '-', '.' or '_' and not start with '-' or '.'")
+    raise ValueError(
+      f"{what} {name!r} must be letters, digits, '-', '.' or '_' and not start with '-' or '.'"
+    )
   return name
 
 
-def run_commands(commands: Sequence[Sequence[str]], dry_run: bool, *, out=None,
-                 runner: Callable[[list[str]], int] | None = None) -> int:
+def run_commands(
+  commands: Sequence[Sequence[str]],
+  dry_run: bool,
+  *,
+  out=None,
+  runner: Callable[[list[str]], int] | None = None,
+) -> int:
   """Prints (dry run) or runs each argv in turn; stops at the first failure and returns its code."""
   out = out or sys.stdout
   for argv in commands:
@@ -93,7 +106,9 @@ def link_shared(shared: str, workdir: str, stages: Sequence[str]) -> None:
       raise FileNotFoundError(f"shared stage {stage!r} has not finished: no {marker}")
     link = os.path.join(workdir, stage)
     if os.path.exists(link) and not os.path.islink(link):
-      raise FileExistsError(f"{link} exists and is not a link to the shared stage; remove it or use another workdir")
+      raise FileExistsError(
+        f"{link} exists and is not a link to the shared stage; remove it or use another workdir"
+      )
     os.makedirs(workdir, exist_ok=True)
     _replace_symlink(os.path.relpath(os.path.join(shared, stage), workdir), link)
     dest = os.path.join(workdir, "stages", f"{stage}.json")
@@ -104,17 +119,28 @@ def link_shared(shared: str, workdir: str, stages: Sequence[str]) -> None:
 
 
 def link_command(python: str, shared: str, workdir: str, stages: Sequence[str]) -> tuple[str, ...]:
-  return (python, "-m", "launch.common", "link", f"--shared={shared}", f"--workdir={workdir}",
-          f"--stages={','.join(stages)}")
+  return (
+    python,
+    "-m",
+    "launch.common",
+    "link",
+    f"--shared={shared}",
+    f"--workdir={workdir}",
+    f"--stages={','.join(stages)}",
+  )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m launch.common", description=__doc__.split("\n\n")[0])
+  parser = argparse.ArgumentParser(
+    prog="python -m launch.common", description=__doc__.split("\n\n")[0]
+  )
   sub = parser.add_subparsers(dest="command", required=True)
   link = sub.add_parser("link", help="link a sweep's shared stages into a run's workdir")
   link.add_argument("--shared", required=True, help="workdir of the shared run")
   link.add_argument("--workdir", required=True, help="workdir of the run")
-  link.add_argument("--stages", required=True, help="comma-separated stages, e.g. policy_init,gold,label")
+  link.add_argument(
+    "--stages", required=True, help="comma-separated stages, e.g. policy_init,gold,label"
+  )
   args = parser.parse_args(argv)
   link_shared(args.shared, args.workdir, [s for s in args.stages.split(",") if s])
   return 0

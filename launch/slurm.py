@@ -10,6 +10,7 @@ lists them, since JAX would otherwise give the single task GPU 0 only). Every pr
 ``--requeue`` is set: a preempted or requeued job restarts and resumes from its checkpoints.
 Without ``--dry_run`` the script is written to ``<workdir>/slurm/<name>.sbatch`` and submitted.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,9 +55,16 @@ def render(job: Job, opts: SlurmOptions, log_dir: str) -> str:
   It runs in this checkout (``--chdir``), which the nodes must see (a shared home or filesystem).
   """
   check_name(job.name, "job name")
-  directives = [f"--job-name={job.name}", f"--nodes={opts.nodes}", f"--ntasks-per-node={opts.tasks_per_node}",
-                f"--gpus-per-node={opts.gpus_per_node}", f"--output={os.path.join(log_dir, '%x-%j.out')}",
-                f"--chdir={REPO_ROOT}", "--open-mode=append", "--requeue"]
+  directives = [
+    f"--job-name={job.name}",
+    f"--nodes={opts.nodes}",
+    f"--ntasks-per-node={opts.tasks_per_node}",
+    f"--gpus-per-node={opts.gpus_per_node}",
+    f"--output={os.path.join(log_dir, '%x-%j.out')}",
+    f"--chdir={REPO_ROOT}",
+    "--open-mode=append",
+    "--requeue",
+  ]
   if opts.cpus_per_task:
     directives.append(f"--cpus-per-task={opts.cpus_per_task}")
   for key in ("partition", "time", "account"):
@@ -66,11 +74,15 @@ def render(job: Job, opts: SlurmOptions, log_dir: str) -> str:
   bad = [d for d in directives if any(ch in d for ch in "\n\r")]
   if bad:
     raise ValueError(f"sbatch options cannot contain line breaks: {bad}")
-  lines = ["#!/bin/bash"] + [f"#SBATCH {shlex.quote(d)}" for d in directives] + ["", "set -euo pipefail"]
+  lines = (
+    ["#!/bin/bash"] + [f"#SBATCH {shlex.quote(d)}" for d in directives] + ["", "set -euo pipefail"]
+  )
   lines += list(opts.setup)
   if opts.per == "node":
     ids = ",".join(str(i) for i in range(opts.gpus_per_node))
-    lines.append(f"export RMSCALE_LOCAL_DEVICE_IDS={ids}  # one process drives all GPUs of its node")
+    lines.append(
+      f"export RMSCALE_LOCAL_DEVICE_IDS={ids}  # one process drives all GPUs of its node"
+    )
   lines += [shlex.join(c) for c in job.prelude]
   lines.append(shlex.join(("srun", "--kill-on-bad-exit=1", *job.main)))
   return "\n".join(lines) + "\n"
@@ -82,7 +94,12 @@ def submit(script: str, path: str, dependency: str | None = None) -> str:
   with open(path + ".tmp", "w") as f:
     f.write(script)
   os.replace(path + ".tmp", path)
-  argv = ["sbatch", "--parsable", *([f"--dependency=afterok:{dependency}"] if dependency else []), path]
+  argv = [
+    "sbatch",
+    "--parsable",
+    *([f"--dependency=afterok:{dependency}"] if dependency else []),
+    path,
+  ]
   out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
   return out.strip().split(";")[0]
 
@@ -91,21 +108,37 @@ def add_slurm_arguments(parser: argparse.ArgumentParser) -> None:
   g = parser.add_argument_group("SLURM")
   g.add_argument("--nodes", type=int, default=1)
   g.add_argument("--gpus_per_node", type=int, default=8)
-  g.add_argument("--per", choices=("gpu", "node"), default="gpu", help="one process per GPU or per node")
+  g.add_argument(
+    "--per", choices=("gpu", "node"), default="gpu", help="one process per GPU or per node"
+  )
   g.add_argument("--cpus_per_task", type=int, default=None)
   g.add_argument("--partition", default=None)
   g.add_argument("--time", default=None, help="wall-clock limit, e.g. 24:00:00")
   g.add_argument("--account", default=None)
-  g.add_argument("--slurm_setup", action="append", default=[], help="your shell line run first (repeatable), "
-                 "e.g. 'source ~/venv/bin/activate'")
-  g.add_argument("--sbatch_arg", action="append", default=[], help="extra #SBATCH option (repeatable)")
+  g.add_argument(
+    "--slurm_setup",
+    action="append",
+    default=[],
+    help="your shell line run first (repeatable), e.g. 'source ~/venv/bin/activate'",
+  )
+  g.add_argument(
+    "--sbatch_arg", action="append", default=[], help="extra #SBATCH option (repeatable)"
+  )
   g.add_argument("--slurm_python", default="python", help="interpreter on the nodes")
 
 
 def options_from_args(args) -> SlurmOptions:
-  return SlurmOptions(nodes=args.nodes, gpus_per_node=args.gpus_per_node, per=args.per,
-                      cpus_per_task=args.cpus_per_task, partition=args.partition, time=args.time,
-                      account=args.account, setup=tuple(args.slurm_setup), sbatch_args=tuple(args.sbatch_arg))
+  return SlurmOptions(
+    nodes=args.nodes,
+    gpus_per_node=args.gpus_per_node,
+    per=args.per,
+    cpus_per_task=args.cpus_per_task,
+    partition=args.partition,
+    time=args.time,
+    account=args.account,
+    setup=tuple(args.slurm_setup),
+    sbatch_args=tuple(args.sbatch_arg),
+  )
 
 
 def _workdir(main_args: Sequence[str]) -> str:
@@ -117,9 +150,11 @@ def _workdir(main_args: Sequence[str]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
-  main_args = argv[argv.index("--") + 1:] if "--" in argv else []
-  argv = argv[:argv.index("--")] if "--" in argv else argv
-  parser = argparse.ArgumentParser(prog="python -m launch.slurm", description=__doc__.split("\n\n")[0])
+  main_args = argv[argv.index("--") + 1 :] if "--" in argv else []
+  argv = argv[: argv.index("--")] if "--" in argv else argv
+  parser = argparse.ArgumentParser(
+    prog="python -m launch.slurm", description=__doc__.split("\n\n")[0]
+  )
   parser.add_argument("--name", required=True, help="SLURM job name")
   parser.add_argument("--dry_run", action="store_true", help="print the script, submit nothing")
   add_slurm_arguments(parser)

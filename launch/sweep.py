@@ -22,6 +22,7 @@ In a point, a key "config.a.b" is a ``--config.a.b`` override and any other key 
 argument. Every run's config is built here first, so an unknown key or a bad value fails before
 anything starts, and a point that would change what a shared stage computes is refused.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,21 +46,36 @@ from launch import common, slurm, tpu
 SPEC_KEYS = ("name", "config", "arg", "overrides", "grid", "runs", "shared_stages")
 # Config keys the shareable stages (policy_init, gold, label) read: a run must agree with the shared
 # run on all of them, or the linked artefacts would not be the ones its config describes.
-UPSTREAM_KEYS = ("seed", "world", "model", "policy", "pretrain", "gold", "label", "sampling", "sample_batch_size")
+UPSTREAM_KEYS = (
+  "seed",
+  "world",
+  "model",
+  "policy",
+  "pretrain",
+  "gold",
+  "label",
+  "sampling",
+  "sample_batch_size",
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class Run:
   name: str
   config: str  # "path.py" or "path.py:k=v,k2=v2"
-  overrides: tuple[tuple[str, Any], ...]  # (("bon.num_prompts", 500), ...) -> --config.bon.num_prompts=500
+  overrides: tuple[
+    tuple[str, Any], ...
+  ]  # (("bon.num_prompts", 500), ...) -> --config.bon.num_prompts=500
   workdir: str
   stages: tuple[str, ...]  # The run config's stages; the last one's marker means "finished".
   link: tuple[str, ...] = ()  # Shared stages linked into the workdir before the run starts.
 
   def main_args(self) -> list[str]:
-    return [f"--config={self.config}", f"--workdir={self.workdir}",
-            *(f"--config.{k}={format_value(v)}" for k, v in self.overrides)]
+    return [
+      f"--config={self.config}",
+      f"--workdir={self.workdir}",
+      *(f"--config.{k}={format_value(v)}" for k, v in self.overrides),
+    ]
 
   def argv(self, python: str) -> list[str]:
     return [python, "-m", "rmscale.main", *self.main_args()]
@@ -112,13 +128,17 @@ def build_config(config: str, overrides: Sequence[tuple[str, Any]]):
     node = cfg
     for i, part in enumerate(parents):
       if part not in node:
-        raise ValueError(f"override config.{key}: config has no config.{'.'.join(parents[:i + 1])}")
+        raise ValueError(
+          f"override config.{key}: config has no config.{'.'.join(parents[: i + 1])}"
+        )
       node = node[part]
     if leaf not in node:
       raise ValueError(f"override config.{key}: config has no such field")
     if isinstance(node[leaf], list):
-      raise ValueError(f"override config.{key}: the field is a list, which ml_collections cannot override "
-                       "from the command line; make it a tuple in the config")
+      raise ValueError(
+        f"override config.{key}: the field is a list, which ml_collections cannot override "
+        "from the command line; make it a tuple in the config"
+      )
     try:
       node[leaf] = tuple(value) if isinstance(value, list) else value
     except TypeError as e:
@@ -143,14 +163,18 @@ def _config_string(path: str, arg: dict) -> str:
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
       raise ValueError(f"get_config argument name {k!r} is not an identifier")
     if any(ch in text for ch in ",=\n\r"):
-      raise ValueError(f"get_config argument {k}={text!r} cannot contain ',', '=' or line breaks "
-                       "(use '+' to join lists, or a 'config.' override)")
+      raise ValueError(
+        f"get_config argument {k}={text!r} cannot contain ',', '=' or line breaks "
+        "(use '+' to join lists, or a 'config.' override)"
+      )
   return path + (":" + ",".join(f"{k}={v}" for k, v in arg.items()) if arg else "")
 
 
 def _points(spec: dict) -> list[dict]:
   if ("grid" in spec) == ("runs" in spec):
-    raise ValueError("a sweep needs exactly one of 'grid' (values to combine) or 'runs' (a list of points)")
+    raise ValueError(
+      "a sweep needs exactly one of 'grid' (values to combine) or 'runs' (a list of points)"
+    )
   if "grid" in spec:
     grid = spec["grid"]
     for k, values in grid.items():
@@ -176,30 +200,50 @@ def expand(spec: dict, root: str) -> Sweep:
   for point in _points(spec):
     run_name = common.check_name(point.pop("name", None) or point_name(point), "run name")
     if run_name in names or run_name == "shared":
-      raise ValueError(f"two runs of sweep {name!r} are both named {run_name!r} (or it is reserved); "
-                       "give the points distinct 'name's")
+      raise ValueError(
+        f"two runs of sweep {name!r} are both named {run_name!r} (or it is reserved); "
+        "give the points distinct 'name's"
+      )
     names.add(run_name)
     arg = {**base_arg, **{k: v for k, v in point.items() if not k.startswith("config.")}}
-    overrides = {**base_overrides, **{k[len("config."):]: v for k, v in point.items() if k.startswith("config.")}}
+    overrides = {
+      **base_overrides,
+      **{k[len("config.") :]: v for k, v in point.items() if k.startswith("config.")},
+    }
     config = _config_string(spec["config"], arg)
     cfg = build_config(config, list(overrides.items()))
     stages = tuple(s.strip() for s in cfg.stages.split(",") if s.strip())
-    runs.append((Run(run_name, config, tuple(overrides.items()), os.path.join(root, run_name), stages,
-                     link=shared_stages), cfg))
+    runs.append(
+      (
+        Run(
+          run_name,
+          config,
+          tuple(overrides.items()),
+          os.path.join(root, run_name),
+          stages,
+          link=shared_stages,
+        ),
+        cfg,
+      )
+    )
   shared = None
   if shared_stages:
     overrides = {**base_overrides, "stages": ",".join(shared_stages)}
     config = _config_string(spec["config"], base_arg)
     shared_cfg = build_config(config, list(overrides.items()))
-    shared = Run("shared", config, tuple(overrides.items()), os.path.join(root, "shared"), shared_stages)
+    shared = Run(
+      "shared", config, tuple(overrides.items()), os.path.join(root, "shared"), shared_stages
+    )
     for run, cfg in runs:
       missing = [s for s in shared_stages if s not in run.stages]
       if missing:
         raise ValueError(f"run {run.name!r} does not run the shared stages {missing}")
       for key in UPSTREAM_KEYS:
         if _plain(cfg.get(key)) != _plain(shared_cfg.get(key)):
-          raise ValueError(f"run {run.name!r} changes config.{key}, which the shared stages "
-                           f"{list(shared_stages)} read; sweep it without shared_stages, or move it to 'arg'")
+          raise ValueError(
+            f"run {run.name!r} changes config.{key}, which the shared stages "
+            f"{list(shared_stages)} read; sweep it without shared_stages, or move it to 'arg'"
+          )
   return Sweep(name, root, tuple(r for r, _ in runs), shared)
 
 
@@ -216,6 +260,7 @@ def load_sweep(text: str, root: str) -> Sweep:
 
 
 # -- state ------------------------------------------------------------------------------------------
+
 
 def _record_path(run: Run) -> str:
   return os.path.join(run.workdir, "launch.json")
@@ -240,8 +285,11 @@ def state(run: Run) -> dict:
       record = json.load(f)
   if run.finished():
     s = "done"
-  elif record.get("state") == "running" and record.get("host") == socket.gethostname() and \
-      _alive(int(record.get("pid", -1))):
+  elif (
+    record.get("state") == "running"
+    and record.get("host") == socket.gethostname()
+    and _alive(int(record.get("pid", -1)))
+  ):
     s = "running"
   elif record.get("state") == "exited" and record.get("returncode"):
     s = "failed"
@@ -264,11 +312,16 @@ def _fit_summary(run: Run) -> str:
 def status_table(sweep: Sweep) -> str:
   runs = ([sweep.shared] if sweep.shared else []) + list(sweep.runs)
   states = [state(r) for r in runs]
-  counts = {k: sum(s["state"] == k for s in states) for k in ("done", "running", "failed", "partial", "pending")}
+  counts = {
+    k: sum(s["state"] == k for s in states)
+    for k in ("done", "running", "failed", "partial", "pending")
+  }
   width = max(len(r.name) for r in runs)
-  lines = [f"sweep {sweep.name} ({sweep.root}): {len(runs)} runs, "
-           + ", ".join(f"{v} {k}" for k, v in counts.items()),
-           f"{'run':<{width}}  {'state':<8} {'stages':<18} best-of-n fit"]
+  lines = [
+    f"sweep {sweep.name} ({sweep.root}): {len(runs)} runs, "
+    + ", ".join(f"{v} {k}" for k, v in counts.items()),
+    f"{'run':<{width}}  {'state':<8} {'stages':<18} best-of-n fit",
+  ]
   for r, s in zip(runs, states):
     stages = f"{len(s['stages'])}/{len(r.stages)}" + (f" {s['stages'][-1]}" if s["stages"] else "")
     extra = s["detail"] or _fit_summary(r)
@@ -278,6 +331,7 @@ def status_table(sweep: Sweep) -> str:
 
 # -- local ------------------------------------------------------------------------------------------
 
+
 def _start(run: Run, python: str) -> subprocess.Popen:
   if run.link:
     common.link_shared(os.path.join(os.path.dirname(run.workdir), "shared"), run.workdir, run.link)
@@ -286,14 +340,24 @@ def _start(run: Run, python: str) -> subprocess.Popen:
   # An argv list, no shell: nothing in a config value is ever interpreted as a command.
   proc = subprocess.Popen(run.argv(python), stdout=log, stderr=subprocess.STDOUT)
   log.close()
-  common.write_json_atomic(_record_path(run), {"state": "running", "pid": proc.pid, "host": socket.gethostname(),
-                                               "argv": run.argv(python), "started": time.time()})
+  common.write_json_atomic(
+    _record_path(run),
+    {
+      "state": "running",
+      "pid": proc.pid,
+      "host": socket.gethostname(),
+      "argv": run.argv(python),
+      "started": time.time(),
+    },
+  )
   return proc
 
 
 def _finish(run: Run, proc: subprocess.Popen) -> int:
   rc = proc.wait()
-  common.write_json_atomic(_record_path(run), {"state": "exited", "returncode": rc, "finished": time.time()})
+  common.write_json_atomic(
+    _record_path(run), {"state": "exited", "returncode": rc, "finished": time.time()}
+  )
   return rc
 
 
@@ -316,7 +380,9 @@ def run_local(sweep: Sweep, python: str, parallel: int = 1, dry_run: bool = Fals
   if todo and sweep.shared and not sweep.shared.finished():
     print(f"[sweep] {sweep.shared.name}: running the shared stages first", file=out, flush=True)
     if rc := _finish(sweep.shared, _start(sweep.shared, python)):
-      print(f"[sweep] shared stages failed (exit {rc}); see {sweep.shared.workdir}/launch.log", file=out)
+      print(
+        f"[sweep] shared stages failed (exit {rc}); see {sweep.shared.workdir}/launch.log", file=out
+      )
       return len(todo)
   failures = 0
   running: dict[subprocess.Popen, Run] = {}
@@ -333,16 +399,21 @@ def run_local(sweep: Sweep, python: str, parallel: int = 1, dry_run: bool = Fals
       r = running.pop(p)
       rc = _finish(r, p)
       failures += bool(rc)
-      print(f"[sweep] {r.name}: {'done' if rc == 0 else f'FAILED (exit {rc})'}", file=out, flush=True)
+      print(
+        f"[sweep] {r.name}: {'done' if rc == 0 else f'FAILED (exit {rc})'}", file=out, flush=True
+      )
   return failures
 
 
 # -- clusters ---------------------------------------------------------------------------------------
 
+
 def _job(sweep: Sweep, run: Run, python: str) -> common.Job:
   prelude = []
   if run.link:
-    prelude.append(common.link_command(python, os.path.join(sweep.root, "shared"), run.workdir, run.link))
+    prelude.append(
+      common.link_command(python, os.path.join(sweep.root, "shared"), run.workdir, run.link)
+    )
   return common.rmscale_job(f"{sweep.name}-{run.name}", python, run.main_args(), prelude)
 
 
@@ -360,8 +431,11 @@ def run_slurm(sweep: Sweep, opts: slurm.SlurmOptions, python: str, dry_run: bool
     needs = dependency if r is not sweep.shared else None
     if dry_run:
       after = r is not sweep.shared and sweep.shared in runs
-      print(f"# ---- {path}" + (" (submitted with --dependency=afterok:<the shared job>)" if after else ""),
-            file=out)
+      print(
+        f"# ---- {path}"
+        + (" (submitted with --dependency=afterok:<the shared job>)" if after else ""),
+        file=out,
+      )
       print(script, file=out)
       continue
     job_id = slurm.submit(script, path, dependency=needs)
@@ -380,8 +454,10 @@ def run_tpu(sweep: Sweep, args, parallel: int, dry_run: bool, out=None) -> int:
   """One pod per unfinished run (``launch.tpu.launch``: create, install, run, re-run after preemption)."""
   out = out or sys.stdout
   if not os.path.isabs(sweep.root):
-    raise ValueError(f"--workdir_root={sweep.root!r} must be an absolute path on storage every worker "
-                     "mounts (e.g. a Filestore share) for the TPU target")
+    raise ValueError(
+      f"--workdir_root={sweep.root!r} must be an absolute path on storage every worker "
+      "mounts (e.g. a Filestore share) for the TPU target"
+    )
   todo = [r for r in sweep.runs if not r.finished()]
   plans = [(r, tpu.pod_from_args(args, _pod_name(sweep, r))) for r in todo]
   shared = None
@@ -396,18 +472,31 @@ def run_tpu(sweep: Sweep, args, parallel: int, dry_run: bool, out=None) -> int:
     print("[sweep] shared stages failed", file=out)
     return len(todo)
   with concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
-    codes = list(pool.map(lambda rp: tpu.launch(rp[1], _job(sweep, rp[0], rp[1].python), delete_after=True),
-                          plans))
+    codes = list(
+      pool.map(
+        lambda rp: tpu.launch(rp[1], _job(sweep, rp[0], rp[1].python), delete_after=True), plans
+      )
+    )
   return sum(bool(c) for c in codes)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m launch.sweep", description=__doc__.split("\n\n")[0])
-  parser.add_argument("--config", required=True, help="sweep file, e.g. configs/sweeps/rm_size.py[:arg]")
-  parser.add_argument("--workdir_root", required=True, help="each run's workdir is <root>/<run name>")
+  parser = argparse.ArgumentParser(
+    prog="python -m launch.sweep", description=__doc__.split("\n\n")[0]
+  )
+  parser.add_argument(
+    "--config", required=True, help="sweep file, e.g. configs/sweeps/rm_size.py[:arg]"
+  )
+  parser.add_argument(
+    "--workdir_root", required=True, help="each run's workdir is <root>/<run name>"
+  )
   parser.add_argument("--target", choices=("local", "tpu", "slurm"), default="local")
-  parser.add_argument("--parallel", type=int, default=1, help="runs at a time (local processes or TPU pods)")
-  parser.add_argument("--dry_run", action="store_true", help="print the commands (or scripts), run nothing")
+  parser.add_argument(
+    "--parallel", type=int, default=1, help="runs at a time (local processes or TPU pods)"
+  )
+  parser.add_argument(
+    "--dry_run", action="store_true", help="print the commands (or scripts), run nothing"
+  )
   parser.add_argument("--status", action="store_true", help="print the state of every run and exit")
   parser.add_argument("--python", default=sys.executable, help="interpreter for local runs")
   tpu.add_pod_arguments(parser)

@@ -14,6 +14,7 @@ the run resumes from its last checkpoint (finished stages are skipped).
 Sub-commands: ``create``, ``install``, ``run``, ``delete``, ``state``, and ``launch`` (create if
 needed, install, run; on failure, if the pod was preempted, re-create and run again).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,9 @@ from collections.abc import Callable, Sequence
 from launch.common import Job, rmscale_job, run_commands
 
 GCLOUD = ("gcloud", "compute", "tpus", "tpu-vm")
-REMOTE_DIR = "rmscale"  # Relative to the login user's home on each worker; replaced on every install.
+REMOTE_DIR = (
+  "rmscale"  # Relative to the login user's home on each worker; replaced on every install.
+)
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # States in which the pod's VMs are gone for good (re-create), or will not run our command.
 GONE_STATES = ("PREEMPTED", "TERMINATED", "NOT_FOUND")
@@ -44,19 +47,30 @@ class Pod:
   project: str | None = None
   spot: bool = False  # Spot capacity: cheap, can be preempted at any time.
   python: str = "python3"  # Interpreter on the workers.
-  setup: str | None = None  # Shell run on every worker before installing (the user's own, e.g. a mount).
+  setup: str | None = (
+    None  # Shell run on every worker before installing (the user's own, e.g. a mount).
+  )
 
   def __post_init__(self):
     if not re.fullmatch(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?", self.name):
-      raise ValueError(f"TPU name {self.name!r} must be lower-case letters, digits and '-', start with a "
-                       "letter, end with a letter or digit, at most 63 characters")
+      raise ValueError(
+        f"TPU name {self.name!r} must be lower-case letters, digits and '-', start with a "
+        "letter, end with a letter or digit, at most 63 characters"
+      )
 
   def _where(self) -> list[str]:
     return [f"--zone={self.zone}"] + ([f"--project={self.project}"] if self.project else [])
 
   def create(self) -> list[str]:
-    return [*GCLOUD, "create", self.name, *self._where(), f"--accelerator-type={self.accelerator}",
-            f"--version={self.version}", *(["--spot"] if self.spot else [])]
+    return [
+      *GCLOUD,
+      "create",
+      self.name,
+      *self._where(),
+      f"--accelerator-type={self.accelerator}",
+      f"--version={self.version}",
+      *(["--spot"] if self.spot else []),
+    ]
 
   def delete(self) -> list[str]:
     return [*GCLOUD, "delete", self.name, *self._where(), "--quiet"]
@@ -73,13 +87,24 @@ class Pod:
 
   def install(self) -> list[list[str]]:
     """Ships the committed tree (``git archive HEAD``) to every worker and pip-installs it with jax[tpu]."""
-    unpack = (f"rm -rf {REMOTE_DIR} && mkdir -p {REMOTE_DIR} && tar -xzf rmscale.tar.gz -C {REMOTE_DIR} && "
-              f'cd {REMOTE_DIR} && {shlex.quote(self.python)} -m pip install -q -e ".[tpu]"')
+    unpack = (
+      f"rm -rf {REMOTE_DIR} && mkdir -p {REMOTE_DIR} && tar -xzf rmscale.tar.gz -C {REMOTE_DIR} && "
+      f'cd {REMOTE_DIR} && {shlex.quote(self.python)} -m pip install -q -e ".[tpu]"'
+    )
     if self.setup:
       unpack = f"{self.setup} && {unpack}"
-    return [["git", "-C", REPO_ROOT, "archive", "--format=tar.gz", f"--output={self.tarball()}", "HEAD"],
-            [*GCLOUD, "scp", self.tarball(), f"{self.name}:rmscale.tar.gz", *self._where(), "--worker=all"],
-            self.ssh(unpack)]
+    return [
+      ["git", "-C", REPO_ROOT, "archive", "--format=tar.gz", f"--output={self.tarball()}", "HEAD"],
+      [
+        *GCLOUD,
+        "scp",
+        self.tarball(),
+        f"{self.name}:rmscale.tar.gz",
+        *self._where(),
+        "--worker=all",
+      ],
+      self.ssh(unpack),
+    ]
 
   def run(self, job: Job) -> list[str]:
     return self.ssh(f"cd {REMOTE_DIR} && {job.script()}")
@@ -89,9 +114,11 @@ def main_job(name: str, python: str, main_args: Sequence[str], prelude=()) -> Jo
   """``python -m rmscale.main ARGS --distributed=on`` on every worker; the workdir must be absolute."""
   workdirs = [a.split("=", 1)[1] for a in main_args if a.startswith("--workdir=")]
   if not workdirs or not all(w.startswith("/") for w in workdirs):
-    raise ValueError(f"give --workdir=/absolute/path on storage shared by all workers and kept after the pod "
-                     f"is deleted (got {workdirs or 'none'}); a relative one would live in the worker's "
-                     f"copy of the code, which each install replaces")
+    raise ValueError(
+      f"give --workdir=/absolute/path on storage shared by all workers and kept after the pod "
+      f"is deleted (got {workdirs or 'none'}); a relative one would live in the worker's "
+      f"copy of the code, which each install replaces"
+    )
   return rmscale_job(name, python, main_args, prelude)
 
 
@@ -111,12 +138,23 @@ def pod_state(pod: Pod, capture: Callable[[list[str]], tuple[int, str, str]] = _
     return out.strip() or "UNKNOWN"
   if "NOT_FOUND" in err or "not found" in err.lower():
     return "NOT_FOUND"
-  raise RuntimeError(f"`{shlex.join(pod.describe_state())}` failed (exit {rc}): {err.strip()[-2000:]}")
+  raise RuntimeError(
+    f"`{shlex.join(pod.describe_state())}` failed (exit {rc}): {err.strip()[-2000:]}"
+  )
 
 
-def launch(pod: Pod, job: Job, *, max_attempts: int = 10, delete_after: bool = False,
-           call: Callable[[list[str]], int] = _call, state: Callable[[Pod], str] = pod_state,
-           sleep: Callable[[float], None] = time.sleep, log=print, max_waits: int = 120) -> int:
+def launch(
+  pod: Pod,
+  job: Job,
+  *,
+  max_attempts: int = 10,
+  delete_after: bool = False,
+  call: Callable[[list[str]], int] = _call,
+  state: Callable[[Pod], str] = pod_state,
+  sleep: Callable[[float], None] = time.sleep,
+  log=print,
+  max_waits: int = 120,
+) -> int:
   """Runs ``job`` on ``pod`` until it succeeds, (re-)creating the pod when it is missing or preempted.
 
   The code is installed once per pod (and on the first pass, as it may have changed). A failure on
@@ -133,7 +171,9 @@ def launch(pod: Pod, job: Job, *, max_attempts: int = 10, delete_after: bool = F
       if s != "NOT_FOUND":
         log(f"[tpu] {pod.name} is {s}: deleting it before re-creating")
         call(pod.delete())
-      log(f"[tpu] creating {pod.name} ({pod.accelerator}), creation {creations} of at most {max_attempts}")
+      log(
+        f"[tpu] creating {pod.name} ({pod.accelerator}), creation {creations} of at most {max_attempts}"
+      )
       if call(pod.create()):
         sleep(60)  # Capacity may be short (spot): wait, then look again.
       installed = False
@@ -160,22 +200,28 @@ def launch(pod: Pod, job: Job, *, max_attempts: int = 10, delete_after: bool = F
       return 0
     after = state(pod)
     if after not in GONE_STATES:
-      log(f"[tpu] {job.name} failed with exit code {rc} on a {after} pod: not a preemption, giving up")
+      log(
+        f"[tpu] {job.name} failed with exit code {rc} on a {after} pod: not a preemption, giving up"
+      )
       return rc
-    log(f"[tpu] {pod.name} was {after} during the run: re-creating; the run resumes from its checkpoint")
+    log(
+      f"[tpu] {pod.name} was {after} during the run: re-creating; the run resumes from its checkpoint"
+    )
 
 
 def launch_plan(pod: Pod, job: Job, max_attempts: int = 10, delete_after: bool = False) -> str:
   """What ``launch`` runs, as the exact commands with the loop around them in comments."""
   q = shlex.join
-  lines = [f"# launch {job.name} on {pod.name}: state = `{q(pod.describe_state())}`",
-           "# if the pod is NOT_FOUND (or PREEMPTED/TERMINATED: first " + q(pod.delete()) + "):",
-           q(pod.create()),
-           "# on every new pod (and on the first pass):",
-           *[q(c) for c in pod.install()],
-           q(pod.run(job)),
-           f"# if the run fails and the pod was preempted: back to the top (at most {max_attempts} creations); "
-           "the run resumes from its checkpoint"]
+  lines = [
+    f"# launch {job.name} on {pod.name}: state = `{q(pod.describe_state())}`",
+    "# if the pod is NOT_FOUND (or PREEMPTED/TERMINATED: first " + q(pod.delete()) + "):",
+    q(pod.create()),
+    "# on every new pod (and on the first pass):",
+    *[q(c) for c in pod.install()],
+    q(pod.run(job)),
+    f"# if the run fails and the pod was preempted: back to the top (at most {max_attempts} creations); "
+    "the run resumes from its checkpoint",
+  ]
   if delete_after:
     lines.append("# once the run succeeds:")
     lines.append(q(pod.delete()))
@@ -190,28 +236,48 @@ def add_pod_arguments(parser: argparse.ArgumentParser) -> None:
   g.add_argument("--project", default=None, help="GCP project (default: gcloud's)")
   g.add_argument("--spot", action="store_true", help="spot (preemptible) capacity")
   g.add_argument("--tpu_python", default="python3", help="interpreter on the workers")
-  g.add_argument("--tpu_setup", default=None, help="your shell command run on every worker before installing, "
-                 "e.g. mounting the shared workdir")
+  g.add_argument(
+    "--tpu_setup",
+    default=None,
+    help="your shell command run on every worker before installing, "
+    "e.g. mounting the shared workdir",
+  )
 
 
 def pod_from_args(args, name: str) -> Pod:
   missing = [f"--{k}" for k in ("zone", "accelerator") if not getattr(args, k)]
   if missing:
     raise ValueError(f"the TPU target needs {', '.join(missing)}")
-  return Pod(name=name, zone=args.zone, accelerator=args.accelerator, version=args.version,
-             project=args.project, spot=args.spot, python=args.tpu_python, setup=args.tpu_setup)
+  return Pod(
+    name=name,
+    zone=args.zone,
+    accelerator=args.accelerator,
+    version=args.version,
+    project=args.project,
+    spot=args.spot,
+    python=args.tpu_python,
+    setup=args.tpu_setup,
+  )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
-  main_args = argv[argv.index("--") + 1:] if "--" in argv else []
-  argv = argv[:argv.index("--")] if "--" in argv else argv
-  parser = argparse.ArgumentParser(prog="python -m launch.tpu", description=__doc__.split("\n\n")[0])
+  main_args = argv[argv.index("--") + 1 :] if "--" in argv else []
+  argv = argv[: argv.index("--")] if "--" in argv else argv
+  parser = argparse.ArgumentParser(
+    prog="python -m launch.tpu", description=__doc__.split("\n\n")[0]
+  )
   parser.add_argument("command", choices=("create", "install", "run", "delete", "state", "launch"))
   parser.add_argument("--name", required=True, help="TPU pod name (also the job name)")
-  parser.add_argument("--dry_run", action="store_true", help="print the exact commands, run nothing")
-  parser.add_argument("--max_attempts", type=int, default=10, help="launch: pod (re-)creations at most")
-  parser.add_argument("--delete_after", action="store_true", help="launch: delete the pod once the run succeeds")
+  parser.add_argument(
+    "--dry_run", action="store_true", help="print the exact commands, run nothing"
+  )
+  parser.add_argument(
+    "--max_attempts", type=int, default=10, help="launch: pod (re-)creations at most"
+  )
+  parser.add_argument(
+    "--delete_after", action="store_true", help="launch: delete the pod once the run succeeds"
+  )
   add_pod_arguments(parser)
   args = parser.parse_args(argv)
   try:
@@ -227,8 +293,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.command == "launch":
     print(launch_plan(pod, job, args.max_attempts, args.delete_after))
     return 0
-  commands = {"create": lambda: [pod.create()], "install": pod.install, "run": lambda: [pod.run(job)],
-              "delete": lambda: [pod.delete()]}[args.command]()
+  commands = {
+    "create": lambda: [pod.create()],
+    "install": pod.install,
+    "run": lambda: [pod.run(job)],
+    "delete": lambda: [pod.delete()],
+  }[args.command]()
   return run_commands(commands, args.dry_run)
 
 

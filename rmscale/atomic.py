@@ -3,6 +3,7 @@
 A reader (or a run resumed after a kill) sees either the old file or the new one, never half of
 one. Free of JAX so that launch scripts can use it without starting a runtime.
 """
+
 from __future__ import annotations
 
 import os

@@ -55,10 +55,10 @@ def bon_weights(N: int, n: int) -> np.ndarray:
   """
   N, n = _check_n(N, n)
   i = np.arange(n, N + 1, dtype=np.float64)
-  log_num = gammaln(i) - gammaln(n) - gammaln(i - n + 1)          # log C(i-1, n-1)
+  log_num = gammaln(i) - gammaln(n) - gammaln(i - n + 1)  # log C(i-1, n-1)
   log_den = gammaln(N + 1) - gammaln(n + 1) - gammaln(N - n + 1)  # log C(N, n)
   weights_N = np.zeros(N, dtype=np.float64)
-  weights_N[n - 1:] = np.exp(log_num - log_den)
+  weights_N[n - 1 :] = np.exp(log_num - log_den)
   return weights_N
 
 
@@ -94,6 +94,7 @@ class BonCurve:
   have shape [..., prompts, len(ns)] and are what a bootstrap over prompts resamples.
   Standard errors are over prompts (ddof=1); they are NaN with a single prompt.
   """
+
   ns: np.ndarray
   kl: np.ndarray
   proxy: np.ndarray
@@ -112,13 +113,22 @@ class BonCurve:
     """One plain dict per n (the results-jsonl / plotting format), with `meta` merged in."""
     if self.proxy.ndim != 1:
       raise ValueError(
-          "records() needs a single proxy's curve; this one has batch shape "
-          f"{self.proxy.shape[:-1]}")
+        f"records() needs a single proxy's curve; this one has batch shape {self.proxy.shape[:-1]}"
+      )
     return [
-        dict(meta, method="bon", n=int(n), kl=float(kl), proxy=float(p), proxy_se=float(pse),
-             gold=float(g), gold_se=float(gse))
-        for n, kl, p, pse, g, gse in zip(self.ns, self.kl, self.proxy, self.proxy_se, self.gold,
-                                         self.gold_se)
+      dict(
+        meta,
+        method="bon",
+        n=int(n),
+        kl=float(kl),
+        proxy=float(p),
+        proxy_se=float(pse),
+        gold=float(g),
+        gold_se=float(gse),
+      )
+      for n, kl, p, pse, g, gse in zip(
+        self.ns, self.kl, self.proxy, self.proxy_se, self.gold, self.gold_se
+      )
     ]
 
 
@@ -171,8 +181,9 @@ def unbiased_best_of_n(proxy_scores, gold_scores, ns) -> BonCurve:
   if gold.ndim != 2:
     raise ValueError(f"gold_scores must be [prompts, N], got shape {gold.shape}")
   if proxy.shape[-2:] != gold.shape:
-    raise ValueError(f"proxy_scores {proxy.shape} and gold_scores {gold.shape} disagree on "
-                     "[prompts, N]")
+    raise ValueError(
+      f"proxy_scores {proxy.shape} and gold_scores {gold.shape} disagree on [prompts, N]"
+    )
   prompts, N = gold.shape
   if prompts == 0 or N == 0:
     raise ValueError(f"need at least one prompt and one sample, got [prompts, N] = {gold.shape}")
@@ -195,9 +206,16 @@ def unbiased_best_of_n(proxy_scores, gold_scores, ns) -> BonCurve:
   gold_per_prompt = (sorted_gold @ weights_KxN.T).reshape(*batch, prompts, ns_K.size)
   proxy_mean, proxy_se = _mean_and_se(proxy_per_prompt)
   gold_mean, gold_se = _mean_and_se(gold_per_prompt)
-  return BonCurve(ns=ns_K, kl=np.asarray(kl_bon(ns_K), dtype=np.float64).reshape(ns_K.shape),
-                  proxy=proxy_mean, proxy_se=proxy_se, gold=gold_mean, gold_se=gold_se,
-                  proxy_per_prompt=proxy_per_prompt, gold_per_prompt=gold_per_prompt)
+  return BonCurve(
+    ns=ns_K,
+    kl=np.asarray(kl_bon(ns_K), dtype=np.float64).reshape(ns_K.shape),
+    proxy=proxy_mean,
+    proxy_se=proxy_se,
+    gold=gold_mean,
+    gold_se=gold_se,
+    proxy_per_prompt=proxy_per_prompt,
+    gold_per_prompt=gold_per_prompt,
+  )
 
 
 def recentre(scores, reference, *, shift_only: bool = False) -> np.ndarray:
@@ -220,6 +238,7 @@ def recentre(scores, reference, *, shift_only: bool = False) -> np.ndarray:
     return shifted
   std = ref.std()
   if not std > 0:
-    raise ValueError("reference scores have zero variance; cannot scale to unit variance "
-                     "(use shift_only=True)")
+    raise ValueError(
+      "reference scores have zero variance; cannot scale to unit variance (use shift_only=True)"
+    )
   return shifted / std

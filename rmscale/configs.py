@@ -1,4 +1,5 @@
 """Config helpers: ``get_config(arg)`` argument parsing and start-up validation of experiment configs."""
+
 from __future__ import annotations
 
 import ast

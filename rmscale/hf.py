@@ -16,6 +16,7 @@ Command line::
     python -m rmscale.hf convert --hf_dir=/ckpts/pythia-70m --out=/ckpts/pythia-70m-rmscale
     python -m rmscale.hf export --ckpt=/ckpts/pythia-70m-rmscale --out=/ckpts/pythia-70m-hf
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,10 +47,18 @@ Path = tuple[str, ...]  # A leaf of the params tree, e.g. ("layers_0", "attn", "
 # safetensors, by hand: an 8-byte little-endian header length, a JSON header, then raw tensors.
 
 _ST_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-    "BOOL": np.bool_,
+  "F64": np.float64,
+  "F32": np.float32,
+  "F16": np.float16,
+  "BF16": ml_dtypes.bfloat16,
+  "F8_E4M3": ml_dtypes.float8_e4m3fn,
+  "F8_E5M2": ml_dtypes.float8_e5m2,
+  "I64": np.int64,
+  "I32": np.int32,
+  "I16": np.int16,
+  "I8": np.int8,
+  "U8": np.uint8,
+  "BOOL": np.bool_,
 }
 _ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 _MAX_HEADER = 100 * 2**20  # The safetensors spec's own limit; a larger claim means a corrupt file.
@@ -69,12 +78,15 @@ def read_safetensors_header(path: str) -> dict[str, _TensorInfo]:
   with open(path, "rb") as f:
     head = f.read(8)
     if len(head) < 8:
-      raise ValueError(f"{path}: corrupt safetensors file: {size} bytes, shorter than the "
-                       "header length")
+      raise ValueError(
+        f"{path}: corrupt safetensors file: {size} bytes, shorter than the header length"
+      )
     n = int.from_bytes(head, "little")
     if n > min(size - 8, _MAX_HEADER):
-      raise ValueError(f"{path}: truncated or corrupt safetensors file: the header claims {n} bytes "
-                       f"but the file has {size}")
+      raise ValueError(
+        f"{path}: truncated or corrupt safetensors file: the header claims {n} bytes "
+        f"but the file has {size}"
+      )
     try:
       header = json.loads(f.read(n))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -91,14 +103,20 @@ def read_safetensors_header(path: str) -> dict[str, _TensorInfo]:
       shape = tuple(int(d) for d in entry["shape"])
       begin, end = (int(o) for o in entry["data_offsets"])
     except (KeyError, TypeError, ValueError) as e:
-      raise ValueError(f"{path}: corrupt safetensors header entry for tensor {name!r}: {entry!r} "
-                       f"({type(e).__name__}: {e})") from e
+      raise ValueError(
+        f"{path}: corrupt safetensors header entry for tensor {name!r}: {entry!r} "
+        f"({type(e).__name__}: {e})"
+      ) from e
     if end - begin != math.prod(shape) * dtype.itemsize or begin < 0:
-      raise ValueError(f"{path}: corrupt safetensors header: tensor {name!r} of shape {shape} "
-                       f"{entry['dtype']} has data_offsets {[begin, end]}")
+      raise ValueError(
+        f"{path}: corrupt safetensors header: tensor {name!r} of shape {shape} "
+        f"{entry['dtype']} has data_offsets {[begin, end]}"
+      )
     if data_start + end > size:
-      raise ValueError(f"{path}: truncated safetensors file: tensor {name!r} ends at byte "
-                       f"{data_start + end} but the file has {size} bytes")
+      raise ValueError(
+        f"{path}: truncated safetensors file: tensor {name!r} ends at byte "
+        f"{data_start + end} but the file has {size} bytes"
+      )
     infos[name] = _TensorInfo(path, dtype, shape, data_start + begin)
   return infos
 
@@ -111,8 +129,12 @@ def _read_tensor(info: _TensorInfo) -> np.ndarray:
   return a.reshape(info.shape)
 
 
-def write_safetensors(path: str, specs: Sequence[tuple[str, np.dtype, tuple[int, ...]]],
-                      arrays, metadata: dict[str, str] | None = None) -> None:
+def write_safetensors(
+  path: str,
+  specs: Sequence[tuple[str, np.dtype, tuple[int, ...]]],
+  arrays,
+  metadata: dict[str, str] | None = None,
+) -> None:
   """Writes tensors atomically, streaming ``arrays`` (an iterable matching ``specs``) one at a time.
 
   The header (which needs every offset) is built from ``specs`` alone, so a caller can produce each
@@ -122,19 +144,25 @@ def write_safetensors(path: str, specs: Sequence[tuple[str, np.dtype, tuple[int,
   offset = 0
   for name, dtype, shape in specs:
     nbytes = math.prod(shape) * np.dtype(dtype).itemsize
-    header[name] = {"dtype": _ST_NAMES[np.dtype(dtype)], "shape": list(shape),
-                    "data_offsets": [offset, offset + nbytes]}
+    header[name] = {
+      "dtype": _ST_NAMES[np.dtype(dtype)],
+      "shape": list(shape),
+      "data_offsets": [offset, offset + nbytes],
+    }
     offset += nbytes
   blob = json.dumps(header, separators=(",", ":")).encode()
   blob += b" " * (-len(blob) % 8)  # Readers expect tensor data to start 8-byte aligned.
+
   def fill(f):
     f.write(len(blob).to_bytes(8, "little"))
     f.write(blob)
     for (name, dtype, shape), a in zip(specs, arrays, strict=True):
       a = np.ascontiguousarray(a)
       if a.dtype != np.dtype(dtype) or a.shape != tuple(shape):
-        raise ValueError(f"{path}: tensor {name!r} is {a.dtype}{list(a.shape)}, "
-                         f"expected {np.dtype(dtype)}{list(shape)}")
+        raise ValueError(
+          f"{path}: tensor {name!r} is {a.dtype}{list(a.shape)}, "
+          f"expected {np.dtype(dtype)}{list(shape)}"
+        )
       f.write(a.reshape(-1).view(np.uint8).data)
 
   atomic.write(path, fill)
@@ -157,7 +185,9 @@ class HFCheckpoint:
   def __init__(self, directory: str):
     self.directory = str(directory)
     if not os.path.isdir(self.directory):
-      raise ValueError(f"{self.directory}: not a directory (expected a Hugging Face model directory)")
+      raise ValueError(
+        f"{self.directory}: not a directory (expected a Hugging Face model directory)"
+      )
     self.config_path = os.path.join(self.directory, "config.json")
     self.config = _read_json(self.config_path)
     self.infos: dict[str, _TensorInfo] = {}
@@ -168,11 +198,15 @@ class HFCheckpoint:
       self._read_index(index)
     else:
       found = sorted(os.listdir(self.directory))
-      hint = (" It holds PyTorch .bin weights only; convert them to safetensors first (e.g. "
-              "transformers' from_pretrained + save_pretrained(safe_serialization=True))."
-              if any(n.startswith("pytorch_model") for n in found) else "")
-      raise ValueError(f"{self.directory}: neither {_SINGLE} nor {_INDEX} found "
-                       f"(files: {found}).{hint}")
+      hint = (
+        " It holds PyTorch .bin weights only; convert them to safetensors first (e.g. "
+        "transformers' from_pretrained + save_pretrained(safe_serialization=True))."
+        if any(n.startswith("pytorch_model") for n in found)
+        else ""
+      )
+      raise ValueError(
+        f"{self.directory}: neither {_SINGLE} nor {_INDEX} found (files: {found}).{hint}"
+      )
 
   def _read_index(self, index: str) -> None:
     weight_map = _read_json(index).get("weight_map")
@@ -184,13 +218,17 @@ class HFCheckpoint:
     for file, names in sorted(by_file.items()):
       path = os.path.join(self.directory, file)
       if not os.path.exists(path):
-        raise ValueError(f"{index}: shard file {file!r} (listed in 'weight_map' for {len(names)} "
-                         f"tensors, e.g. {names[0]!r}) is missing from {self.directory}")
+        raise ValueError(
+          f"{index}: shard file {file!r} (listed in 'weight_map' for {len(names)} "
+          f"tensors, e.g. {names[0]!r}) is missing from {self.directory}"
+        )
       infos = read_safetensors_header(path)
       for name in names:
         if name not in infos:
-          raise ValueError(f"{index}: 'weight_map' puts tensor {name!r} in {file!r}, "
-                           f"but {path} does not contain it")
+          raise ValueError(
+            f"{index}: 'weight_map' puts tensor {name!r} in {file!r}, "
+            f"but {path} does not contain it"
+          )
         self.infos[name] = infos[name]
 
   def shape(self, name: str) -> tuple[int, ...]:
@@ -220,14 +258,27 @@ _MODEL_TYPES = {"gpt_neox": "neox", "llama": "llama", "gpt2": "gpt2"}
 _HF_MODEL_TYPE = {v: k for k, v in _MODEL_TYPES.items()}
 # Architecture name -> which head its checkpoint holds ("lm", "score" or "none": bare trunk).
 _ARCHITECTURES = {
-    "neox": {"GPTNeoXForCausalLM": "lm", "GPTNeoXForSequenceClassification": "score",
-             "GPTNeoXModel": "none"},
-    "llama": {"LlamaForCausalLM": "lm", "LlamaForSequenceClassification": "score",
-              "LlamaModel": "none"},
-    "gpt2": {"GPT2LMHeadModel": "lm", "GPT2ForSequenceClassification": "score", "GPT2Model": "none"},
+  "neox": {
+    "GPTNeoXForCausalLM": "lm",
+    "GPTNeoXForSequenceClassification": "score",
+    "GPTNeoXModel": "none",
+  },
+  "llama": {
+    "LlamaForCausalLM": "lm",
+    "LlamaForSequenceClassification": "score",
+    "LlamaModel": "none",
+  },
+  "gpt2": {"GPT2LMHeadModel": "lm", "GPT2ForSequenceClassification": "score", "GPT2Model": "none"},
 }
-_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
-                "gelu_fast": "gelu_tanh", "relu": "relu", "silu": "silu", "swish": "silu"}
+_ACTIVATIONS = {
+  "gelu": "gelu",
+  "gelu_new": "gelu_tanh",
+  "gelu_pytorch_tanh": "gelu_tanh",
+  "gelu_fast": "gelu_tanh",
+  "relu": "relu",
+  "silu": "silu",
+  "swish": "silu",
+}
 _HF_ACTIVATION = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "silu": "silu"}
 
 
@@ -260,27 +311,34 @@ class _Fields:
   def require(self, key: str, expected: Any, default: Any) -> None:
     value = self.get(key, default)
     if value != expected:
-      raise ValueError(f"{self.path}: field {key!r}={value!r} is not supported "
-                       f"(rmscale needs {expected!r})")
+      raise ValueError(
+        f"{self.path}: field {key!r}={value!r} is not supported (rmscale needs {expected!r})"
+      )
 
   def activation(self, key: str, default: str) -> str:
     name = self.get(key, default)
     if name not in _ACTIVATIONS:
-      raise ValueError(f"{self.path}: field {key!r}={name!r} is not supported; "
-                       f"known: {sorted(_ACTIVATIONS)}")
+      raise ValueError(
+        f"{self.path}: field {key!r}={name!r} is not supported; known: {sorted(_ACTIVATIONS)}"
+      )
     return _ACTIVATIONS[name]
 
   def rope(self) -> tuple[float, float]:
     """(theta, rotary fraction) from transformers 5's rope_parameters or the older flat fields."""
     params = self.get("rope_parameters", {})
     scaling = self.get("rope_scaling", {})
-    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    rope_type = (
+      params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    )
     if rope_type != "default":
-      raise ValueError(f"{self.path}: rope type {rope_type!r} (field 'rope_parameters'/'rope_scaling') "
-                       "is not supported; rmscale implements unscaled RoPE only")
+      raise ValueError(
+        f"{self.path}: rope type {rope_type!r} (field 'rope_parameters'/'rope_scaling') "
+        "is not supported; rmscale implements unscaled RoPE only"
+      )
     theta = params.get("rope_theta", self.get("rope_theta", self.get("rotary_emb_base", 10000.0)))
-    pct = params.get("partial_rotary_factor",
-                     self.get("partial_rotary_factor", self.get("rotary_pct", 1.0)))
+    pct = params.get(
+      "partial_rotary_factor", self.get("partial_rotary_factor", self.get("rotary_pct", 1.0))
+    )
     return float(theta), float(pct)
 
 
@@ -289,21 +347,27 @@ def _family_and_head(ckpt: HFCheckpoint) -> tuple[str, str]:
   fields = _Fields(ckpt.config, ckpt.config_path)
   model_type = fields.get("model_type")
   if model_type not in _MODEL_TYPES:
-    raise ValueError(f"{ckpt.config_path}: field 'model_type'={model_type!r} is not supported; "
-                     f"known: {sorted(_MODEL_TYPES)}")
+    raise ValueError(
+      f"{ckpt.config_path}: field 'model_type'={model_type!r} is not supported; "
+      f"known: {sorted(_MODEL_TYPES)}"
+    )
   family = _MODEL_TYPES[model_type]
   archs = fields.get("architectures", [])
   if not archs:  # Old exports omit it; the score tensor is then the only witness.
     return family, "score" if "score.weight" in ckpt.infos else "lm"
   if len(archs) != 1 or archs[0] not in _ARCHITECTURES[family]:
-    raise ValueError(f"{ckpt.config_path}: field 'architectures'={archs!r} is not supported for "
-                     f"model_type {model_type!r}; known: {sorted(_ARCHITECTURES[family])}")
+    raise ValueError(
+      f"{ckpt.config_path}: field 'architectures'={archs!r} is not supported for "
+      f"model_type {model_type!r}; known: {sorted(_ARCHITECTURES[family])}"
+    )
   head = _ARCHITECTURES[family][archs[0]]
   if head == "score":
     labels = len(ckpt.config.get("id2label") or {0: None})
     if labels != 1:
-      raise ValueError(f"{ckpt.config_path}: field 'id2label' has {labels} labels; a reward model "
-                       "checkpoint needs num_labels=1")
+      raise ValueError(
+        f"{ckpt.config_path}: field 'id2label' has {labels} labels; a reward model "
+        "checkpoint needs num_labels=1"
+      )
   return family, head
 
 
@@ -314,14 +378,22 @@ def _config_fields(family: str, hf: dict, path: str) -> dict[str, Any]:
   if family == "neox":
     theta, pct = f.rope()
     bias = f.bool("attention_bias", True)
-    out.update(vocab_size=f.int("vocab_size"), d_model=f.int("hidden_size"),
-               n_layers=f.int("num_hidden_layers"), n_heads=f.int("num_attention_heads"),
-               d_ff=f.int("intermediate_size"), max_len=f.int("max_position_embeddings", 2048),
-               norm_eps=float(f.get("layer_norm_eps", 1e-5)),
-               activation=f.activation("hidden_act", "gelu"),
-               rotary_pct=pct, rope_theta=theta,
-               parallel_residual=f.bool("use_parallel_residual", True),
-               tie_embeddings=f.bool("tie_word_embeddings", False), qkv_bias=bias, out_bias=bias)
+    out.update(
+      vocab_size=f.int("vocab_size"),
+      d_model=f.int("hidden_size"),
+      n_layers=f.int("num_hidden_layers"),
+      n_heads=f.int("num_attention_heads"),
+      d_ff=f.int("intermediate_size"),
+      max_len=f.int("max_position_embeddings", 2048),
+      norm_eps=float(f.get("layer_norm_eps", 1e-5)),
+      activation=f.activation("hidden_act", "gelu"),
+      rotary_pct=pct,
+      rope_theta=theta,
+      parallel_residual=f.bool("use_parallel_residual", True),
+      tie_embeddings=f.bool("tie_word_embeddings", False),
+      qkv_bias=bias,
+      out_bias=bias,
+    )
   elif family == "llama":
     theta, pct = f.rope()
     if pct != 1.0:
@@ -330,23 +402,38 @@ def _config_fields(family: str, hf: dict, path: str) -> dict[str, Any]:
     d_model, n_heads = f.int("hidden_size"), f.int("num_attention_heads")
     head_dim = f.int("head_dim", d_model // n_heads)
     bias = f.bool("attention_bias", False)
-    out.update(vocab_size=f.int("vocab_size"), d_model=d_model, n_layers=f.int("num_hidden_layers"),
-               n_heads=n_heads, n_kv_heads=f.int("num_key_value_heads", n_heads),
-               head_dim=None if head_dim * n_heads == d_model else head_dim,
-               d_ff=f.int("intermediate_size"), max_len=f.int("max_position_embeddings", 2048),
-               norm_eps=float(f.get("rms_norm_eps", 1e-6)), rope_theta=theta,
-               tie_embeddings=f.bool("tie_word_embeddings", False), qkv_bias=bias, out_bias=bias,
-               mlp_bias=f.bool("mlp_bias", False))
+    out.update(
+      vocab_size=f.int("vocab_size"),
+      d_model=d_model,
+      n_layers=f.int("num_hidden_layers"),
+      n_heads=n_heads,
+      n_kv_heads=f.int("num_key_value_heads", n_heads),
+      head_dim=None if head_dim * n_heads == d_model else head_dim,
+      d_ff=f.int("intermediate_size"),
+      max_len=f.int("max_position_embeddings", 2048),
+      norm_eps=float(f.get("rms_norm_eps", 1e-6)),
+      rope_theta=theta,
+      tie_embeddings=f.bool("tie_word_embeddings", False),
+      qkv_bias=bias,
+      out_bias=bias,
+      mlp_bias=f.bool("mlp_bias", False),
+    )
   else:
     f.require("scale_attn_weights", True, True)
     f.require("scale_attn_by_inverse_layer_idx", False, False)
     f.require("add_cross_attention", False, False)
     d_model = f.int("n_embd")
-    out.update(vocab_size=f.int("vocab_size"), d_model=d_model, n_layers=f.int("n_layer"),
-               n_heads=f.int("n_head"), d_ff=f.int("n_inner", 4 * d_model),
-               max_len=f.int("n_positions"), norm_eps=float(f.get("layer_norm_epsilon", 1e-5)),
-               activation=f.activation("activation_function", "gelu_new"),
-               tie_embeddings=f.bool("tie_word_embeddings", True))
+    out.update(
+      vocab_size=f.int("vocab_size"),
+      d_model=d_model,
+      n_layers=f.int("n_layer"),
+      n_heads=f.int("n_head"),
+      d_ff=f.int("n_inner", 4 * d_model),
+      max_len=f.int("n_positions"),
+      norm_eps=float(f.get("layer_norm_epsilon", 1e-5)),
+      activation=f.activation("activation_function", "gelu_new"),
+      tie_embeddings=f.bool("tie_word_embeddings", True),
+    )
   return out
 
 
@@ -354,20 +441,34 @@ def _family_mismatches(cfg: TransformerConfig, family: str) -> list[str]:
   """Why ``cfg`` cannot be written as ``family`` (empty when it can)."""
   default_head_dim = cfg.head_dim is None or cfg.head_dim * cfg.n_heads == cfg.d_model
   checks = {
-      "neox": [("norm", cfg.norm == "layernorm"), ("position", cfg.position == "rope"),
-               ("activation", cfg.activation in _HF_ACTIVATION),
-               ("n_kv_heads", cfg.kv_heads == cfg.n_heads),
-               ("head_dim", default_head_dim), ("qkv_bias", cfg.qkv_bias == cfg.out_bias),
-               ("mlp_bias", cfg.mlp_bias)],
-      "llama": [("norm", cfg.norm == "rmsnorm"), ("position", cfg.position == "rope"),
-                ("activation", cfg.activation == "swiglu"), ("rotary_pct", cfg.rotary_pct == 1.0),
-                ("parallel_residual", not cfg.parallel_residual),
-                ("qkv_bias", cfg.qkv_bias == cfg.out_bias)],
-      "gpt2": [("norm", cfg.norm == "layernorm"), ("position", cfg.position == "learned"),
-               ("activation", cfg.activation in _HF_ACTIVATION),
-               ("parallel_residual", not cfg.parallel_residual),
-               ("n_kv_heads", cfg.kv_heads == cfg.n_heads), ("head_dim", default_head_dim),
-               ("qkv_bias", cfg.qkv_bias), ("out_bias", cfg.out_bias), ("mlp_bias", cfg.mlp_bias)],
+    "neox": [
+      ("norm", cfg.norm == "layernorm"),
+      ("position", cfg.position == "rope"),
+      ("activation", cfg.activation in _HF_ACTIVATION),
+      ("n_kv_heads", cfg.kv_heads == cfg.n_heads),
+      ("head_dim", default_head_dim),
+      ("qkv_bias", cfg.qkv_bias == cfg.out_bias),
+      ("mlp_bias", cfg.mlp_bias),
+    ],
+    "llama": [
+      ("norm", cfg.norm == "rmsnorm"),
+      ("position", cfg.position == "rope"),
+      ("activation", cfg.activation == "swiglu"),
+      ("rotary_pct", cfg.rotary_pct == 1.0),
+      ("parallel_residual", not cfg.parallel_residual),
+      ("qkv_bias", cfg.qkv_bias == cfg.out_bias),
+    ],
+    "gpt2": [
+      ("norm", cfg.norm == "layernorm"),
+      ("position", cfg.position == "learned"),
+      ("activation", cfg.activation in _HF_ACTIVATION),
+      ("parallel_residual", not cfg.parallel_residual),
+      ("n_kv_heads", cfg.kv_heads == cfg.n_heads),
+      ("head_dim", default_head_dim),
+      ("qkv_bias", cfg.qkv_bias),
+      ("out_bias", cfg.out_bias),
+      ("mlp_bias", cfg.mlp_bias),
+    ],
   }[family]
   return [f"model.{name}={getattr(cfg, name)!r}" for name, ok in checks if not ok]
 
@@ -378,44 +479,82 @@ def infer_family(cfg: TransformerConfig) -> str:
   for fam, why in reasons.items():
     if not why:
       return fam
-  raise ValueError("model config matches no Hugging Face family: "
-                   + "; ".join(f"{fam}: {', '.join(why)}" for fam, why in reasons.items()))
+  raise ValueError(
+    "model config matches no Hugging Face family: "
+    + "; ".join(f"{fam}: {', '.join(why)}" for fam, why in reasons.items())
+  )
 
 
-def _config_to_hf(cfg: TransformerConfig, family: str, head: str, dtype: np.dtype) -> dict[str, Any]:
+def _config_to_hf(
+  cfg: TransformerConfig, family: str, head: str, dtype: np.dtype
+) -> dict[str, Any]:
   """config.json for transformers 5 (rope_parameters) that 4.x also reads (flat rope fields)."""
   arch = {v: k for k, v in _ARCHITECTURES[family].items()}[head]
-  out: dict[str, Any] = {"model_type": _HF_MODEL_TYPE[family], "architectures": [arch],
-                         "vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings,
-                         "dtype": np.dtype(dtype).name, "torch_dtype": np.dtype(dtype).name}
+  out: dict[str, Any] = {
+    "model_type": _HF_MODEL_TYPE[family],
+    "architectures": [arch],
+    "vocab_size": cfg.vocab_size,
+    "tie_word_embeddings": cfg.tie_embeddings,
+    "dtype": np.dtype(dtype).name,
+    "torch_dtype": np.dtype(dtype).name,
+  }
   if head == "score":
     out.update(id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
   if family == "neox":
-    out.update(hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
-               num_attention_heads=cfg.n_heads, intermediate_size=cfg.d_ff,
-               hidden_act=_HF_ACTIVATION[cfg.activation], max_position_embeddings=cfg.max_len,
-               layer_norm_eps=cfg.norm_eps, use_parallel_residual=cfg.parallel_residual,
-               attention_bias=cfg.qkv_bias, rotary_pct=cfg.rotary_pct, rotary_emb_base=cfg.rope_theta,
-               rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta,
-                                "partial_rotary_factor": cfg.rotary_pct})
+    out.update(
+      hidden_size=cfg.d_model,
+      num_hidden_layers=cfg.n_layers,
+      num_attention_heads=cfg.n_heads,
+      intermediate_size=cfg.d_ff,
+      hidden_act=_HF_ACTIVATION[cfg.activation],
+      max_position_embeddings=cfg.max_len,
+      layer_norm_eps=cfg.norm_eps,
+      use_parallel_residual=cfg.parallel_residual,
+      attention_bias=cfg.qkv_bias,
+      rotary_pct=cfg.rotary_pct,
+      rotary_emb_base=cfg.rope_theta,
+      rope_parameters={
+        "rope_type": "default",
+        "rope_theta": cfg.rope_theta,
+        "partial_rotary_factor": cfg.rotary_pct,
+      },
+    )
   elif family == "llama":
-    out.update(hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
-               num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads,
-               head_dim=cfg.dim_per_head, intermediate_size=cfg.d_ff, hidden_act="silu",
-               max_position_embeddings=cfg.max_len, rms_norm_eps=cfg.norm_eps,
-               attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias, rope_theta=cfg.rope_theta,
-               rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
+    out.update(
+      hidden_size=cfg.d_model,
+      num_hidden_layers=cfg.n_layers,
+      num_attention_heads=cfg.n_heads,
+      num_key_value_heads=cfg.kv_heads,
+      head_dim=cfg.dim_per_head,
+      intermediate_size=cfg.d_ff,
+      hidden_act="silu",
+      max_position_embeddings=cfg.max_len,
+      rms_norm_eps=cfg.norm_eps,
+      attention_bias=cfg.qkv_bias,
+      mlp_bias=cfg.mlp_bias,
+      rope_theta=cfg.rope_theta,
+      rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+    )
   else:
-    out.update(n_embd=cfg.d_model, n_layer=cfg.n_layers, n_head=cfg.n_heads, n_inner=cfg.d_ff,
-               n_positions=cfg.max_len, n_ctx=cfg.max_len,
-               activation_function=_HF_ACTIVATION[cfg.activation], layer_norm_epsilon=cfg.norm_eps,
-               scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False,
-               reorder_and_upcast_attn=False)
+    out.update(
+      n_embd=cfg.d_model,
+      n_layer=cfg.n_layers,
+      n_head=cfg.n_heads,
+      n_inner=cfg.d_ff,
+      n_positions=cfg.max_len,
+      n_ctx=cfg.max_len,
+      activation_function=_HF_ACTIVATION[cfg.activation],
+      layer_norm_epsilon=cfg.norm_eps,
+      scale_attn_weights=True,
+      scale_attn_by_inverse_layer_idx=False,
+      reorder_and_upcast_attn=False,
+    )
   return out
 
 
 # ----------------------------------------------------------------------------------------------
 # Tensor layouts: one HF tensor <-> one or more rmscale leaves.
+
 
 @dataclasses.dataclass(frozen=True)
 class _Map:
@@ -432,21 +571,31 @@ def _copy(name, shape, path, aliases=()) -> _Map:
 
 def _reshape(name, hf_shape, path, shape) -> _Map:
   """A bias stored flat in HF, per head ([H, D]) in rmscale."""
-  return _Map((name,), tuple(hf_shape), (path,), lambda a: (a.reshape(shape),),
-              lambda a: a.reshape(hf_shape))
+  return _Map(
+    (name,), tuple(hf_shape), (path,), lambda a: (a.reshape(shape),), lambda a: a.reshape(hf_shape)
+  )
 
 
 def _linear(name, out_features, in_features, path, kernel_shape, aliases=()) -> _Map:
   """torch.nn.Linear stores [out, in]; rmscale kernels are [in, out], reshaped per head."""
-  return _Map((name, *aliases), (out_features, in_features), (path,),
-              lambda w: (w.T.reshape(kernel_shape),),
-              lambda k: k.reshape(in_features, out_features).T)
+  return _Map(
+    (name, *aliases),
+    (out_features, in_features),
+    (path,),
+    lambda w: (w.T.reshape(kernel_shape),),
+    lambda k: k.reshape(in_features, out_features).T,
+  )
 
 
 def _conv1d(name, in_features, out_features, path, kernel_shape) -> _Map:
   """GPT-2's Conv1D already stores [in, out]."""
-  return _Map((name,), (in_features, out_features), (path,),
-              lambda w: (w.reshape(kernel_shape),), lambda k: k.reshape(in_features, out_features))
+  return _Map(
+    (name,),
+    (in_features, out_features),
+    (path,),
+    lambda w: (w.reshape(kernel_shape),),
+    lambda k: k.reshape(in_features, out_features),
+  )
 
 
 def _neox_qkv(name, cfg, paths) -> _Map:
@@ -465,23 +614,36 @@ def _neox_qkv(name, cfg, paths) -> _Map:
 
 def _neox_qkv_bias(name, cfg, paths) -> _Map:
   H, D = cfg.n_heads, cfg.dim_per_head
-  return _Map((name,), (3 * H * D,), paths,
-              lambda b: tuple(b.reshape(H, 3, D)[:, j] for j in range(3)),
-              lambda *bs: np.stack(bs, 1).reshape(3 * H * D))
+  return _Map(
+    (name,),
+    (3 * H * D,),
+    paths,
+    lambda b: tuple(b.reshape(H, 3, D)[:, j] for j in range(3)),
+    lambda *bs: np.stack(bs, 1).reshape(3 * H * D),
+  )
 
 
 def _gpt2_qkv(name, cfg, paths) -> _Map:
   """GPT-2's c_attn is Conv1D [E, 3E] whose columns are [3, H, D] (split(E) then view per head)."""
   E, H, D = cfg.d_model, cfg.n_heads, cfg.dim_per_head
-  return _Map((name,), (E, 3 * H * D), paths,
-              lambda w: tuple(w.reshape(E, 3, H, D)[:, j] for j in range(3)),
-              lambda *ks: np.stack(ks, 1).reshape(E, 3 * H * D))
+  return _Map(
+    (name,),
+    (E, 3 * H * D),
+    paths,
+    lambda w: tuple(w.reshape(E, 3, H, D)[:, j] for j in range(3)),
+    lambda *ks: np.stack(ks, 1).reshape(E, 3 * H * D),
+  )
 
 
 def _gpt2_qkv_bias(name, cfg, paths) -> _Map:
   H, D = cfg.n_heads, cfg.dim_per_head
-  return _Map((name,), (3 * H * D,), paths,
-              lambda b: tuple(b.reshape(3, H, D)), lambda *bs: np.stack(bs).reshape(3 * H * D))
+  return _Map(
+    (name,),
+    (3 * H * D,),
+    paths,
+    lambda b: tuple(b.reshape(3, H, D)),
+    lambda *bs: np.stack(bs).reshape(3 * H * D),
+  )
 
 
 def _norm(cfg, hf: str, path: Path) -> list[_Map]:
@@ -491,10 +653,21 @@ def _norm(cfg, hf: str, path: Path) -> list[_Map]:
   return maps
 
 
-def _dense(hf: str, out_f: int, in_f: int, path: Path, kernel_shape, bias_shape, bias: bool,
-           conv1d: bool = False) -> list[_Map]:
-  kernel = (_conv1d(f"{hf}.weight", in_f, out_f, path + ("kernel",), kernel_shape) if conv1d
-            else _linear(f"{hf}.weight", out_f, in_f, path + ("kernel",), kernel_shape))
+def _dense(
+  hf: str,
+  out_f: int,
+  in_f: int,
+  path: Path,
+  kernel_shape,
+  bias_shape,
+  bias: bool,
+  conv1d: bool = False,
+) -> list[_Map]:
+  kernel = (
+    _conv1d(f"{hf}.weight", in_f, out_f, path + ("kernel",), kernel_shape)
+    if conv1d
+    else _linear(f"{hf}.weight", out_f, in_f, path + ("kernel",), kernel_shape)
+  )
   if not bias:
     return [kernel]
   return [kernel, _reshape(f"{hf}.bias", (out_f,), path + ("bias",), bias_shape)]
@@ -520,19 +693,32 @@ def _layout(family: str, cfg: TransformerConfig, head: str, prefix: str) -> list
       maps.append(_neox_qkv(hf + "attention.query_key_value.weight", cfg, qkv))
       if cfg.qkv_bias:
         maps.append(_neox_qkv_bias(hf + "attention.query_key_value.bias", cfg, qkv_b))
-      maps += _dense(hf + "attention.dense", E, H * D, L + ("attn", "out"), (H, D, E), (E,),
-                     cfg.out_bias)
+      maps += _dense(
+        hf + "attention.dense", E, H * D, L + ("attn", "out"), (H, D, E), (E,), cfg.out_bias
+      )
       maps += _dense(hf + "mlp.dense_h_to_4h", F, E, L + ("mlp", "up"), (E, F), (F,), True)
       maps += _dense(hf + "mlp.dense_4h_to_h", E, F, L + ("mlp", "down"), (F, E), (E,), True)
     elif family == "llama":
       hf = f"{p}layers.{i}."
       maps += _norm(cfg, hf + "input_layernorm", L + ("ln_attn",))
       maps += _norm(cfg, hf + "post_attention_layernorm", L + ("ln_mlp",))
-      for name, heads, path in (("q_proj", H, "query"), ("k_proj", K, "key"), ("v_proj", K, "value")):
-        maps += _dense(hf + "self_attn." + name, heads * D, E, L + ("attn", path), (E, heads, D),
-                       (heads, D), cfg.qkv_bias)
-      maps += _dense(hf + "self_attn.o_proj", E, H * D, L + ("attn", "out"), (H, D, E), (E,),
-                     cfg.out_bias)
+      for name, heads, path in (
+        ("q_proj", H, "query"),
+        ("k_proj", K, "key"),
+        ("v_proj", K, "value"),
+      ):
+        maps += _dense(
+          hf + "self_attn." + name,
+          heads * D,
+          E,
+          L + ("attn", path),
+          (E, heads, D),
+          (heads, D),
+          cfg.qkv_bias,
+        )
+      maps += _dense(
+        hf + "self_attn.o_proj", E, H * D, L + ("attn", "out"), (H, D, E), (E,), cfg.out_bias
+      )
       maps += _dense(hf + "mlp.gate_proj", F, E, L + ("mlp", "gate"), (E, F), (F,), cfg.mlp_bias)
       maps += _dense(hf + "mlp.up_proj", F, E, L + ("mlp", "up"), (E, F), (F,), cfg.mlp_bias)
       maps += _dense(hf + "mlp.down_proj", E, F, L + ("mlp", "down"), (F, E), (E,), cfg.mlp_bias)
@@ -542,12 +728,16 @@ def _layout(family: str, cfg: TransformerConfig, head: str, prefix: str) -> list
       maps += _norm(cfg, hf + "ln_2", L + ("ln_mlp",))
       maps.append(_gpt2_qkv(hf + "attn.c_attn.weight", cfg, qkv))
       maps.append(_gpt2_qkv_bias(hf + "attn.c_attn.bias", cfg, qkv_b))
-      maps += _dense(hf + "attn.c_proj", E, H * D, L + ("attn", "out"), (H, D, E), (E,), True,
-                     conv1d=True)
+      maps += _dense(
+        hf + "attn.c_proj", E, H * D, L + ("attn", "out"), (H, D, E), (E,), True, conv1d=True
+      )
       maps += _dense(hf + "mlp.c_fc", F, E, L + ("mlp", "up"), (E, F), (F,), True, conv1d=True)
       maps += _dense(hf + "mlp.c_proj", E, F, L + ("mlp", "down"), (F, E), (E,), True, conv1d=True)
-  embed, final = {"neox": ("embed_in", "final_layer_norm"), "llama": ("embed_tokens", "norm"),
-                  "gpt2": ("wte", "ln_f")}[family]
+  embed, final = {
+    "neox": ("embed_in", "final_layer_norm"),
+    "llama": ("embed_tokens", "norm"),
+    "gpt2": ("wte", "ln_f"),
+  }[family]
   maps.append(_copy(f"{p}{embed}.weight", (V, E), ("embed", "embedding")))
   if family == "gpt2":
     maps.append(_copy(f"{p}wpe.weight", (cfg.max_len, E), ("pos_embed", "embedding")))
@@ -562,8 +752,10 @@ def _layout(family: str, cfg: TransformerConfig, head: str, prefix: str) -> list
 
 
 # Non-parameter buffers that older exports contain (causal-mask and RoPE caches).
-_BUFFERS = re.compile(r"(^|\.)(attn\.bias|attn\.masked_bias|attention\.bias|attention\.masked_bias"
-                      r"|rotary_emb\.inv_freq)$")
+_BUFFERS = re.compile(
+  r"(^|\.)(attn\.bias|attn\.masked_bias|attention\.bias|attention\.masked_bias"
+  r"|rotary_emb\.inv_freq)$"
+)
 
 
 def _trunk_prefix(family: str, names) -> str:
@@ -575,12 +767,21 @@ def _trunk_prefix(family: str, names) -> str:
 # ----------------------------------------------------------------------------------------------
 # Import.
 
+
 def _dtype_name(dtype) -> str:
   return np.dtype(dtype).name
 
 
-def _plan(path: str, *, reward_head: str | None, value_head: bool, lm_head: bool | None, dtype,
-          param_dtype, overrides: dict) -> tuple[HFCheckpoint, str, TransformerConfig, list[_Map]]:
+def _plan(
+  path: str,
+  *,
+  reward_head: str | None,
+  value_head: bool,
+  lm_head: bool | None,
+  dtype,
+  param_dtype,
+  overrides: dict,
+) -> tuple[HFCheckpoint, str, TransformerConfig, list[_Map]]:
   ckpt = HFCheckpoint(path)
   family, stored = _family_and_head(ckpt)
   fields = _config_fields(family, ckpt.config, ckpt.config_path)
@@ -589,17 +790,26 @@ def _plan(path: str, *, reward_head: str | None, value_head: bool, lm_head: bool
   if reward_head is None:
     reward_head = "linear" if stored == "score" else "none"
   if reward_head == "mlp" and stored == "score":
-    raise ValueError(f"{path} holds a trained linear reward head (score.weight); load it with "
-                     "reward_head='linear' (or 'none' to drop it) rather than replacing it with a "
-                     "fresh MLP")
+    raise ValueError(
+      f"{path} holds a trained linear reward head (score.weight); load it with "
+      "reward_head='linear' (or 'none' to drop it) rather than replacing it with a "
+      "fresh MLP"
+    )
   if lm_head is None:
     lm_head = stored == "lm"
   if lm_head and stored != "lm":
-    raise ValueError(f"{ckpt.config_path}: architecture {ckpt.config.get('architectures')} has no LM "
-                     "head to load; pass lm_head=False")
-  fields.update(lm_head=lm_head, tie_embeddings=fields["tie_embeddings"] and lm_head,
-                reward_head=reward_head, value_head=value_head, dtype=_dtype_name(dtype),
-                param_dtype=_dtype_name(param_dtype))
+    raise ValueError(
+      f"{ckpt.config_path}: architecture {ckpt.config.get('architectures')} has no LM "
+      "head to load; pass lm_head=False"
+    )
+  fields.update(
+    lm_head=lm_head,
+    tie_embeddings=fields["tie_embeddings"] and lm_head,
+    reward_head=reward_head,
+    value_head=value_head,
+    dtype=_dtype_name(dtype),
+    param_dtype=_dtype_name(param_dtype),
+  )
   fields.update(overrides)
   try:
     cfg = TransformerConfig(**fields)
@@ -614,44 +824,65 @@ def _plan(path: str, *, reward_head: str | None, value_head: bool, lm_head: bool
   return ckpt, family, cfg, maps
 
 
-def _check_names_and_shapes(ckpt: HFCheckpoint, family: str, cfg: TransformerConfig,
-                            maps: list[_Map], stored: str) -> None:
+def _check_names_and_shapes(
+  ckpt: HFCheckpoint, family: str, cfg: TransformerConfig, maps: list[_Map], stored: str
+) -> None:
   """Fails before any tensor data is read: missing, unexpected and wrongly shaped tensors."""
   where = ckpt.directory
   missing = [m.names[0] for m in maps if not any(n in ckpt.infos for n in m.names)]
   if missing:
-    raise ValueError(f"{where}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''} "
-                     f"({len(missing)} in all) that a {family} {ckpt.config.get('architectures')} "
-                     f"with this config.json must have")
+    raise ValueError(
+      f"{where}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''} "
+      f"({len(missing)} in all) that a {family} {ckpt.config.get('architectures')} "
+      f"with this config.json must have"
+    )
   used = {n for m in maps for n in m.names}
   dropped = set()  # Heads the caller chose not to load, and the tied copy of the embedding.
   if stored == "score" and cfg.reward_head != "linear":
     dropped.add("score.weight")
   if stored == "lm" and (not cfg.lm_head or cfg.tie_embeddings):
     dropped |= {"embed_out.weight", "lm_head.weight"}
-  unexpected = sorted(n for n in ckpt.infos
-                      if n not in used and n not in dropped and not _BUFFERS.search(n))
+  unexpected = sorted(
+    n for n in ckpt.infos if n not in used and n not in dropped and not _BUFFERS.search(n)
+  )
   if unexpected:
     files = sorted({os.path.basename(ckpt.infos[n].file) for n in unexpected})
-    raise ValueError(f"{where}: unexpected tensors {unexpected[:5]}"
-                     f"{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)} in all, in {files}) "
-                     f"for a {family} model with this config.json")
+    raise ValueError(
+      f"{where}: unexpected tensors {unexpected[:5]}"
+      f"{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)} in all, in {files}) "
+      f"for a {family} model with this config.json"
+    )
   for m in maps:
     name = next(n for n in m.names if n in ckpt.infos)
     got = ckpt.shape(name)
     if got != m.hf_shape:
       raise ValueError(
-          f"{ckpt.infos[name].file}: tensor {name!r} has shape {got} but {ckpt.config_path} implies "
-          f"{m.hf_shape} (vocab_size={cfg.vocab_size}, d_model={cfg.d_model}, n_heads={cfg.n_heads}, "
-          f"n_kv_heads={cfg.kv_heads}, d_ff={cfg.d_ff}, max_len={cfg.max_len})")
+        f"{ckpt.infos[name].file}: tensor {name!r} has shape {got} but {ckpt.config_path} implies "
+        f"{m.hf_shape} (vocab_size={cfg.vocab_size}, d_model={cfg.d_model}, n_heads={cfg.n_heads}, "
+        f"n_kv_heads={cfg.kv_heads}, d_ff={cfg.d_ff}, max_len={cfg.max_len})"
+      )
 
 
-def load_config(path: str, *, reward_head: str | None = None, value_head: bool = False,
-                lm_head: bool | None = None, dtype="float32", param_dtype="float32",
-                **overrides) -> TransformerConfig:
+def load_config(
+  path: str,
+  *,
+  reward_head: str | None = None,
+  value_head: bool = False,
+  lm_head: bool | None = None,
+  dtype="float32",
+  param_dtype="float32",
+  **overrides,
+) -> TransformerConfig:
   """The TransformerConfig that `load_pretrained` would build (e.g. to derive shardings first)."""
-  return _plan(path, reward_head=reward_head, value_head=value_head, lm_head=lm_head, dtype=dtype,
-               param_dtype=param_dtype, overrides=overrides)[2]
+  return _plan(
+    path,
+    reward_head=reward_head,
+    value_head=value_head,
+    lm_head=lm_head,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    overrides=overrides,
+  )[2]
 
 
 def _placer(shardings, cfg: TransformerConfig) -> Callable[[Path, np.ndarray], jax.Array]:
@@ -680,8 +911,9 @@ def _fresh_heads(cfg: TransformerConfig, rng) -> dict[str, Any]:
   Flax derives each parameter's key from ``rng`` and its module path alone, so a one-layer,
   tiny-vocabulary model initialises the same head values as the full model at a fraction of the cost.
   """
-  small = cfg.replace(n_layers=1, vocab_size=8, d_ff=8, max_len=8, lm_head=False,
-                      tie_embeddings=False, remat=False)
+  small = cfg.replace(
+    n_layers=1, vocab_size=8, d_ff=8, max_len=8, lm_head=False, tie_embeddings=False, remat=False
+  )
   params, _ = init_params(small, rng)
   return {k: params[k] for k in ("reward_head", "value_head") if k in params}
 
@@ -698,9 +930,18 @@ def _get(tree, path: Path):
   return tree
 
 
-def load_pretrained(path: str, *, reward_head: str | None = None, value_head: bool = False,
-                    lm_head: bool | None = None, dtype="float32", param_dtype="float32",
-                    shardings=None, rng: jax.Array | None = None, **overrides):
+def load_pretrained(
+  path: str,
+  *,
+  reward_head: str | None = None,
+  value_head: bool = False,
+  lm_head: bool | None = None,
+  dtype="float32",
+  param_dtype="float32",
+  shardings=None,
+  rng: jax.Array | None = None,
+  **overrides,
+):
   """Loads a local HF model directory as ``(Transformer(cfg), params)``.
 
   Args:
@@ -721,8 +962,15 @@ def load_pretrained(path: str, *, reward_head: str | None = None, value_head: bo
   read it at the last token that differs from ``pad_token_id``. They agree when the mask is
   ``tokens != pad_token_id``.
   """
-  ckpt, _, cfg, maps = _plan(path, reward_head=reward_head, value_head=value_head, lm_head=lm_head,
-                             dtype=dtype, param_dtype=param_dtype, overrides=overrides)
+  ckpt, _, cfg, maps = _plan(
+    path,
+    reward_head=reward_head,
+    value_head=value_head,
+    lm_head=lm_head,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    overrides=overrides,
+  )
   abstract, _ = abstract_params(cfg)
   place = _placer(shardings, cfg)
   params: dict[str, Any] = {}
@@ -735,8 +983,9 @@ def load_pretrained(path: str, *, reward_head: str | None = None, value_head: bo
   fresh_needed = (cfg.reward_head != "none" and not loaded_score) or cfg.value_head
   if fresh_needed:
     if rng is None:
-      raise ValueError("load_pretrained adds a fresh reward/value head, which needs "
-                       "rng=jax.random.key(...)")
+      raise ValueError(
+        "load_pretrained adds a fresh reward/value head, which needs rng=jax.random.key(...)"
+      )
     for key, subtree in _fresh_heads(cfg, rng).items():
       if key == "reward_head" and loaded_score:
         continue
@@ -744,16 +993,25 @@ def load_pretrained(path: str, *, reward_head: str | None = None, value_head: bo
         full = (key,) + tuple(k.key for k in leaf_path)
         _set(params, full, place(full, np.asarray(value, dtype=_get(abstract, full).dtype)))
   if jax.tree.structure(params) != jax.tree.structure(abstract):  # A layout bug, never user input.
-    raise AssertionError(f"loaded tree {jax.tree.structure(params)} != model tree "
-                         f"{jax.tree.structure(abstract)}")
+    raise AssertionError(
+      f"loaded tree {jax.tree.structure(params)} != model tree {jax.tree.structure(abstract)}"
+    )
   return Transformer(cfg), params
 
 
 # ----------------------------------------------------------------------------------------------
 # Export.
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+_UNITS = {
+  "": 1,
+  "B": 1,
+  "KB": 10**3,
+  "MB": 10**6,
+  "GB": 10**9,
+  "KIB": 2**10,
+  "MIB": 2**20,
+  "GIB": 2**30,
+}
 
 
 def _parse_size(size: int | str) -> int:
@@ -772,13 +1030,21 @@ def _parse_size(size: int | str) -> int:
 def _to_host(x) -> np.ndarray:
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     from jax.experimental import multihost_utils
+
     x = multihost_utils.process_allgather(x, tiled=True)
   return np.asarray(x)
 
 
-def save_pretrained(cfg: TransformerConfig, params, out_dir: str, family: str | None = None, *,
-                    dtype=None, max_shard_size: int | str = "5GB",
-                    extra_config: dict | None = None) -> list[str]:
+def save_pretrained(
+  cfg: TransformerConfig,
+  params,
+  out_dir: str,
+  family: str | None = None,
+  *,
+  dtype=None,
+  max_shard_size: int | str = "5GB",
+  extra_config: dict | None = None,
+) -> list[str]:
   """Writes ``params`` as a HF model directory; returns the files written.
 
   A linear reward head makes a ``*ForSequenceClassification`` model (its LM head, if any, is not
@@ -796,15 +1062,21 @@ def save_pretrained(cfg: TransformerConfig, params, out_dir: str, family: str | 
   if why:
     raise ValueError(f"model config cannot be written as a {family} checkpoint: {', '.join(why)}")
   if cfg.reward_head == "mlp":
-    raise ValueError("model.reward_head='mlp' has no Hugging Face equivalent; only a linear reward "
-                     "head exports (as a SequenceClassification model)")
+    raise ValueError(
+      "model.reward_head='mlp' has no Hugging Face equivalent; only a linear reward "
+      "head exports (as a SequenceClassification model)"
+    )
   head = "score" if cfg.reward_head == "linear" else ("lm" if cfg.lm_head else None)
   if head is None:
     raise ValueError("model has neither an LM head nor a linear reward head to export")
   if cfg.value_head:
-    _log.warning("save_pretrained: the value head has no Hugging Face equivalent and is not written")
+    _log.warning(
+      "save_pretrained: the value head has no Hugging Face equivalent and is not written"
+    )
   if head == "score" and cfg.lm_head and not cfg.tie_embeddings:
-    _log.warning("save_pretrained: writing a SequenceClassification model; the LM head is not written")
+    _log.warning(
+      "save_pretrained: writing a SequenceClassification model; the LM head is not written"
+    )
   out_dtype = np.dtype(dtype if dtype is not None else cfg.params_dtype)
   if out_dtype not in (np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)):
     raise ValueError(f"dtype={out_dtype} must be float32, float16 or bfloat16")
@@ -816,11 +1088,14 @@ def save_pretrained(cfg: TransformerConfig, params, out_dir: str, family: str | 
       try:
         shape = tuple(_get(params, path).shape)
       except (KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"params has no array leaf {'/'.join(path)}, which the model config "
-                         "needs") from e
+        raise ValueError(
+          f"params has no array leaf {'/'.join(path)}, which the model config needs"
+        ) from e
       if shape != _get(abstract, path).shape:
-        raise ValueError(f"params leaf {'/'.join(path)} has shape {shape}, the model config implies "
-                         f"{_get(abstract, path).shape}")
+        raise ValueError(
+          f"params leaf {'/'.join(path)} has shape {shape}, the model config implies "
+          f"{_get(abstract, path).shape}"
+        )
 
   shards: list[list[_Map]] = [[]]
   used = 0
@@ -855,8 +1130,9 @@ def save_pretrained(cfg: TransformerConfig, params, out_dir: str, family: str | 
   if n > 1:
     weight_map = {m.names[0]: f for f, shard in zip(files, shards) for m in shard}
     total = sum(math.prod(m.hf_shape) * out_dtype.itemsize for m in maps)
-    _write_json(os.path.join(out_dir, _INDEX),
-                {"metadata": {"total_size": total}, "weight_map": weight_map})
+    _write_json(
+      os.path.join(out_dir, _INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map}
+    )
     written.append(_INDEX)
   hf_config = dict(extra_config or {})
   hf_config.update(_config_to_hf(cfg, family, head, out_dtype))
@@ -876,32 +1152,65 @@ def save_pretrained(cfg: TransformerConfig, params, out_dir: str, family: str | 
 _TOKEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
-def convert(hf_dir: str, out: str, *, reward_head: str | None = None, value_head: bool = False,
-            param_dtype: str = "float32", seed: int = 0) -> TransformerConfig:
+def convert(
+  hf_dir: str,
+  out: str,
+  *,
+  reward_head: str | None = None,
+  value_head: bool = False,
+  param_dtype: str = "float32",
+  seed: int = 0,
+) -> TransformerConfig:
   """HF directory -> rmscale checkpoint step 0 (``{'params': ...}``, meta holds the model config)."""
   from rmscale.checkpoint import Checkpointer
-  model, params = load_pretrained(hf_dir, reward_head=reward_head, value_head=value_head,
-                                  param_dtype=param_dtype, rng=jax.random.key(seed))
+
+  model, params = load_pretrained(
+    hf_dir,
+    reward_head=reward_head,
+    value_head=value_head,
+    param_dtype=param_dtype,
+    rng=jax.random.key(seed),
+  )
   hf_config = HFCheckpoint(hf_dir).config
-  meta = {"model": dataclasses.asdict(model.cfg), "source": os.path.abspath(hf_dir),
-          "hf_config": {k: hf_config[k] for k in _TOKEN_FIELDS if k in hf_config}}
+  meta = {
+    "model": dataclasses.asdict(model.cfg),
+    "source": os.path.abspath(hf_dir),
+    "hf_config": {k: hf_config[k] for k in _TOKEN_FIELDS if k in hf_config},
+  }
   with Checkpointer(out, async_save=False) as ckpt:
     ckpt.save(0, {"params": params}, meta, force=True)
   return model.cfg
 
 
-def export(ckpt_dir: str, out: str, *, step: int | None = None, family: str | None = None,
-           dtype: str | None = None, max_shard_size: int | str = "5GB") -> list[str]:
+def export(
+  ckpt_dir: str,
+  out: str,
+  *,
+  step: int | None = None,
+  family: str | None = None,
+  dtype: str | None = None,
+  max_shard_size: int | str = "5GB",
+) -> list[str]:
   """rmscale checkpoint whose meta has ``model`` (a TransformerConfig dict) -> HF directory."""
   from rmscale.checkpoint import Checkpointer
+
   with Checkpointer(ckpt_dir, async_save=False) as ckpt:
     state, meta = ckpt.restore(step)
   if "model" not in meta or "params" not in state:
-    raise ValueError(f"{ckpt_dir}: checkpoint meta has no 'model' config or state has no 'params' "
-                     "(write it with `python -m rmscale.hf convert` or store both when saving)")
+    raise ValueError(
+      f"{ckpt_dir}: checkpoint meta has no 'model' config or state has no 'params' "
+      "(write it with `python -m rmscale.hf convert` or store both when saving)"
+    )
   cfg = TransformerConfig(**meta["model"])
-  return save_pretrained(cfg, state["params"], out, family, dtype=dtype, max_shard_size=max_shard_size,
-                         extra_config=meta.get("hf_config"))
+  return save_pretrained(
+    cfg,
+    state["params"],
+    out,
+    family,
+    dtype=dtype,
+    max_shard_size=max_shard_size,
+    extra_config=meta.get("hf_config"),
+  )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -910,8 +1219,12 @@ def main(argv: Sequence[str] | None = None) -> None:
   c = sub.add_parser("convert", help="Hugging Face directory -> rmscale checkpoint")
   c.add_argument("--hf_dir", required=True)
   c.add_argument("--out", required=True)
-  c.add_argument("--reward_head", choices=["none", "linear", "mlp"], default=None,
-                 help="default: the checkpoint's own (linear for SequenceClassification)")
+  c.add_argument(
+    "--reward_head",
+    choices=["none", "linear", "mlp"],
+    default=None,
+    help="default: the checkpoint's own (linear for SequenceClassification)",
+  )
   c.add_argument("--value_head", action="store_true")
   c.add_argument("--param_dtype", default="float32", choices=["float32", "bfloat16", "float16"])
   c.add_argument("--seed", type=int, default=0, help="initialises fresh heads")
@@ -924,12 +1237,24 @@ def main(argv: Sequence[str] | None = None) -> None:
   e.add_argument("--max_shard_size", default="5GB")
   args = parser.parse_args(argv)
   if args.command == "convert":
-    cfg = convert(args.hf_dir, args.out, reward_head=args.reward_head, value_head=args.value_head,
-                  param_dtype=args.param_dtype, seed=args.seed)
+    cfg = convert(
+      args.hf_dir,
+      args.out,
+      reward_head=args.reward_head,
+      value_head=args.value_head,
+      param_dtype=args.param_dtype,
+      seed=args.seed,
+    )
     print(f"wrote {args.out} (step 0): {cfg}")
   else:
-    files = export(args.ckpt, args.out, step=args.step, family=args.family, dtype=args.dtype,
-                   max_shard_size=args.max_shard_size)
+    files = export(
+      args.ckpt,
+      args.out,
+      step=args.step,
+      family=args.family,
+      dtype=args.dtype,
+      max_shard_size=args.max_shard_size,
+    )
     print("wrote " + ", ".join(files))
 
 

@@ -1,4 +1,5 @@
 """Loss functions as pure functions of model outputs (float32 throughout)."""
+
 from __future__ import annotations
 
 import jax

@@ -6,6 +6,7 @@ the run before any work is done, with a message naming the key.
 On several hosts every process runs this same command; ``--distributed`` and the coordinator flags
 (or ``RMSCALE_*`` variables, see rmscale/parallel/distributed.py) join them before anything else.
 """
+
 from __future__ import annotations
 
 from absl import app, flags, logging
@@ -14,25 +15,37 @@ from ml_collections import config_flags
 from rmscale import pipeline
 from rmscale.parallel import distributed
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config(arg)).",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Experiment config file (get_config(arg)).", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, results and plots.")
 flags.mark_flags_as_required(["config", "workdir"])
-_DISTRIBUTED = flags.DEFINE_enum("distributed", None, list(distributed.MODES),
-                                 "Multi-host start-up: auto (detect SLURM/MPI/TPU pods, the default), on "
-                                 "(always jax.distributed.initialize), off. Env: RMSCALE_DISTRIBUTED.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (explicit multi-host "
-                                   "start-up). Env: RMSCALE_COORDINATOR.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job. Env: RMSCALE_NUM_PROCESSES.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id in [0, num_processes). "
-                                   "Env: RMSCALE_PROCESS_ID.")
+_DISTRIBUTED = flags.DEFINE_enum(
+  "distributed",
+  None,
+  list(distributed.MODES),
+  "Multi-host start-up: auto (detect SLURM/MPI/TPU pods, the default), on "
+  "(always jax.distributed.initialize), off. Env: RMSCALE_DISTRIBUTED.",
+)
+_COORDINATOR = flags.DEFINE_string(
+  "coordinator_address",
+  None,
+  "host:port of process 0 (explicit multi-host start-up). Env: RMSCALE_COORDINATOR.",
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+  "num_processes", None, "Processes in the job. Env: RMSCALE_NUM_PROCESSES."
+)
+_PROCESS_ID = flags.DEFINE_integer(
+  "process_id", None, "This process's id in [0, num_processes). Env: RMSCALE_PROCESS_ID."
+)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                         mode=_DISTRIBUTED.value)
+  distributed.initialize(
+    _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, mode=_DISTRIBUTED.value
+  )
   # Every process computes; only process 0 logs progress and prints (the others warn and fail loudly).
   logging.set_verbosity(logging.INFO if distributed.is_writer() else logging.WARNING)
   summary = pipeline.run(_CONFIG.value, _WORKDIR.value)

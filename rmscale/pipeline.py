@@ -4,6 +4,7 @@ A stage reads the artefacts of earlier stages from the workdir and writes its ow
 writes ``stages/<name>.json`` (its summary figures). A killed run therefore resumes at the stage it
 was in, and inside long stages from the last orbax checkpoint.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,13 +23,13 @@ from rmscale.parallel import mesh as mesh_lib
 from rmscale.stages import bon_stage, common, fit, gold, label, policy_init, proxies, rl
 
 STAGES = {
-    "policy_init": policy_init.run,
-    "gold": gold.run,
-    "label": label.run,
-    "proxies": proxies.run,
-    "bon": bon_stage.run,
-    "rl": rl.run,
-    "fit": fit.run,
+  "policy_init": policy_init.run,
+  "gold": gold.run,
+  "label": label.run,
+  "proxies": proxies.run,
+  "bon": bon_stage.run,
+  "rl": rl.run,
+  "fit": fit.run,
 }
 ORDER = tuple(STAGES)
 
@@ -53,7 +54,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   for key in ("policy.size", "gold.size"):
     section, field = key.split(".")
     if config[section][field] not in sizes.SIZES:
-      raise ValueError(f"config.{key}={config[section][field]!r} is not a known size; known: {list(sizes.SIZES)}")
+      raise ValueError(
+        f"config.{key}={config[section][field]!r} is not a known size; known: {list(sizes.SIZES)}"
+      )
   for s in config.proxies.sizes:
     if s not in sizes.SIZES:
       raise ValueError(f"config.proxies.sizes has unknown size {s!r}; known: {list(sizes.SIZES)}")
@@ -62,8 +65,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   for key in ("proxies", "gold"):
     if config[key].init not in ("scratch", "pretrained"):
       raise ValueError(f"config.{key}.init={config[key].init!r} must be 'scratch' or 'pretrained'")
-  for key in ("policy.batch_size", "gold.batch_size", "proxies.batch_size", "pretrain.batch_size",
-              "sample_batch_size", "score_batch_size"):
+  for key in (
+    "policy.batch_size",
+    "gold.batch_size",
+    "proxies.batch_size",
+    "pretrain.batch_size",
+    "sample_batch_size",
+    "score_batch_size",
+  ):
     value = config
     for part in key.split("."):
       value = value[part]
@@ -73,27 +82,45 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     raise ValueError(f"config.label.noise={config.label.noise} must be in [0, 0.5)")
   if not 0.0 < config.label.val_fraction < 1.0:
     raise ValueError(f"config.label.val_fraction={config.label.val_fraction} must be in (0, 1)")
-  n_train = config.label.num_comparisons - round(config.label.val_fraction * config.label.num_comparisons)
+  n_train = config.label.num_comparisons - round(
+    config.label.val_fraction * config.label.num_comparisons
+  )
   for d in config.proxies.data_sizes:
     if not 0 < d <= n_train:
-      raise ValueError(f"config.proxies.data_sizes has {d}, but label gives {n_train} training comparisons")
+      raise ValueError(
+        f"config.proxies.data_sizes has {d}, but label gives {n_train} training comparisons"
+      )
   if config.bon.n_samples < 2 or config.bon.num_n < 2:
     raise ValueError("config.bon.n_samples and config.bon.num_n must be >= 2")
   r = config.rl
   for key in ("rollout_batch_size", "minibatch_size", "eval_prompts"):
     if r[key] <= 0 or r[key] % dp:
-      raise ValueError(f"config.rl.{key}={r[key]} is not divisible by the {dp} data-parallel devices")
+      raise ValueError(
+        f"config.rl.{key}={r[key]} is not divisible by the {dp} data-parallel devices"
+      )
   if r.rollout_batch_size % r.minibatch_size:
-    raise ValueError(f"config.rl.minibatch_size={r.minibatch_size} does not divide rl.rollout_batch_size")
+    raise ValueError(
+      f"config.rl.minibatch_size={r.minibatch_size} does not divide rl.rollout_batch_size"
+    )
   if r.eval_prompts % r.rollout_batch_size:
-    raise ValueError(f"config.rl.eval_prompts={r.eval_prompts} is not a multiple of rl.rollout_batch_size")
-  names = {proxies.proxy_name(s, d, x) for s in config.proxies.sizes for d in config.proxies.data_sizes
-           for x in config.proxies.seeds}
+    raise ValueError(
+      f"config.rl.eval_prompts={r.eval_prompts} is not a multiple of rl.rollout_batch_size"
+    )
+  names = {
+    proxies.proxy_name(s, d, x)
+    for s in config.proxies.sizes
+    for d in config.proxies.data_sizes
+    for x in config.proxies.seeds
+  }
   unknown = [n for n in r.proxies if n not in names]
   if unknown:
-    raise ValueError(f"config.rl.proxies names {unknown}, which are not proxies of this config: {sorted(names)}")
+    raise ValueError(
+      f"config.rl.proxies names {unknown}, which are not proxies of this config: {sorted(names)}"
+    )
   if r.kl_study_proxy and r.kl_study_proxy not in names:
-    raise ValueError(f"config.rl.kl_study_proxy={r.kl_study_proxy!r} is not one of the proxies {sorted(names)}")
+    raise ValueError(
+      f"config.rl.kl_study_proxy={r.kl_study_proxy!r} is not one of the proxies {sorted(names)}"
+    )
   for m in ("dtype", "param_dtype"):
     if config.model[m] not in ("float32", "bfloat16", "float16"):
       raise ValueError(f"config.model.{m}={config.model[m]!r} is not float32, bfloat16 or float16")
@@ -104,10 +131,16 @@ def make_context(config, workdir: str) -> common.Context:
   writer = None
   if jax.process_index() == 0:
     from tensorboardX import SummaryWriter
+
     writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
-  return common.Context(config=config, workdir=workdir, mesh=mesh,
-                        rules=mesh_lib.rules_from_config(config.rules),
-                        world=World(WorldConfig(**config.world)), writer=writer)
+  return common.Context(
+    config=config,
+    workdir=workdir,
+    mesh=mesh,
+    rules=mesh_lib.rules_from_config(config.rules),
+    world=World(WorldConfig(**config.world)),
+    writer=writer,
+  )
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> str:

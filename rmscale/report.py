@@ -12,6 +12,7 @@ Displayed proxy and gold scores are relative to the initial policy (proxy shifte
 to mean 0 and unit variance over the best-of-n samples, as on the plots); utility is in its own
 units (a perfect answer scores 4.5 with the default world).
 """
+
 from __future__ import annotations
 
 import collections
@@ -28,21 +29,36 @@ from rmscale.scaling import analysis
 
 RESULT_KINDS = ("proxies", "bon", "rl", "rl_kl_study", "fits", "trends")
 SAMPLES = ("bon", "samples.npz")
-EVAL_SAMPLES = {"initial": "initial_samples.npz", "final": "final_samples.npz"}  # = stages.rl.EVAL_SAMPLES
+EVAL_SAMPLES = {
+  "initial": "initial_samples.npz",
+  "final": "final_samples.npz",
+}  # = stages.rl.EVAL_SAMPLES
 _PER_PROMPT = "gold_per_prompt__"
 PLOTS = (
-    ("score_vs_sqrt_kl", "Gold (solid) and proxy (dashed) score against sqrt(KL) for best-of-n and PPO, one "
-     "colour per proxy size, with the fitted functional forms (thin lines)."),
-    ("gold_vs_proxy", "Gold against proxy score along each curve: where it bends over, optimising the proxy "
-     "no longer buys gold score."),
-    ("coefficients_vs_size", "Fitted alpha and beta against proxy RM size (bootstrap intervals, dotted trend "
-     "in log size)."),
-    ("kl_penalty", "PPO against one proxy with several fixed KL coefficients."),
-    ("rm_validation", "Proxy validation loss and accuracy against RM size, per number of comparisons."),
+  (
+    "score_vs_sqrt_kl",
+    "Gold (solid) and proxy (dashed) score against sqrt(KL) for best-of-n and PPO, one "
+    "colour per proxy size, with the fitted functional forms (thin lines).",
+  ),
+  (
+    "gold_vs_proxy",
+    "Gold against proxy score along each curve: where it bends over, optimising the proxy "
+    "no longer buys gold score.",
+  ),
+  (
+    "coefficients_vs_size",
+    "Fitted alpha and beta against proxy RM size (bootstrap intervals, dotted trend in log size).",
+  ),
+  ("kl_penalty", "PPO against one proxy with several fixed KL coefficients."),
+  (
+    "rm_validation",
+    "Proxy validation loss and accuracy against RM size, per number of comparisons.",
+  ),
 )
 
 
 # --- Runtime and config.
+
 
 @dataclasses.dataclass(frozen=True)
 class Runtime:
@@ -52,14 +68,18 @@ class Runtime:
 
   def describe(self) -> str:
     name = {"tpu": "TPU", "gpu": "GPU", "cpu": "CPU"}[self.platform]
-    advice = ("the full quickstart takes minutes on a CPU runtime; 'tiny' settings take seconds"
-              if self.platform == "cpu" else "the full quickstart runs on the accelerator")
+    advice = (
+      "the full quickstart takes minutes on a CPU runtime; 'tiny' settings take seconds"
+      if self.platform == "cpu"
+      else "the full quickstart runs on the accelerator"
+    )
     return f"Found {self.num_devices} {name} device(s) ({self.device_kind}): {advice}."
 
 
 def runtime(devices=None) -> Runtime:
   """The accelerator JAX runs on (CUDA and ROCm both count as GPU)."""
   import jax
+
   devices = jax.devices() if devices is None else devices
   if not devices:
     raise ValueError("no JAX devices")
@@ -75,8 +95,9 @@ def repo_root() -> str:
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   if not os.path.isfile(os.path.join(root, "configs", "quickstart.py")):
     raise FileNotFoundError(
-        f"no configs/quickstart.py next to the installed package ({root}); install rmscale from a clone "
-        "(git clone https://github.com/rmscale/rmscale && pip install -e rmscale)")
+      f"no configs/quickstart.py next to the installed package ({root}); install rmscale from a clone "
+      "(git clone https://github.com/rmscale/rmscale && pip install -e rmscale)"
+    )
   return root
 
 
@@ -91,13 +112,16 @@ def quickstart_config(settings: str = ""):
 
 # --- Tables.
 
+
 def _cell(value, floatfmt: str) -> str:
   if isinstance(value, (float, np.floating)):
     return format(float(value), floatfmt)
   return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def markdown_table(rows: Sequence[Mapping], columns: Sequence[str] | None = None, floatfmt: str = ".2f") -> str:
+def markdown_table(
+  rows: Sequence[Mapping], columns: Sequence[str] | None = None, floatfmt: str = ".2f"
+) -> str:
   """A markdown table of dict rows (columns default to the first row's keys)."""
   if not rows:
     raise ValueError("markdown_table: no rows")
@@ -113,20 +137,32 @@ def markdown_table(rows: Sequence[Mapping], columns: Sequence[str] | None = None
 
 # --- The world.
 
+
 def world_tour(world, n: int = 6, seed: int = 0) -> list[dict]:
   """``n`` training prompts with the human writer's responses, their features and human utility."""
   ex = world.sft_examples(np.random.default_rng(seed), n)
   utility = world.utility(ex["prompt_ids"], ex["response_ids"], ex["response_mask"])
   rows = []
-  for (prompt, response), u in zip(world.texts(ex["prompt_ids"], ex["response_ids"], ex["response_mask"]),
-                                   utility):
+  for (prompt, response), u in zip(
+    world.texts(ex["prompt_ids"], ex["response_ids"], ex["response_mask"]), utility
+  ):
     f = world.text_features(prompt, response)
-    rows.append({"prompt": prompt, "response": response, "words": f["words"], "requested": f["request"],
-                 "keyword uses": f["keyword_count"], "repeats": f["repeats"], "utility": float(u)})
+    rows.append(
+      {
+        "prompt": prompt,
+        "response": response,
+        "words": f["words"],
+        "requested": f["request"],
+        "keyword uses": f["keyword_count"],
+        "repeats": f["repeats"],
+        "utility": float(u),
+      }
+    )
   return rows
 
 
 # --- Loading results: one workdir, or every workdir under a sweep root; local or remote.
+
 
 def _path(path):
   """An ``etils.epath.Path`` (local, gs://, ...); remote paths without a backend fail clearly."""
@@ -134,8 +170,11 @@ def _path(path):
     from etils import epath
   except ImportError:  # etils comes with orbax-checkpoint; without it only local paths work.
     if "://" in str(path):
-      raise ImportError(f"reading {path} needs etils[epath] (pip install 'etils[epath]' gcsfs)") from None
+      raise ImportError(
+        f"reading {path} needs etils[epath] (pip install 'etils[epath]' gcsfs)"
+      ) from None
     import pathlib
+
     return pathlib.Path(path)
   return epath.Path(path)
 
@@ -144,8 +183,10 @@ def _exists(p) -> bool:
   try:
     return p.exists()
   except ImportError as e:  # epath names the missing backend (gcsfs or tensorflow).
-    raise ImportError(f"cannot read {p}: {e}; on Colab `pip install gcsfs` (or use a runtime with "
-                      "TensorFlow) and authenticate (google.colab.auth.authenticate_user())") from None
+    raise ImportError(
+      f"cannot read {p}: {e}; on Colab `pip install gcsfs` (or use a runtime with "
+      "TensorFlow) and authenticate (google.colab.auth.authenticate_user())"
+    ) from None
 
 
 def find_workdirs(root: str) -> dict[str, str]:
@@ -157,10 +198,15 @@ def find_workdirs(root: str) -> dict[str, str]:
     return {"": str(p)}
   runs = {}
   if p.is_dir():
-    runs = {c.name: str(c) for c in sorted(p.iterdir(), key=lambda c: c.name)
-            if c.is_dir() and _exists(c / "results")}
+    runs = {
+      c.name: str(c)
+      for c in sorted(p.iterdir(), key=lambda c: c.name)
+      if c.is_dir() and _exists(c / "results")
+    }
   if not runs:
-    raise ValueError(f"{root} is neither a workdir (no results/) nor a sweep root (no <run>/results/)")
+    raise ValueError(
+      f"{root} is neither a workdir (no results/) nor a sweep root (no <run>/results/)"
+    )
   return runs
 
 
@@ -184,6 +230,7 @@ class Results:
   curve in increasing KL (best-of-n from ``bon/samples.npz``, PPO from the records' ``gold_per_prompt``,
   which is moved there).
   """
+
   root: str
   runs: dict[str, str]
   records: dict[str, list[dict]]
@@ -199,17 +246,24 @@ class Results:
 
   def describe(self) -> str:
     """Markdown: what was loaded (runs, curves per method, RM sizes and data sizes)."""
-    where = f"{len(self.runs)} runs under `{self.root}`" if any(self.runs) else f"workdir `{self.root}`"
+    where = (
+      f"{len(self.runs)} runs under `{self.root}`" if any(self.runs) else f"workdir `{self.root}`"
+    )
     lines = [f"Loaded {where}:", ""]
     for method, title in (("bon", "best-of-n"), ("rl", "PPO"), ("rl_kl_study", "KL-penalty study")):
       recs = self.records[method]
       if recs:
         sizes = sorted({(r["rm_params"], r.get("rm_size", "")) for r in recs})
         data = sorted({r["data_size"] for r in recs})
-        boot = sum(("rl" if method != "bon" else "bon", n) in self.per_prompt for n in {r["name"] for r in recs})
-        lines.append(f"- {title}: {len({r['name'] for r in recs})} curves ({boot} with per-prompt scores), "
-                     f"RM sizes {', '.join(s or f'{p:,}' for p, s in sizes)}; "
-                     f"comparisons {', '.join(f'{d:,}' for d in data)}")
+        boot = sum(
+          ("rl" if method != "bon" else "bon", n) in self.per_prompt
+          for n in {r["name"] for r in recs}
+        )
+        lines.append(
+          f"- {title}: {len({r['name'] for r in recs})} curves ({boot} with per-prompt scores), "
+          f"RM sizes {', '.join(s or f'{p:,}' for p, s in sizes)}; "
+          f"comparisons {', '.join(f'{d:,}' for d in data)}"
+        )
     return "\n".join(lines)
 
 
@@ -222,7 +276,7 @@ def load_results(root: str, *, per_prompt: bool = True) -> Results:
     w = _path(workdir)
     for kind in RESULT_KINDS:
       f = w / "results" / f"{kind}.jsonl"
-      for r in (_read_jsonl(f) if _exists(f) else []):
+      for r in _read_jsonl(f) if _exists(f) else []:
         if run:
           r = {**r, "run": run, **({"name": f"{run}/{r['name']}"} if "name" in r else {})}
         if kind in ("rl", "rl_kl_study"):
@@ -233,7 +287,7 @@ def load_results(root: str, *, per_prompt: bool = True) -> Results:
     samples = w / SAMPLES[0] / SAMPLES[1]
     if per_prompt and _exists(samples):
       for k, v in _read_npz(samples, lambda k: k.startswith(_PER_PROMPT)).items():
-        name = k[len(_PER_PROMPT):]
+        name = k[len(_PER_PROMPT) :]
         units[("bon", f"{run}/{name}" if run else name)] = v
   for kind in ("rl", "rl_kl_study"):
     by_curve = collections.defaultdict(dict)
@@ -244,11 +298,14 @@ def load_results(root: str, *, per_prompt: bool = True) -> Results:
       ordered = sorted(points.values(), key=lambda x: x[0])
       units[("rl", name)] = np.stack([np.asarray(g, np.float64) for _, g in ordered], axis=1)
   if not records["bon"] and not records["rl"]:
-    raise ValueError(f"{root}: no best-of-n or RL results yet (results/bon.jsonl, results/rl.jsonl)")
+    raise ValueError(
+      f"{root}: no best-of-n or RL results yet (results/bon.jsonl, results/rl.jsonl)"
+    )
   return Results(root=str(root), runs=runs, records=records, per_prompt=units)
 
 
 # --- Over-optimised samples.
+
 
 def smallest_proxy(proxy_records: Sequence[Mapping], names: Sequence[str] | None = None) -> str:
   """The proxy most prone to over-optimisation: fewest parameters, then fewest comparisons, then seed."""
@@ -261,8 +318,10 @@ def smallest_proxy(proxy_records: Sequence[Mapping], names: Sequence[str] | None
 def reference_scores(samples: Mapping[str, np.ndarray], proxy_name: str) -> dict:
   """The initial policy's score statistics (the recentring origin), as the rl stage computes them."""
   k = _proxy_index(samples, proxy_name)
-  return {"gold": (float(samples["gold"].mean()), float(samples["gold"].std())),
-          "proxy": float(samples["proxy"][k].mean())}
+  return {
+    "gold": (float(samples["gold"].mean()), float(samples["gold"].std())),
+    "proxy": float(samples["proxy"][k].mean()),
+  }
 
 
 def _proxy_index(samples, proxy_name: str) -> int:
@@ -282,9 +341,14 @@ def bon_pairs(samples: Mapping[str, np.ndarray], proxy_name: str) -> tuple[dict,
   best_P = np.argmax(proxy_PxN, axis=1)
 
   def pick(idx_P):
-    return {"prompt_ids": samples["prompt_ids"], "response_ids": samples["response_ids"][rows, idx_P],
-            "response_mask": samples["response_mask"][rows, idx_P], "utility": samples["utility"][rows, idx_P],
-            "gold": samples["gold"][rows, idx_P], "proxy": proxy_PxN[rows, idx_P]}
+    return {
+      "prompt_ids": samples["prompt_ids"],
+      "response_ids": samples["response_ids"][rows, idx_P],
+      "response_mask": samples["response_mask"][rows, idx_P],
+      "utility": samples["utility"][rows, idx_P],
+      "gold": samples["gold"][rows, idx_P],
+      "proxy": proxy_PxN[rows, idx_P],
+    }
 
   return pick(np.zeros(P, np.int64)), pick(best_P)
 
@@ -302,14 +366,17 @@ def load_eval_samples(workdir: str, run_name: str) -> tuple[dict, dict]:
   for which in ("initial", "final"):
     p = _path(workdir) / "rl" / run_name / EVAL_SAMPLES[which]
     if not _exists(p):
-      raise FileNotFoundError(f"no {which} evaluation samples at {p}; rerun the rl stage with this version "
-                              "(delete rl/ and stages/rl.json)")
+      raise FileNotFoundError(
+        f"no {which} evaluation samples at {p}; rerun the rl stage with this version "
+        "(delete rl/ and stages/rl.json)"
+      )
     out.append(_read_npz(p))
   return out[0], out[1]
 
 
-def overoptimised(initial: Mapping, final: Mapping, world, reference: Mapping, *, k: int = 4,
-                  min_drop: float = 0.0) -> list[dict]:
+def overoptimised(
+  initial: Mapping, final: Mapping, world, reference: Mapping, *, k: int = 4, min_drop: float = 0.0
+) -> list[dict]:
   """Up to ``k`` prompts where the optimised sample has lower utility than the initial one, worst first.
 
   ``initial`` and ``final`` hold one sample per prompt row (same prompts, same order): prompt_ids,
@@ -325,22 +392,43 @@ def overoptimised(initial: Mapping, final: Mapping, world, reference: Mapping, *
   g_mean, g_std = reference["gold"]
   texts = {}
   for name, s in (("initial", initial), ("optimised", final)):
-    texts[name] = world.texts(s["prompt_ids"][order], s["response_ids"][order], s["response_mask"][order])
+    texts[name] = world.texts(
+      s["prompt_ids"][order], s["response_ids"][order], s["response_mask"][order]
+    )
   rows = []
   for j, i in enumerate(order):
     row = {"prompt": texts["initial"][j][0], "utility lost": float(drop[i])}
     for name, s in (("initial", initial), ("optimised", final)):
       row[f"{name} response"] = texts[name][j][1]
-      row[f"{name} u/proxy/gold"] = (f"{float(s['utility'][i]):.2f} / {float(s['proxy'][i]) - reference['proxy']:+.2f}"
-                                     f" / {(float(s['gold'][i]) - g_mean) / g_std:+.2f}")
+      row[f"{name} u/proxy/gold"] = (
+        f"{float(s['utility'][i]):.2f} / {float(s['proxy'][i]) - reference['proxy']:+.2f}"
+        f" / {(float(s['gold'][i]) - g_mean) / g_std:+.2f}"
+      )
     rows.append(row)
   return rows
 
 
-OVEROPTIMISED_COLUMNS = ("prompt", "initial response", "initial u/proxy/gold", "optimised response",
-                         "optimised u/proxy/gold", "utility lost")
-FIT_COLUMNS = ("method", "name", "alpha", "alpha_lo", "alpha_hi", "beta", "beta_lo", "beta_hi", "d_star",
-               "r_star", "r2")
+OVEROPTIMISED_COLUMNS = (
+  "prompt",
+  "initial response",
+  "initial u/proxy/gold",
+  "optimised response",
+  "optimised u/proxy/gold",
+  "utility lost",
+)
+FIT_COLUMNS = (
+  "method",
+  "name",
+  "alpha",
+  "alpha_lo",
+  "alpha_hi",
+  "beta",
+  "beta_lo",
+  "beta_hi",
+  "d_star",
+  "r_star",
+  "r2",
+)
 
 
 def examples_markdown(rows: Sequence[Mapping]) -> str:
@@ -350,7 +438,9 @@ def examples_markdown(rows: Sequence[Mapping]) -> str:
   return markdown_table(rows, OVEROPTIMISED_COLUMNS)
 
 
-def bon_overoptimised(workdir: str, world, *, proxy_name: str | None = None, k: int = 4) -> tuple[str, list[dict]]:
+def bon_overoptimised(
+  workdir: str, world, *, proxy_name: str | None = None, k: int = 4
+) -> tuple[str, list[dict]]:
   """Best-of-N by the smallest, least-data proxy (unless named) against the initial policy's samples."""
   samples = load_bon_samples(workdir)
   names = [str(n) for n in samples["proxy_names"]]
@@ -360,7 +450,9 @@ def bon_overoptimised(workdir: str, world, *, proxy_name: str | None = None, k: 
   return proxy_name, overoptimised(initial, best, world, reference_scores(samples, proxy_name), k=k)
 
 
-def ppo_overoptimised(workdir: str, world, *, run_name: str | None = None, k: int = 4) -> tuple[str, list[dict]]:
+def ppo_overoptimised(
+  workdir: str, world, *, run_name: str | None = None, k: int = 4
+) -> tuple[str, list[dict]]:
   """The final PPO policy's samples against the initial policy's on the same evaluation prompts, for
   the PPO run against the smallest, least-data proxy (unless named)."""
   rl_records = _read_jsonl(_path(workdir) / "results" / "rl.jsonl")
@@ -386,9 +478,11 @@ def plot_files(workdir: str) -> list[tuple[str, str]]:
 
 # --- Figures (matplotlib Figure objects, no pyplot state; `image` turns one into a notebook image).
 
+
 def image(fig):
   """An ``IPython.display.Image`` of a Figure (PNG), for a notebook cell to show."""
   from IPython.display import Image
+
   buf = io.BytesIO()
   fig.savefig(buf, format="png", dpi=100)
   return Image(data=buf.getvalue(), format="png")
@@ -396,6 +490,7 @@ def image(fig):
 
 def _colours(values):
   import matplotlib
+
   values = sorted(set(values))
   cmap = matplotlib.colormaps["viridis"]
   return {v: cmap(0.85 * i / max(len(values) - 1, 1)) for i, v in enumerate(values)}
@@ -410,6 +505,7 @@ def plot_bands(fitted: Sequence[analysis.FittedCurve]):
   """Measured gold (points, +-1 SE), fitted law (line) and bootstrap band (shaded), one panel per method;
   one colour per (RM size, data size), dark = small."""
   from matplotlib.figure import Figure
+
   if not fitted:
     raise ValueError("plot_bands: no fitted curves")
   methods = [m for m in ("bon", "rl") if any(f.curve.method == m for f in fitted)]
@@ -422,24 +518,35 @@ def plot_bands(fitted: Sequence[analysis.FittedCurve]):
     for f in sorted((f for f in fitted if f.curve.method == method), key=key):
       c, colour, label = f.curve, colours[key(f)], _curve_label(f.curve.meta)
       ax.errorbar(c.d, c.gold, yerr=np.nan_to_num(c.gold_se), fmt="o", ms=3, color=colour, lw=0.8)
-      ax.plot(f.d_grid, f.centre, "-", color=colour, lw=1.5, label=None if label in labelled else label)
+      ax.plot(
+        f.d_grid, f.centre, "-", color=colour, lw=1.5, label=None if label in labelled else label
+      )
       labelled.add(label)
       if f.lo is not None:
         ax.fill_between(f.d_grid, f.lo, f.hi, color=colour, alpha=0.15, lw=0)
     ax.axhline(0.0, color="0.7", lw=0.6, zorder=0)
-    ax.set_title({"bon": "Best-of-n: R = d(alpha - beta d)", "rl": "RL: R = d(alpha - beta log d)"}[method])
+    ax.set_title(
+      {"bon": "Best-of-n: R = d(alpha - beta d)", "rl": "RL: R = d(alpha - beta log d)"}[method]
+    )
     ax.set_xlabel("d = sqrt(KL) [sqrt nats]")
     ax.set_ylabel(f"gold score (fit, {int(round(100 * fitted[0].level))}% bootstrap band)")
     ax.legend(fontsize="small")
   return fig
 
 
-def plot_extrapolation(ex: analysis.Extrapolation, rows: Sequence[Mapping], curves: Sequence[analysis.Curve]):
+def plot_extrapolation(
+  ex: analysis.Extrapolation, rows: Sequence[Mapping], curves: Sequence[analysis.Curve]
+):
   """alpha and beta vs RM size with the trend carried to the held-out size (prediction +-2 SE against
   the actual fit), and the held-out curve with the predicted and the fitted law."""
   from matplotlib.figure import Figure
   from rmscale.scaling import fit as fit_lib
-  rows = [r for r in rows if r["method"] == ex.method and (ex.data_size is None or r["data_size"] == ex.data_size)]
+
+  rows = [
+    r
+    for r in rows
+    if r["method"] == ex.method and (ex.data_size is None or r["data_size"] == ex.data_size)
+  ]
   train = [r for r in rows if r["rm_params"] < ex.heldout_params]
   fig = Figure(figsize=(14.0, 4.0), layout="constrained")
   axes = fig.subplots(1, 3)
@@ -450,8 +557,16 @@ def plot_extrapolation(ex: analysis.Extrapolation, rows: Sequence[Mapping], curv
     xs = np.geomspace(x.min(), ex.heldout_params, 50)
     ax.plot(xs, trend.predict(xs), ":", color="C0", label="trend in log size")
     se = ex.predicted[f"{coef}_se"]
-    ax.errorbar([ex.heldout_params], [ex.predicted[coef]], yerr=[2 * se] if np.isfinite(se) else None,
-                fmt="s", mfc="none", color="C3", capsize=3, label="predicted (+-2 SE)")
+    ax.errorbar(
+      [ex.heldout_params],
+      [ex.predicted[coef]],
+      yerr=[2 * se] if np.isfinite(se) else None,
+      fmt="s",
+      mfc="none",
+      color="C3",
+      capsize=3,
+      label="predicted (+-2 SE)",
+    )
     ax.plot([ex.heldout_params], [ex.actual[coef]], "*", ms=11, color="C2", label="held-out fit")
     ax.set_xscale("log")
     ax.set_xlabel("RM parameters")
@@ -464,10 +579,20 @@ def plot_extrapolation(ex: analysis.Extrapolation, rows: Sequence[Mapping], curv
   d = np.linspace(0.0, d_max, 100)
   for c in held:
     ax.plot(c.d, c.gold, "o", ms=3, color="C2")
-  ax.plot(d, fit_lib.predict(ex.method, ex.actual["alpha"], ex.actual["beta"], d), "-", color="C2",
-          label=f"held-out fit (RMSE {ex.rmse_fitted:.3f})")
-  ax.plot(d, fit_lib.predict(ex.method, ex.predicted["alpha"], ex.predicted["beta"], d), "--", color="C3",
-          label=f"extrapolated law (RMSE {ex.rmse_predicted:.3f})")
+  ax.plot(
+    d,
+    fit_lib.predict(ex.method, ex.actual["alpha"], ex.actual["beta"], d),
+    "-",
+    color="C2",
+    label=f"held-out fit (RMSE {ex.rmse_fitted:.3f})",
+  )
+  ax.plot(
+    d,
+    fit_lib.predict(ex.method, ex.predicted["alpha"], ex.predicted["beta"], d),
+    "--",
+    color="C3",
+    label=f"extrapolated law (RMSE {ex.rmse_predicted:.3f})",
+  )
   ax.axhline(0.0, color="0.7", lw=0.6, zorder=0)
   ax.set_xlabel("d = sqrt(KL) [sqrt nats]")
   ax.set_ylabel("gold score")

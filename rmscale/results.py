@@ -4,6 +4,7 @@ Every file is written to a temporary name in the same directory and renamed into
 killed run leaves either the old file or the new one, never half of one. In a multi-host job only
 process 0 writes (every process computes the same replicated results); the others skip the write.
 """
+
 from __future__ import annotations
 
 import json

@@ -4,6 +4,7 @@ Everything here works on ``[B, T]`` arrays of response positions with a ``mask_B
 response tokens; masked positions never contribute to a loss, a statistic or an advantage. The
 functions are shared by PPO and any later policy-gradient method (ReMax, RLOO).
 """
+
 from __future__ import annotations
 
 import jax
@@ -53,8 +54,9 @@ def gae(rewards_BxT, values_BxT, mask_BxT, gamma: float, lam: float):
 
   B = rewards_BxT.shape[0]
   zeros_B = jnp.zeros((B,), jnp.float32)
-  _, adv_TxB = jax.lax.scan(step, (zeros_B, zeros_B), (rewards_TxB, values_TxB, valid_TxB),
-                            reverse=True)
+  _, adv_TxB = jax.lax.scan(
+    step, (zeros_B, zeros_B), (rewards_TxB, values_TxB, valid_TxB), reverse=True
+  )
   adv_BxT = adv_TxB.T
   returns_BxT = jnp.where(mask_BxT, adv_BxT + values_BxT, 0.0)
   return adv_BxT, returns_BxT
@@ -72,8 +74,10 @@ def policy_loss(logp_BxT, old_logp_BxT, advantages_BxT, mask_BxT, clip_eps: floa
   unclipped = -advantages_BxT * ratio
   clipped = -advantages_BxT * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
   loss = masked_mean(jnp.maximum(unclipped, clipped), mask_BxT)
-  metrics = {"clip_frac": masked_mean((clipped > unclipped).astype(jnp.float32), mask_BxT),
-             "approx_kl": masked_mean((ratio - 1.0) - log_ratio, mask_BxT)}
+  metrics = {
+    "clip_frac": masked_mean((clipped > unclipped).astype(jnp.float32), mask_BxT),
+    "approx_kl": masked_mean((ratio - 1.0) - log_ratio, mask_BxT),
+  }
   return loss, metrics
 
 

@@ -6,6 +6,7 @@ all rows, and per-row positions (counting only real tokens) keep the rotary/lear
 
 The loop stops early once every row has emitted EOS; slots after a row's EOS hold ``pad_id`` with mask 0.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -61,8 +62,9 @@ def filter_logits(logits_BxV, scfg: SamplingConfig):
   return logits
 
 
-def sample(params, prompt_BxP, prompt_mask_BxP, rng, *, model_cfg: TransformerConfig,
-           scfg: SamplingConfig):
+def sample(
+  params, prompt_BxP, prompt_mask_BxP, rng, *, model_cfg: TransformerConfig, scfg: SamplingConfig
+):
   """Samples ``scfg.max_new_tokens`` tokens after each left-padded prompt.
 
   Returns ``tokens`` [B,N] (pad after EOS), ``mask`` [B,N] (1 for generated tokens, EOS included),
@@ -73,7 +75,9 @@ def sample(params, prompt_BxP, prompt_mask_BxP, rng, *, model_cfg: TransformerCo
   B, P = prompt_BxP.shape
   N = scfg.max_new_tokens
   if model_cfg.position == "learned" and P + N > model_cfg.max_len:
-    raise ValueError(f"prompt length {P} + max_new_tokens {N} exceeds model.max_len={model_cfg.max_len}")
+    raise ValueError(
+      f"prompt length {P} + max_new_tokens {N} exceeds model.max_len={model_cfg.max_len}"
+    )
   apply = functools.partial(model.apply, {"params": params}, method=Transformer.forward)
 
   prompt_mask_BxP = prompt_mask_BxP.astype(bool)
@@ -102,15 +106,23 @@ def sample(params, prompt_BxP, prompt_mask_BxP, rng, *, model_cfg: TransformerCo
     nxt = apply(tok_B[:, None], live_B[:, None], pos_B[:, None], cache=cache)
     return (step + 1, nxt["cache"], nxt["logits"][:, -1], pos_B + 1, tokens, mask, logprobs, done_B)
 
-  init = (jnp.zeros((), jnp.int32), out["cache"], out["logits"][:, -1], positions_BxP[:, -1] + 1,
-          jnp.full((B, N), scfg.pad_id, jnp.int32), jnp.zeros((B, N), bool),
-          jnp.zeros((B, N), jnp.float32), jnp.zeros((B,), bool))
+  init = (
+    jnp.zeros((), jnp.int32),
+    out["cache"],
+    out["logits"][:, -1],
+    positions_BxP[:, -1] + 1,
+    jnp.full((B, N), scfg.pad_id, jnp.int32),
+    jnp.zeros((B, N), bool),
+    jnp.zeros((B, N), jnp.float32),
+    jnp.zeros((B,), bool),
+  )
   _, _, _, _, tokens, mask, logprobs, _ = jax.lax.while_loop(cond, body, init)
   return {"tokens": tokens, "mask": mask, "logprobs": logprobs}
 
 
-def make_sampler(model_cfg: TransformerConfig, scfg: SamplingConfig, in_shardings=None,
-                 out_shardings=None):
+def make_sampler(
+  model_cfg: TransformerConfig, scfg: SamplingConfig, in_shardings=None, out_shardings=None
+):
   """``jit(sample)`` for fixed configs: ``fn(params, prompt_BxP, prompt_mask_BxP, rng)``."""
   fn = functools.partial(sample, model_cfg=model_cfg, scfg=scfg)
   if in_shardings is None:

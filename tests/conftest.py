@@ -2,6 +2,7 @@
 
 Also the session's shared experiment (``tiny_run``) and a hand-written sweep (``synthetic_sweep``).
 """
+
 import math
 import os
 import shutil
@@ -34,8 +35,10 @@ def tiny_run(tmp_path_factory):
   import fcntl
 
   from rmscale import atomic, pipeline
+
   sys.path.insert(0, ROOT)
   from configs import quickstart
+
   shared = tmp_path_factory.getbasetemp()
   if os.environ.get("PYTEST_XDIST_WORKER"):
     shared = shared.parent
@@ -64,7 +67,10 @@ def copy_run():
 # written by hand from exact laws: alpha and beta linear in ln(RM params), per-prompt scores that
 # average exactly to the law. Fits recover the laws and the trend extrapolates without error.
 SWEEP_SIZES = {"100k": 100_000, "400k": 400_000, "1.6m": 1_600_000, "6.4m": 6_400_000}
-SWEEP_LAWS = {"bon": lambda x: (0.4 + 0.1 * x, 0.30 - 0.04 * x), "rl": lambda x: (0.5 + 0.05 * x, 0.4 - 0.03 * x)}
+SWEEP_LAWS = {
+  "bon": lambda x: (0.4 + 0.1 * x, 0.30 - 0.04 * x),
+  "rl": lambda x: (0.5 + 0.05 * x, 0.4 - 0.03 * x),
+}
 SWEEP_PROMPTS = 6
 
 
@@ -75,6 +81,7 @@ def sweep_law(method: str, rm_params: int) -> tuple[float, float]:
 def write_sweep(root: str, data_size: int = 1000) -> str:
   from rmscale import bon, results
   from rmscale.scaling import fit
+
   os.makedirs(os.path.join(root, "shared", "policy_init"), exist_ok=True)
   # Prompt-to-prompt variation in both terms of the laws, zero mean: the prompt average is the law itself.
   offsets_U = np.linspace(-1.0, 1.0, SWEEP_PROMPTS)
@@ -90,21 +97,36 @@ def write_sweep(root: str, data_size: int = 1000) -> str:
     recs = {"bon": [], "rl": []}
     for method, d in (("bon", bon_d), ("rl", rl_d)):
       gold = fit.predict(method, *sweep_law(method, params), d)
-      units_UxD = gold[None] + 0.3 * offsets_U[:, None] * d[None] + 0.1 * offsets2_U[:, None] * d[None] ** 2
+      units_UxD = (
+        gold[None] + 0.3 * offsets_U[:, None] * d[None] + 0.1 * offsets2_U[:, None] * d[None] ** 2
+      )
       per_prompt[method] = units_UxD
       for i, (di, g) in enumerate(zip(d, gold)):
-        r = {**meta, "method": method, "kl": float(di * di), "d": float(di), "gold": float(g),
-             "gold_se": float(units_UxD[:, i].std(ddof=1) / np.sqrt(SWEEP_PROMPTS)), "proxy": float(2 * di)}
+        r = {
+          **meta,
+          "method": method,
+          "kl": float(di * di),
+          "d": float(di),
+          "gold": float(g),
+          "gold_se": float(units_UxD[:, i].std(ddof=1) / np.sqrt(SWEEP_PROMPTS)),
+          "proxy": float(2 * di),
+        }
         if method == "bon":
           r["n"] = int(ns[i])
         else:
-          r.update(iteration=i, proxy_name=name, kl_coef=0.0, gold_per_prompt=units_UxD[:, i].tolist())
+          r.update(
+            iteration=i, proxy_name=name, kl_coef=0.0, gold_per_prompt=units_UxD[:, i].tolist()
+          )
         recs[method].append(r)
     results.write_jsonl(os.path.join(run, "results", "bon.jsonl"), recs["bon"])
     results.write_jsonl(os.path.join(run, "results", "rl.jsonl"), recs["rl"])
-    results.write_jsonl(os.path.join(run, "results", "proxies.jsonl"),
-                        [{**meta, "val_loss": 0.6, "val_accuracy": 0.7}])
-    results.write_npz(os.path.join(run, "bon", "samples.npz"), **{f"gold_per_prompt__{name}": per_prompt["bon"]})
+    results.write_jsonl(
+      os.path.join(run, "results", "proxies.jsonl"),
+      [{**meta, "val_loss": 0.6, "val_accuracy": 0.7}],
+    )
+    results.write_npz(
+      os.path.join(run, "bon", "samples.npz"), **{f"gold_per_prompt__{name}": per_prompt["bon"]}
+    )
   return root
 
 

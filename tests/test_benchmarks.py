@@ -1,4 +1,5 @@
 """Benchmarks: records carry what they claim, and the FLOPs formula is the real matmul work."""
+
 import datetime
 import functools
 import json
@@ -28,8 +29,18 @@ from rmscale.train.state import train_step as rmscale_train_step  # noqa: E402
 HAND_NON_EMBEDDING_100K = 2 * (4 * 64 * 64 + 4 * 64 + 2 * 64 * 256 + 256 + 64 + 2 * 128) + 128
 HAND_NON_MATMUL_100K = 2 * (4 * 64 + 256 + 64 + 2 * 128) + 128  # Biases and norm parameters.
 BYTE_VOCAB = 259
-COMMON_FIELDS = ("benchmark", "device", "date", "jax", "model_size", "params", "batch", "seq_len",
-                 "dtype", "matmul_precision")
+COMMON_FIELDS = (
+  "benchmark",
+  "device",
+  "date",
+  "jax",
+  "model_size",
+  "params",
+  "batch",
+  "seq_len",
+  "dtype",
+  "matmul_precision",
+)
 
 
 def _today():
@@ -44,7 +55,11 @@ def _check_common(rec, benchmark, n_devices):
   for field in COMMON_FIELDS:
     assert field in rec, field
   assert rec["benchmark"] == benchmark
-  assert rec["device"] == {"kind": jax.devices()[0].device_kind, "platform": "cpu", "count": n_devices}
+  assert rec["device"] == {
+    "kind": jax.devices()[0].device_kind,
+    "platform": "cpu",
+    "count": n_devices,
+  }
   assert rec["date"] == _today()
   assert rec["model_size"] == "100k"
   assert rec["params"]["non_embedding"] == HAND_NON_EMBEDDING_100K == 100096
@@ -52,9 +67,12 @@ def _check_common(rec, benchmark, n_devices):
 
 def test_train_step_records(capsys):
   B, L = 8, 16
-  records = train_step.main(["--sizes=100k", "--kind=lm,rm", f"--batch={B}", f"--seq_len={L}",
-                             "--steps=2", "--warmup=1"])
-  assert _lines(capsys) == records  # What main returns is exactly what it printed, one JSON per line.
+  records = train_step.main(
+    ["--sizes=100k", "--kind=lm,rm", f"--batch={B}", f"--seq_len={L}", "--steps=2", "--warmup=1"]
+  )
+  assert (
+    _lines(capsys) == records
+  )  # What main returns is exactly what it printed, one JSON per line.
   assert [r["kind"] for r in records] == ["lm", "rm"]
   lm, rmr = records
   for rec in records:
@@ -66,14 +84,19 @@ def test_train_step_records(capsys):
     tokens = rec["sequences_per_step"] * L
     assert rec["tokens_per_s"] == pytest.approx(tokens / rec["step_time_s"], rel=1e-12)
     assert rec["achieved_flops_per_s"] == pytest.approx(
-        rec["model_flops_per_step"] / rec["step_time_s"], rel=1e-12)
+      rec["model_flops_per_step"] / rec["step_time_s"], rel=1e-12
+    )
 
   # LM: untied embedding and LM head of 259 x 64 each.
   assert lm["params"]["total"] == 100096 + 2 * BYTE_VOCAB * 64
   assert lm["sequences_per_step"] == B
   # 6N + 12 * layers * d_model * L + 6 * d_model * V per token, x B*L tokens.
-  assert lm["model_flops_per_token"] == {"dense": 600576, "attention": 24576, "lm_head": 99456,
-                                         "value_head": 0}
+  assert lm["model_flops_per_token"] == {
+    "dense": 600576,
+    "attention": 24576,
+    "lm_head": 99456,
+    "value_head": 0,
+  }
   assert lm["model_flops_per_step"] == B * L * (600576 + 24576 + 99456)
   # RM: pairs, so 2B sequences; no LM head; a linear reward head (64 weights) read once per sequence.
   assert rmr["params"]["total"] == 100096 + BYTE_VOCAB * 64 + 64
@@ -82,8 +105,9 @@ def test_train_step_records(capsys):
 
 
 def test_sampler_records(capsys):
-  records = sampler.main(["--sizes=100k", "--batch=4", "--prompt_len=8", "--new_tokens=8",
-                          "--repeats=2"])
+  records = sampler.main(
+    ["--sizes=100k", "--batch=4", "--prompt_len=8", "--new_tokens=8", "--repeats=2"]
+  )
   assert _lines(capsys) == records
   (rec,) = records
   _check_common(rec, "sampler", n_devices=1)
@@ -100,7 +124,9 @@ def _jaxpr_matmul_flops(jaxpr) -> int:
     if eqn.primitive.name == "dot_general":
       (lhs_contract, _), _ = eqn.params["dimension_numbers"]
       lhs_shape = eqn.invars[0].aval.shape
-      total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs_shape[d] for d in lhs_contract)
+      total += (
+        2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs_shape[d] for d in lhs_contract)
+      )
     for value in eqn.params.values():
       for sub in value if isinstance(value, (tuple, list)) else (value,):
         if hasattr(sub, "eqns"):
@@ -112,9 +138,9 @@ def _jaxpr_matmul_flops(jaxpr) -> int:
 
 # (family overrides, hand-counted parameters that do no matmul: biases and norm scales/offsets).
 VARIANTS = {
-    "neox": ({}, HAND_NON_MATMUL_100K),
-    # Llama with GQA (2 KV heads): no biases, RMSNorm has 64 scales; 2 per layer + final.
-    "llama_gqa": ({"family": "llama", "n_kv_heads": 2}, 2 * 2 * 64 + 64),
+  "neox": ({}, HAND_NON_MATMUL_100K),
+  # Llama with GQA (2 KV heads): no biases, RMSNorm has 64 scales; 2 per layer + final.
+  "llama_gqa": ({"family": "llama", "n_kv_heads": 2}, 2 * 2 * 64 + 64),
 }
 
 
@@ -133,16 +159,26 @@ def test_flops_formula_matches_matmul_count_of_the_real_step(variant, kind):
     cfg = cfg.replace(lm_head=False, reward_head="linear")
   tx = make_optimizer(OptimConfig())
   params, _ = abstract_params(cfg, seq_len=L)
-  state = {"params": params, "opt_state": jax.eval_shape(tx.init, params),
-           "step": jax.ShapeDtypeStruct((), jnp.int32), "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
+  state = {
+    "params": params,
+    "opt_state": jax.eval_shape(tx.init, params),
+    "step": jax.ShapeDtypeStruct((), jnp.int32),
+    "rng": jax.ShapeDtypeStruct((2,), jnp.uint32),
+  }
   tok = jax.ShapeDtypeStruct((B, L), jnp.int32)
   mask = jax.ShapeDtypeStruct((B, L), jnp.bool_)
   if kind == "lm":
-    batch, loss_fn, n_seq = {"tokens": tok, "mask": mask, "loss_mask": mask}, sft.make_sft_loss(cfg), B
+    batch, loss_fn, n_seq = (
+      {"tokens": tok, "mask": mask, "loss_mask": mask},
+      sft.make_sft_loss(cfg),
+      B,
+    )
   else:
     batch = {"chosen": tok, "chosen_mask": mask, "rejected": tok, "rejected_mask": mask}
     loss_fn, n_seq = rm.make_rm_loss(cfg), 2 * B
-  jaxpr = jax.make_jaxpr(functools.partial(rmscale_train_step, loss_fn=loss_fn, tx=tx))(state, batch)
+  jaxpr = jax.make_jaxpr(functools.partial(rmscale_train_step, loss_fn=loss_fn, tx=tx))(
+    state, batch
+  )
   counted = _jaxpr_matmul_flops(jaxpr.jaxpr)
   formula = common.train_flops_per_step(cfg, n_seq, L)
   assert formula - 6 * non_matmul * n_seq * L == counted

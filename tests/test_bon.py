@@ -1,4 +1,5 @@
 """Best-of-n estimator against brute-force enumeration, plus the KL formula and recentring."""
+
 import itertools
 import math
 
@@ -102,8 +103,9 @@ def test_kl_bon_values():
   # The paper's scales: n=1,000 is ~6 nats, n=60,000 ~10 nats.
   assert bon.kl_bon(1000) == pytest.approx(math.log(1000) - 0.999, abs=1e-12)
   assert 9.9 < bon.kl_bon(60_000) < 10.1
-  np.testing.assert_allclose(bon.kl_bon(np.array([1, 2, 4])),
-                             [0.0, math.log(2) - 0.5, math.log(4) - 0.75])
+  np.testing.assert_allclose(
+    bon.kl_bon(np.array([1, 2, 4])), [0.0, math.log(2) - 0.5, math.log(4) - 0.75]
+  )
   with pytest.raises(ValueError, match="n >= 1"):
     bon.kl_bon(0)
 
@@ -151,8 +153,9 @@ def test_recentre():
   assert ref_c.mean() == pytest.approx(0.0, abs=1e-12)
   assert ref_c.std() == pytest.approx(1.0, abs=1e-12)
   # Invariant to any positive affine change of the RM's units.
-  np.testing.assert_allclose(bon.recentre(7 * scores - 2, 7 * ref - 2), bon.recentre(scores, ref),
-                             atol=1e-12)
+  np.testing.assert_allclose(
+    bon.recentre(7 * scores - 2, 7 * ref - 2), bon.recentre(scores, ref), atol=1e-12
+  )
   shifted = bon.recentre(scores, ref, shift_only=True)
   np.testing.assert_allclose(shifted, scores - ref.mean(), atol=1e-12)
   np.testing.assert_allclose(bon.recentre(scores, ref), shifted / ref.std(), atol=1e-12)

@@ -4,6 +4,7 @@ Tiny random models of each family are built with transformers, their weights re-
 makes logits O(1) (so a layout mistake cannot hide under the 1e-4 tolerance), saved as safetensors,
 loaded with rmscale and compared on random tokens with right and left padding.
 """
+
 import json
 import os
 import shutil
@@ -28,27 +29,60 @@ def _hf_config(family: str, **kw):
   """Tiny configs; llama_tied adds GQA's cousin features: a decoupled head_dim, biases, tied head."""
   common = dict(vocab_size=V, pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
   if family == "neox":
-    return transformers.GPTNeoXConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                      intermediate_size=64, rotary_pct=0.5, rotary_emb_base=500.0,
-                                      max_position_embeddings=64, **common, **kw)
+    return transformers.GPTNeoXConfig(
+      hidden_size=32,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      intermediate_size=64,
+      rotary_pct=0.5,
+      rotary_emb_base=500.0,
+      max_position_embeddings=64,
+      **common,
+      **kw,
+    )
   if family == "llama":  # GQA: 2 key/value heads shared by 4 query heads.
-    return transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                    num_key_value_heads=2, intermediate_size=48, rope_theta=500.0,
-                                    rms_norm_eps=1e-5, max_position_embeddings=64, **common, **kw)
+    return transformers.LlamaConfig(
+      hidden_size=32,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      intermediate_size=48,
+      rope_theta=500.0,
+      rms_norm_eps=1e-5,
+      max_position_embeddings=64,
+      **common,
+      **kw,
+    )
   if family == "llama_tied":
-    return transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                    num_key_value_heads=1, head_dim=16, intermediate_size=48,
-                                    attention_bias=True, mlp_bias=True, tie_word_embeddings=True,
-                                    max_position_embeddings=64, **common, **kw)
+    return transformers.LlamaConfig(
+      hidden_size=32,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      num_key_value_heads=1,
+      head_dim=16,
+      intermediate_size=48,
+      attention_bias=True,
+      mlp_bias=True,
+      tie_word_embeddings=True,
+      max_position_embeddings=64,
+      **common,
+      **kw,
+    )
   assert family == "gpt2"
   return transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, **common, **kw)
 
 
-_CAUSAL = {"neox": transformers.GPTNeoXForCausalLM, "llama": transformers.LlamaForCausalLM,
-           "llama_tied": transformers.LlamaForCausalLM, "gpt2": transformers.GPT2LMHeadModel}
-_SEQCLS = {"neox": transformers.GPTNeoXForSequenceClassification,
-           "llama": transformers.LlamaForSequenceClassification,
-           "gpt2": transformers.GPT2ForSequenceClassification}
+_CAUSAL = {
+  "neox": transformers.GPTNeoXForCausalLM,
+  "llama": transformers.LlamaForCausalLM,
+  "llama_tied": transformers.LlamaForCausalLM,
+  "gpt2": transformers.GPT2LMHeadModel,
+}
+_SEQCLS = {
+  "neox": transformers.GPTNeoXForSequenceClassification,
+  "llama": transformers.LlamaForSequenceClassification,
+  "gpt2": transformers.GPT2ForSequenceClassification,
+}
 FAMILIES = ["neox", "llama", "llama_tied", "gpt2"]
 
 
@@ -71,15 +105,19 @@ def _build(cls, config, seed: int, out_dir: str, **save_kw):
 def causal(tmp_path_factory):
   """family -> (directory, transformers model) of a causal LM."""
   root = tmp_path_factory.mktemp("causal")
-  return {f: (str(root / f), _build(_CAUSAL[f], _hf_config(f), i, str(root / f)))
-          for i, f in enumerate(FAMILIES)}
+  return {
+    f: (str(root / f), _build(_CAUSAL[f], _hf_config(f), i, str(root / f)))
+    for i, f in enumerate(FAMILIES)
+  }
 
 
 @pytest.fixture(scope="module")
 def seqcls(tmp_path_factory):
   root = tmp_path_factory.mktemp("seqcls")
-  return {f: (str(root / f), _build(_SEQCLS[f], _hf_config(f, num_labels=1), 10 + i, str(root / f)))
-          for i, f in enumerate(_SEQCLS)}
+  return {
+    f: (str(root / f), _build(_SEQCLS[f], _hf_config(f, num_labels=1), 10 + i, str(root / f)))
+    for i, f in enumerate(_SEQCLS)
+  }
 
 
 def _tokens(seed: int, pad_value=None):
@@ -101,8 +139,11 @@ def _positions(mask):
 def _hf_logits(model, tokens, mask):
   """HF's logits with rmscale's default positions (HF counts pads in positions unless told)."""
   with torch.no_grad():
-    out = model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask.astype(np.int64)),
-                position_ids=torch.tensor(_positions(mask)))
+    out = model(
+      input_ids=torch.tensor(tokens),
+      attention_mask=torch.tensor(mask.astype(np.int64)),
+      position_ids=torch.tensor(_positions(mask)),
+    )
   return out.logits.numpy()
 
 
@@ -117,19 +158,35 @@ def test_logits_match_transformers_with_padding(causal, family):
   np.testing.assert_allclose(ours[mask], ref[mask], atol=TOL, rtol=0)
   # Right padding needs no explicit positions on the HF side.
   with torch.no_grad():
-    plain = ref_model(input_ids=torch.tensor(tokens[:2]),
-                      attention_mask=torch.tensor(mask[:2].astype(np.int64))).logits.numpy()
+    plain = ref_model(
+      input_ids=torch.tensor(tokens[:2]), attention_mask=torch.tensor(mask[:2].astype(np.int64))
+    ).logits.numpy()
   np.testing.assert_allclose(ours[:2][mask[:2]], plain[mask[:2]], atol=TOL, rtol=0)
 
 
 def test_config_maps_family_features(causal):
   expect = {
-      "neox": dict(norm="layernorm", rotary_pct=0.5, rope_theta=500.0, parallel_residual=True,
-                   activation="gelu", tie_embeddings=False),
-      "llama": dict(norm="rmsnorm", activation="swiglu", n_kv_heads=2, rope_theta=500.0,
-                    norm_eps=1e-5, qkv_bias=False, tie_embeddings=False),
-      "llama_tied": dict(n_kv_heads=1, head_dim=16, qkv_bias=True, mlp_bias=True, tie_embeddings=True),
-      "gpt2": dict(position="learned", activation="gelu_tanh", max_len=64, tie_embeddings=True),
+    "neox": dict(
+      norm="layernorm",
+      rotary_pct=0.5,
+      rope_theta=500.0,
+      parallel_residual=True,
+      activation="gelu",
+      tie_embeddings=False,
+    ),
+    "llama": dict(
+      norm="rmsnorm",
+      activation="swiglu",
+      n_kv_heads=2,
+      rope_theta=500.0,
+      norm_eps=1e-5,
+      qkv_bias=False,
+      tie_embeddings=False,
+    ),
+    "llama_tied": dict(
+      n_kv_heads=1, head_dim=16, qkv_bias=True, mlp_bias=True, tie_embeddings=True
+    ),
+    "gpt2": dict(position="learned", activation="gelu_tanh", max_len=64, tie_embeddings=True),
   }
   for family, fields in expect.items():
     cfg = hf.load_config(causal[family][0])
@@ -144,9 +201,14 @@ def test_reward_matches_sequence_classification(seqcls, family, tmp_path):
   assert model.cfg.reward_head == "linear" and not model.cfg.lm_head and "lm_head" not in params
   tokens, mask = _tokens(1, pad_value=PAD)  # HF finds the last token by pad_token_id.
   with torch.no_grad():
-    ref = ref_model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask.astype(np.int64)),
-                    position_ids=torch.tensor(_positions(mask))).logits.numpy()[:, 0]
-  ours = np.asarray(model.apply({"params": params}, tokens, mask, method=Transformer.forward)["reward"])
+    ref = ref_model(
+      input_ids=torch.tensor(tokens),
+      attention_mask=torch.tensor(mask.astype(np.int64)),
+      position_ids=torch.tensor(_positions(mask)),
+    ).logits.numpy()[:, 0]
+  ours = np.asarray(
+    model.apply({"params": params}, tokens, mask, method=Transformer.forward)["reward"]
+  )
   assert np.abs(ref).max() > 0.3
   np.testing.assert_allclose(ours, ref, atol=TOL, rtol=0)
 
@@ -154,10 +216,14 @@ def test_reward_matches_sequence_classification(seqcls, family, tmp_path):
   hf.save_pretrained(model.cfg, params, str(tmp_path), extra_config={"pad_token_id": PAD})
   assert json.load(open(tmp_path / "config.json"))["architectures"] == [type(ref_model).__name__]
   back = transformers.AutoModelForSequenceClassification.from_pretrained(
-      str(tmp_path), attn_implementation="eager").eval()
+    str(tmp_path), attn_implementation="eager"
+  ).eval()
   with torch.no_grad():
-    again = back(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask.astype(np.int64)),
-                 position_ids=torch.tensor(_positions(mask))).logits.numpy()[:, 0]
+    again = back(
+      input_ids=torch.tensor(tokens),
+      attention_mask=torch.tensor(mask.astype(np.int64)),
+      position_ids=torch.tensor(_positions(mask)),
+    ).logits.numpy()[:, 0]
   np.testing.assert_allclose(again, ref, atol=TOL, rtol=0)
 
 
@@ -168,8 +234,12 @@ def test_export_round_trip(causal, family, tmp_path):
   hf.save_pretrained(model.cfg, params, str(tmp_path))
   back = _CAUSAL[family].from_pretrained(str(tmp_path), attn_implementation="eager").eval()
   tokens, mask = _tokens(2)
-  np.testing.assert_allclose(_hf_logits(back, tokens, mask)[mask],
-                             _hf_logits(ref_model, tokens, mask)[mask], atol=TOL, rtol=0)
+  np.testing.assert_allclose(
+    _hf_logits(back, tokens, mask)[mask],
+    _hf_logits(ref_model, tokens, mask)[mask],
+    atol=TOL,
+    rtol=0,
+  )
   # And rmscale reads its own export back to the identical tree.
   model2, params2 = hf.load_pretrained(str(tmp_path))
   assert model2.cfg == model.cfg
@@ -188,11 +258,16 @@ def test_sharded_checkpoints_both_ways(causal, tmp_path):
   files = hf.save_pretrained(model.cfg, sharded, str(tmp_path / "out"), max_shard_size="20KB")
   assert sum(f.endswith(".safetensors") for f in files) > 1
   assert not os.path.exists(tmp_path / "out" / hf._SINGLE)
-  back = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "out"),
-                                                       attn_implementation="eager")
+  back = transformers.LlamaForCausalLM.from_pretrained(
+    str(tmp_path / "out"), attn_implementation="eager"
+  )
   tokens, mask = _tokens(3)
-  np.testing.assert_allclose(_hf_logits(back.eval(), tokens, mask)[mask],
-                             _hf_logits(ref_model, tokens, mask)[mask], atol=TOL, rtol=0)
+  np.testing.assert_allclose(
+    _hf_logits(back.eval(), tokens, mask)[mask],
+    _hf_logits(ref_model, tokens, mask)[mask],
+    atol=TOL,
+    rtol=0,
+  )
   # A later unsharded export into the same directory removes the stale shards.
   files = hf.save_pretrained(model.cfg, sharded, str(tmp_path / "out"))
   assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "model.safetensors"]
@@ -209,11 +284,14 @@ def test_loads_straight_into_target_sharding(causal):
   expected = shardings(model.cfg)
   jax.tree.map(lambda x, s: assert_same_sharding(x, s), params, expected)
   assert params["layers_0"]["attn"]["query"]["kernel"].sharding.spec == jax.sharding.PartitionSpec(
-      "fsdp", "tensor", None)
+    "fsdp", "tensor", None
+  )
   tokens, mask = _tokens(4)
   with mesh_lib.sharding_context(mesh):
     ours = np.asarray(jax.jit(model.apply)({"params": params}, tokens, mask))
-  np.testing.assert_allclose(ours[mask], _hf_logits(ref_model, tokens, mask)[mask], atol=TOL, rtol=0)
+  np.testing.assert_allclose(
+    ours[mask], _hf_logits(ref_model, tokens, mask)[mask], atol=TOL, rtol=0
+  )
   # One sharding for every parameter.
   _, replicated = hf.load_pretrained(directory, shardings=mesh_lib.replicated(mesh))
   assert all(x.sharding == mesh_lib.replicated(mesh) for x in jax.tree.leaves(replicated))
@@ -237,8 +315,9 @@ def test_fresh_heads_equal_full_init_and_leave_trunk_alone(causal):
     jax.tree.map(np.testing.assert_array_equal, params[head], full[head])
   tokens, mask = _tokens(5)
   out = model.apply({"params": params}, tokens, mask, method=Transformer.forward)
-  np.testing.assert_allclose(np.asarray(out["logits"])[mask], _hf_logits(ref_model, tokens, mask)[mask],
-                             atol=TOL, rtol=0)
+  np.testing.assert_allclose(
+    np.asarray(out["logits"])[mask], _hf_logits(ref_model, tokens, mask)[mask], atol=TOL, rtol=0
+  )
   assert out["reward"].shape == (B,) and out["value"].shape == (B, L)
   # An RM without the LM head, and an MLP head.
   model, params = hf.load_pretrained(directory, reward_head="mlp", lm_head=False, rng=rng)
@@ -257,9 +336,14 @@ def test_bfloat16_checkpoint_reads_exactly(tmp_path):
 
 def test_safetensors_writer_is_read_by_the_reference_library(tmp_path):
   from safetensors import safe_open
+
   rs = np.random.RandomState(0)
-  arrays = {"a": rs.randn(3, 5).astype(np.float32), "b": rs.randn(7).astype(np.float16),
-            "c": rs.randn(2, 2, 3).astype(jnp.bfloat16), "d": np.arange(5, dtype=np.int64)}
+  arrays = {
+    "a": rs.randn(3, 5).astype(np.float32),
+    "b": rs.randn(7).astype(np.float16),
+    "c": rs.randn(2, 2, 3).astype(jnp.bfloat16),
+    "d": np.arange(5, dtype=np.int64),
+  }
   path = str(tmp_path / "x.safetensors")
   hf.write_safetensors(path, [(k, v.dtype, v.shape) for k, v in arrays.items()], arrays.values())
   with safe_open(path, framework="pt") as f:
@@ -289,6 +373,7 @@ def test_reads_openai_gpt2_layout(causal, tmp_path):
 
 # -- malformed inputs: errors name the file and the field ------------------------------------------
 
+
 def _copy_dir(src, dst):
   shutil.copytree(src, dst)
   return str(dst)
@@ -303,6 +388,7 @@ def _edit_config(directory, **fields):
 
 def _rewrite_tensors(directory, edit):
   from safetensors.numpy import load_file, save_file
+
   path = os.path.join(directory, "model.safetensors")
   tensors = load_file(path)
   edit(tensors)
@@ -324,8 +410,9 @@ def test_error_unknown_model_type_and_architecture(causal, tmp_path):
   with pytest.raises(ValueError, match=r"config\.json: field 'model_type'='mamba'"):
     hf.load_pretrained(d)
   _edit_config(d, model_type="gpt_neox", architectures=["GPTNeoXForTokenClassification"])
-  with pytest.raises(ValueError,
-                     match=r"config\.json: field 'architectures'.*GPTNeoXForTokenClassification"):
+  with pytest.raises(
+    ValueError, match=r"config\.json: field 'architectures'.*GPTNeoXForTokenClassification"
+  ):
     hf.load_pretrained(d)
 
 
@@ -336,18 +423,23 @@ def test_error_missing_and_unexpected_tensors(causal, tmp_path):
     hf.load_pretrained(d)
   d = _copy_dir(causal["gpt2"][0], tmp_path / "b")
   _rewrite_tensors(d, lambda t: t.update({"transformer.h.0.attn.extra": np.zeros(3, np.float32)}))
-  with pytest.raises(ValueError,
-                     match=r"unexpected tensors \['transformer\.h\.0\.attn\.extra'\].*"
-                           r"model\.safetensors"):
+  with pytest.raises(
+    ValueError,
+    match=r"unexpected tensors \['transformer\.h\.0\.attn\.extra'\].*"
+    r"model\.safetensors",
+  ):
     hf.load_pretrained(d)
 
 
 def test_error_vocab_mismatch_names_tensor_and_shapes(causal, tmp_path):
   d = _copy_dir(causal["neox"][0], tmp_path / "a")
   _edit_config(d, vocab_size=V + 8)
-  with pytest.raises(ValueError, match=rf"model\.safetensors: tensor '(gpt_neox\.embed_in|embed_out)"
-                                       rf"\.weight' has shape \({V}, 32\) but .*config\.json "
-                                       rf"implies \({V + 8}, 32\)"):
+  with pytest.raises(
+    ValueError,
+    match=rf"model\.safetensors: tensor '(gpt_neox\.embed_in|embed_out)"
+    rf"\.weight' has shape \({V}, 32\) but .*config\.json "
+    rf"implies \({V + 8}, 32\)",
+  ):
     hf.load_pretrained(d)
 
 
@@ -363,8 +455,9 @@ def test_error_truncated_and_corrupt_files(causal, tmp_path):
   with pytest.raises(ValueError, match=r"model\.safetensors: truncated or corrupt"):
     hf.load_pretrained(d)
   os.remove(path)
-  with pytest.raises(ValueError,
-                     match=r"neither model\.safetensors nor model\.safetensors\.index\.json"):
+  with pytest.raises(
+    ValueError, match=r"neither model\.safetensors nor model\.safetensors\.index\.json"
+  ):
     hf.load_pretrained(d)
 
 
@@ -374,8 +467,9 @@ def test_error_unsupported_config_fields(causal, tmp_path):
   with pytest.raises(ValueError, match=r"config\.json: rope type 'llama3'"):
     hf.load_pretrained(d)
   _edit_config(d, rope_parameters=None, num_hidden_layers="two")
-  with pytest.raises(ValueError,
-                     match=r"config\.json: field 'num_hidden_layers' must be a positive integer"):
+  with pytest.raises(
+    ValueError, match=r"config\.json: field 'num_hidden_layers' must be a positive integer"
+  ):
     hf.load_pretrained(d)
 
 
@@ -395,8 +489,14 @@ def test_cli_convert_then_export(causal, tmp_path):
   directory, ref_model = causal["gpt2"]
   hf.main(["convert", f"--hf_dir={directory}", f"--out={tmp_path / 'ckpt'}"])
   hf.main(["export", f"--ckpt={tmp_path / 'ckpt'}", f"--out={tmp_path / 'hf'}"])
-  back = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "hf"), attn_implementation="eager")
+  back = transformers.GPT2LMHeadModel.from_pretrained(
+    str(tmp_path / "hf"), attn_implementation="eager"
+  )
   assert back.config.pad_token_id == PAD  # Special-token ids survive the trip.
   tokens, mask = _tokens(6)
-  np.testing.assert_allclose(_hf_logits(back.eval(), tokens, mask)[mask],
-                             _hf_logits(ref_model, tokens, mask)[mask], atol=TOL, rtol=0)
+  np.testing.assert_allclose(
+    _hf_logits(back.eval(), tokens, mask)[mask],
+    _hf_logits(ref_model, tokens, mask)[mask],
+    atol=TOL,
+    rtol=0,
+  )

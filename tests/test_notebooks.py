@@ -5,6 +5,7 @@ The quickstart notebook gets a copy of the session's finished tiny run (tests/co
 tests/test_pipeline.py. The kernel inherits this process's environment (8 fake CPU devices) and
 jupyter_client starts it with this interpreter (``python`` in the kernel spec means sys.executable).
 """
+
 import glob
 import os
 
@@ -12,7 +13,9 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-pytestmark = pytest.mark.xdist_group("tiny_run")  # Shares the session's tiny run with test_pipeline.py.
+pytestmark = pytest.mark.xdist_group(
+  "tiny_run"
+)  # Shares the session's tiny run with test_pipeline.py.
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "colab", "*.ipynb")))
@@ -23,7 +26,9 @@ def execute(name: str, params: dict, cwd) -> nbformat.NotebookNode:
   nb = nbformat.read(os.path.join(ROOT, "colab", f"{name}.ipynb"), as_version=4)
   [cell] = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
   cell.source = "\n".join(f"{k} = {v!r}" for k, v in params.items())
-  NotebookClient(nb, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(cwd)}}).execute()
+  NotebookClient(
+    nb, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(cwd)}}
+  ).execute()
   return nb
 
 
@@ -52,8 +57,10 @@ def test_stored_without_outputs_with_badge_and_one_parameters_cell(path):
     if c.cell_type == "code":
       assert c.outputs == [] and c.execution_count is None, c.source[:60]
   assert len([c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]) == 1
-  badge = ("https://colab.research.google.com/github/rmscale/rmscale/blob/main/colab/"
-           + os.path.basename(path))
+  badge = (
+    "https://colab.research.google.com/github/rmscale/rmscale/blob/main/colab/"
+    + os.path.basename(path)
+  )
   assert badge in nb.cells[0].source
   assert "https://github.com/rmscale/rmscale" in nb.cells[1].source  # The install cell.
 
@@ -69,7 +76,9 @@ def test_quickstart_notebook(tiny_run, copy_run, tmp_path):
   md = "\n".join(outputs(nb, "text/markdown"))
   assert "### The offline world" in md and "| prompt | response | words | requested |" in md
   assert "## Proxy reward models" in md and "## KL-penalty study" in md  # summary.md
-  assert len(outputs(nb, "image/png")) == 5  # score_vs_sqrt_kl, gold_vs_proxy, coefficients, kl_penalty, rm_validation
+  assert (
+    len(outputs(nb, "image/png")) == 5
+  )  # score_vs_sqrt_kl, gold_vs_proxy, coefficients, kl_penalty, rm_validation
   assert "Best-of-16 by proxy `100k_d100_s0`" in md
   assert "PPO against `100k_d300_s0` after 4 iterations" in md
   assert md.count("| prompt | initial response |") + md.count("No prompt where") == 2
@@ -77,22 +86,34 @@ def test_quickstart_notebook(tiny_run, copy_run, tmp_path):
 
 def test_scaling_laws_notebook_on_a_workdir(tiny_run, tmp_path):
   # Reads only; its figures go to OUTDIR.
-  nb = execute("scaling_laws", {"RESULTS": tiny_run[0], "OUTDIR": str(tmp_path / "out"), "NUM_BOOTSTRAP": 50,
-                                "SEED": 0}, tmp_path)
+  nb = execute(
+    "scaling_laws",
+    {"RESULTS": tiny_run[0], "OUTDIR": str(tmp_path / "out"), "NUM_BOOTSTRAP": 50, "SEED": 0},
+    tmp_path,
+  )
   md = "\n".join(outputs(nb, "text/markdown"))
   assert "- best-of-n: 4 curves (4 with per-prompt scores)" in md
   assert "| method | name | alpha | alpha_lo |" in md
   # The tiny run has proxies of two sizes: the notebook says why it cannot extrapolate.
   assert md.count("_Not extrapolated:") == 3
   assert len(outputs(nb, "image/png")) == 3  # Bands, coefficients vs size, curves with fits.
-  assert sorted(os.listdir(tmp_path / "out")) == ["coefficients_vs_size.png", "score_vs_sqrt_kl.png"]
+  assert sorted(os.listdir(tmp_path / "out")) == [
+    "coefficients_vs_size.png",
+    "score_vs_sqrt_kl.png",
+  ]
 
 
 def test_scaling_laws_notebook_on_a_sweep(synthetic_sweep, tmp_path):
-  nb = execute("scaling_laws", {"RESULTS": synthetic_sweep, "OUTDIR": str(tmp_path / "out"), "NUM_BOOTSTRAP": 20,
-                                "SEED": 0}, tmp_path)
+  nb = execute(
+    "scaling_laws",
+    {"RESULTS": synthetic_sweep, "OUTDIR": str(tmp_path / "out"), "NUM_BOOTSTRAP": 20, "SEED": 0},
+    tmp_path,
+  )
   md = "\n".join(outputs(nb, "text/markdown"))
   assert "Loaded 4 runs under" in md and "_Not extrapolated" not in md
   for method in ("bon", "rl"):
-    assert f"**{method}, 1,000 comparisons: trend on 3 sizes predicts the 6,400,000-parameter proxy**" in md
+    assert (
+      f"**{method}, 1,000 comparisons: trend on 3 sizes predicts the 6,400,000-parameter proxy**"
+      in md
+    )
   assert len(outputs(nb, "image/png")) == 5  # Bands, coefficients, curves, two extrapolations.

@@ -1,4 +1,5 @@
 """The experiment end to end in its seconds-scale form: stages, skipping, resume, determinism, errors."""
+
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def tiny_config(**overrides):
   sys.path.insert(0, ROOT)
   from configs import quickstart
+
   c = quickstart.get_config("tiny,oracle")
   with c.unlocked():
     for k, v in overrides.items():
@@ -23,7 +25,9 @@ def tiny_config(**overrides):
   return c
 
 
-pytestmark = pytest.mark.xdist_group("tiny_run")  # Shares the session's tiny run (tests/conftest.py).
+pytestmark = pytest.mark.xdist_group(
+  "tiny_run"
+)  # Shares the session's tiny run (tests/conftest.py).
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +64,13 @@ def test_all_stages_write_their_artefacts(finished):
   fits = results.read_jsonl(os.path.join(workdir, "results", "fits.jsonl"))
   assert sorted(f["method"] for f in fits) == ["bon"] * 4 + ["rl"] * 2
   assert all(np.isfinite(f["alpha"]) for f in fits)
-  for png in ("score_vs_sqrt_kl", "gold_vs_proxy", "rm_validation", "coefficients_vs_size", "kl_penalty"):
+  for png in (
+    "score_vs_sqrt_kl",
+    "gold_vs_proxy",
+    "rm_validation",
+    "coefficients_vs_size",
+    "kl_penalty",
+  ):
     assert os.path.getsize(os.path.join(workdir, "plots", f"{png}.png")) > 1000
   assert "Proxy reward models" in summary
   assert os.listdir(os.path.join(workdir, "tensorboard"))
@@ -68,8 +78,10 @@ def test_all_stages_write_their_artefacts(finished):
 
 def test_finished_stages_are_skipped(finished, monkeypatch):
   workdir, _ = finished
-  before = {f: os.path.getmtime(os.path.join(workdir, "results", f))
-            for f in os.listdir(os.path.join(workdir, "results"))}
+  before = {
+    f: os.path.getmtime(os.path.join(workdir, "results", f))
+    for f in os.listdir(os.path.join(workdir, "results"))
+  }
 
   def boom(ctx):
     raise AssertionError("a finished stage ran again")
@@ -108,8 +120,13 @@ def test_labels_are_deterministic(finished, tmp_path):
   assert (a["gold_chosen"] >= a["gold_rejected"]).all()
 
 
-@pytest.mark.parametrize("overrides,message", [
-    ({"policy.batch_size": 7}, "config.policy.batch_size=7 is not divisible by the 8 data-parallel"),
+@pytest.mark.parametrize(
+  "overrides,message",
+  [
+    (
+      {"policy.batch_size": 7},
+      "config.policy.batch_size=7 is not divisible by the 8 data-parallel",
+    ),
     ({"stages": "policy_init,rl_typo"}, "unknown stages"),
     ({"stages": "gold,policy_init"}, "must follow the order"),
     ({"proxies.data_sizes": [100, 10**6]}, "config.proxies.data_sizes has 1000000"),
@@ -118,8 +135,12 @@ def test_labels_are_deterministic(finished, tmp_path):
     ({"label.noise": 0.7}, "config.label.noise"),
     ({"rl.proxies": ("12m_d1_s0",)}, "config.rl.proxies names"),
     ({"rl.minibatch_size": 12}, "config.rl.minibatch_size=12 is not divisible by the 8"),
-    ({"rl.minibatch_size": 48}, "config.rl.minibatch_size=48 does not divide rl.rollout_batch_size"),
-])
+    (
+      {"rl.minibatch_size": 48},
+      "config.rl.minibatch_size=48 does not divide rl.rollout_batch_size",
+    ),
+  ],
+)
 def test_config_errors_name_the_key(overrides, message, tmp_path):
   with pytest.raises(ValueError, match=message):
     pipeline.run(tiny_config(**overrides), str(tmp_path))
@@ -127,14 +148,36 @@ def test_config_errors_name_the_key(overrides, message, tmp_path):
 
 
 def test_cli_rejects_unknown_override(tmp_path):
-  out = subprocess.run([sys.executable, "-m", "rmscale.main", "--config=configs/quickstart.py:tiny",
-                        f"--workdir={tmp_path}", "--config.policy.sizes=12m"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+  out = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "rmscale.main",
+      "--config=configs/quickstart.py:tiny",
+      f"--workdir={tmp_path}",
+      "--config.policy.sizes=12m",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert out.returncode != 0
   assert "'sizes'" in out.stderr and 'Did you mean "size"' in out.stderr
 
 
 def test_cli_rejects_unknown_config_argument(tmp_path):
-  out = subprocess.run([sys.executable, "-m", "rmscale.main", "--config=configs/quickstart.py:tiny,fast",
-                        f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  out = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "rmscale.main",
+      "--config=configs/quickstart.py:tiny,fast",
+      f"--workdir={tmp_path}",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert out.returncode != 0 and "unknown config argument 'fast'" in out.stderr

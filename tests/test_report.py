@@ -1,5 +1,6 @@
 """The notebooks' helpers: loading results, over-optimised examples, bands, extrapolation (rmscale/report.py,
 rmscale/scaling/analysis.py), and the PPO evaluation samples the rl stage saves for them."""
+
 import importlib.util
 import math
 import os
@@ -15,7 +16,12 @@ from rmscale.scaling import fit as fit_lib
 from rmscale.stages import fit as fit_stage
 from rmscale.stages import rl as rl_stage
 
-SIZES = {"100k": 100_000, "400k": 400_000, "1.6m": 1_600_000, "6.4m": 6_400_000}  # = conftest.SWEEP_SIZES
+SIZES = {
+  "100k": 100_000,
+  "400k": 400_000,
+  "1.6m": 1_600_000,
+  "6.4m": 6_400_000,
+}  # = conftest.SWEEP_SIZES
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +32,8 @@ def world():
 def test_markdown_table_exact():
   rows = [{"a": "x|y", "b": 1.23456, "c": 3}, {"a": "two\nlines", "b": -0.5, "c": 4}]
   assert report.markdown_table(rows, ["a", "b"], ".1f") == (
-      "| a | b |\n|---|---|\n| x\\|y | 1.2 |\n| two lines | -0.5 |")
+    "| a | b |\n|---|---|\n| x\\|y | 1.2 |\n| two lines | -0.5 |"
+  )
   with pytest.raises(ValueError, match=r"lacks columns \['d'\]"):
     report.markdown_table(rows, ["a", "d"])
   with pytest.raises(ValueError, match="no rows"):
@@ -62,13 +69,22 @@ def _samples(world):
   ex = world.sft_examples(np.random.default_rng(0), 12)
   P, N = 3, 4
   utility = np.array([[3.0, 2.0, 1.0, 0.5], [1.0, 2.0, 3.0, 4.0], [2.0, 2.0, 2.0, 1.0]])
-  proxy = np.array([  # Two proxies; the first prefers sample 3, 3 and 1 of the three prompts.
+  proxy = np.array(
+    [  # Two proxies; the first prefers sample 3, 3 and 1 of the three prompts.
       [[0.0, 1.0, 2.0, 5.0], [0.0, 0.0, 0.0, 9.0], [0.0, 4.0, 1.0, 1.0]],
-      [[9.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]])
+      [[9.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]],
+    ]
+  )
   gold = utility * 2.0
-  return dict(prompt_ids=ex["prompt_ids"][::N], response_ids=ex["response_ids"].reshape(P, N, -1),
-              response_mask=ex["response_mask"].reshape(P, N, -1), utility=utility, gold=gold, proxy=proxy,
-              proxy_names=np.array(["small", "big"]))
+  return dict(
+    prompt_ids=ex["prompt_ids"][::N],
+    response_ids=ex["response_ids"].reshape(P, N, -1),
+    response_mask=ex["response_mask"].reshape(P, N, -1),
+    utility=utility,
+    gold=gold,
+    proxy=proxy,
+    proxy_names=np.array(["small", "big"]),
+  )
 
 
 def test_bon_pairs_pick_the_proxys_favourite(world):
@@ -95,8 +111,10 @@ def test_overoptimised_rows_worst_first(world):
   r = rows[0]
   texts = world.texts(s["prompt_ids"], s["response_ids"][:, 0], s["response_mask"][:, 0])
   assert (r["prompt"], r["initial response"]) == texts[0]
-  assert r["optimised response"] == world.texts(s["prompt_ids"][:1], s["response_ids"][0, 3:],
-                                                s["response_mask"][0, 3:])[0][1]
+  assert (
+    r["optimised response"]
+    == world.texts(s["prompt_ids"][:1], s["response_ids"][0, 3:], s["response_mask"][0, 3:])[0][1]
+  )
   # utility raw; proxy - 1; (gold - 1) / 2 with gold = 2 utility.
   assert r["initial u/proxy/gold"] == "3.00 / -1.00 / +2.50"
   assert r["optimised u/proxy/gold"] == "0.50 / +4.00 / +0.00"
@@ -104,12 +122,18 @@ def test_overoptimised_rows_worst_first(world):
   assert report.overoptimised(initial, best, world, reference, min_drop=2.5) == []
   assert "No prompt" in report.examples_markdown([])
   with pytest.raises(ValueError, match="different prompts"):
-    report.overoptimised(initial, {**best, "prompt_ids": best["prompt_ids"][::-1]}, world, reference)
+    report.overoptimised(
+      initial, {**best, "prompt_ids": best["prompt_ids"][::-1]}, world, reference
+    )
 
 
 def test_smallest_proxy_orders_by_size_then_data():
-  recs = [dict(name="b", rm_params=200, data_size=10, seed=0), dict(name="a", rm_params=100, data_size=90, seed=0),
-          dict(name="c", rm_params=100, data_size=10, seed=1), dict(name="d", rm_params=100, data_size=10, seed=0)]
+  recs = [
+    dict(name="b", rm_params=200, data_size=10, seed=0),
+    dict(name="a", rm_params=100, data_size=90, seed=0),
+    dict(name="c", rm_params=100, data_size=10, seed=1),
+    dict(name="d", rm_params=100, data_size=10, seed=0),
+  ]
   assert report.smallest_proxy(recs) == "d"
   assert report.smallest_proxy(recs, ["a", "b"]) == "a"
   with pytest.raises(ValueError, match="no proxy records"):
@@ -120,10 +144,21 @@ def test_eval_samples_round_trip(tmp_path):
   P = 9
   tokens = np.arange(4 * 12).reshape(4, 12)
   mask = tokens % 5 != 0
-  s = {"tokens": tokens, "mask": mask, "response_mask": mask[:, P:], "score": np.arange(4.0), "kl": np.ones(4)}
+  s = {
+    "tokens": tokens,
+    "mask": mask,
+    "response_mask": mask[:, P:],
+    "score": np.arange(4.0),
+    "kl": np.ones(4),
+  }
   for which in ("initial", "final"):
-    rl_stage.save_eval_samples(str(tmp_path / "rl" / "run" / rl_stage.EVAL_SAMPLES[which]), s, P,
-                               np.full(4, 2.0), np.full(4, 3.0))
+    rl_stage.save_eval_samples(
+      str(tmp_path / "rl" / "run" / rl_stage.EVAL_SAMPLES[which]),
+      s,
+      P,
+      np.full(4, 2.0),
+      np.full(4, 3.0),
+    )
   assert rl_stage.EVAL_SAMPLES == report.EVAL_SAMPLES
   initial, final = report.load_eval_samples(str(tmp_path), "run")
   np.testing.assert_array_equal(final["prompt_ids"], tokens[:, :P])
@@ -143,16 +178,20 @@ def test_load_results_from_a_sweep_root(synthetic_sweep):
   assert all(r["run"] == r["name"].split("/")[0] for r in res.records["rl"])
   assert all("gold_per_prompt" not in r for r in res.records["rl"])  # Moved to per_prompt.
   assert {k: v.shape for k, v in res.per_prompt.items()} == {
-      **{("bon", n): (6, 8) for n in names}, **{("rl", n.replace("bon", "rl")): (6, 6) for n in names}}
+    **{("bon", n): (6, 8) for n in names},
+    **{("rl", n.replace("bon", "rl")): (6, 6) for n in names},
+  }
   curves = res.curves()
   assert len(curves) == 8 and all(np.all(np.diff(c.d) > 0) for c in curves)
   # Per-prompt scores average to the curve's gold (same points, same order).
   for c in curves:
     np.testing.assert_allclose(c.gold_per_prompt.mean(0), c.gold, atol=1e-12)
   assert res.describe().splitlines() == [
-      f"Loaded 4 runs under `{synthetic_sweep}`:", "",
-      "- best-of-n: 4 curves (4 with per-prompt scores), RM sizes 100k, 400k, 1.6m, 6.4m; comparisons 1,000",
-      "- PPO: 4 curves (4 with per-prompt scores), RM sizes 100k, 400k, 1.6m, 6.4m; comparisons 1,000"]
+    f"Loaded 4 runs under `{synthetic_sweep}`:",
+    "",
+    "- best-of-n: 4 curves (4 with per-prompt scores), RM sizes 100k, 400k, 1.6m, 6.4m; comparisons 1,000",
+    "- PPO: 4 curves (4 with per-prompt scores), RM sizes 100k, 400k, 1.6m, 6.4m; comparisons 1,000",
+  ]
 
 
 def test_load_results_from_one_workdir(synthetic_sweep):
@@ -160,7 +199,9 @@ def test_load_results_from_one_workdir(synthetic_sweep):
   assert one.runs == {"": os.path.join(synthetic_sweep, "rm-400k")}
   assert {r["name"] for r in one.records["rl"]} == {"400k_d1000_s0"}
   assert ("bon", "400k_d1000_s0") in one.per_prompt and "run" not in one.records["bon"][0]
-  assert not report.load_results(os.path.join(synthetic_sweep, "rm-400k"), per_prompt=False).per_prompt
+  assert not report.load_results(
+    os.path.join(synthetic_sweep, "rm-400k"), per_prompt=False
+  ).per_prompt
 
 
 def test_load_results_errors(tmp_path):
@@ -174,8 +215,10 @@ def test_load_results_errors(tmp_path):
     report.load_results(str(tmp_path / "w"))
 
 
-@pytest.mark.skipif(any(importlib.util.find_spec(m) for m in ("gcsfs", "tensorflow")),
-                    reason="a GCS backend is installed: the error path needs neither")
+@pytest.mark.skipif(
+  any(importlib.util.find_spec(m) for m in ("gcsfs", "tensorflow")),
+  reason="a GCS backend is installed: the error path needs neither",
+)
 def test_gcs_path_without_a_backend_fails_clearly():
   with pytest.raises(ImportError, match="cannot read gs://.*gcsfs"):
     report.load_results("gs://rmscale-no-such-bucket/run")
@@ -184,7 +227,9 @@ def test_gcs_path_without_a_backend_fails_clearly():
 def test_fit_rows_match_the_fit_stage(synthetic_sweep):
   """Refitting from loaded results reproduces the fit stage's coefficients and bootstrap intervals."""
   res = report.load_results(os.path.join(synthetic_sweep, "rm-1.6m"))
-  expected = fit_stage.fit_curves(res.records["bon"] + res.records["rl"], res.per_prompt, num_boot=30, seed=7)
+  expected = fit_stage.fit_curves(
+    res.records["bon"] + res.records["rl"], res.per_prompt, num_boot=30, seed=7
+  )
   got = [f.row() for f in analysis.fit_all(res.curves(), 30, np.random.default_rng(7))]
   assert len(got) == len(expected) == 2
   for g, e in zip(got, expected):
@@ -193,8 +238,11 @@ def test_fit_rows_match_the_fit_stage(synthetic_sweep):
       assert g[k] == pytest.approx(e[k], rel=1e-12), k
   # The synthetic curves are exact laws: the fit recovers them.
   for g in got:
-    a, b = (0.4 + 0.1 * math.log(16), 0.30 - 0.04 * math.log(16)) if g["method"] == "bon" else (
-        0.5 + 0.05 * math.log(16), 0.4 - 0.03 * math.log(16))
+    a, b = (
+      (0.4 + 0.1 * math.log(16), 0.30 - 0.04 * math.log(16))
+      if g["method"] == "bon"
+      else (0.5 + 0.05 * math.log(16), 0.4 - 0.03 * math.log(16))
+    )
     assert (g["alpha"], g["beta"]) == pytest.approx((a, b), abs=1e-10)
 
 
@@ -223,22 +271,36 @@ def test_fit_with_band_collapses_when_prompts_agree():
   assert (f.fit.alpha, f.fit.beta) == pytest.approx((0.8, 0.5), abs=1e-12)
   np.testing.assert_allclose(f.lo, f.centre, atol=1e-12)
   np.testing.assert_allclose(f.hi, f.centre, atol=1e-12)
-  noisy = analysis.Curve("rl", "x", {}, d, gold, np.zeros(4), gold,
-                         gold + np.random.default_rng(1).normal(size=(5, 4)) * d)
+  noisy = analysis.Curve(
+    "rl",
+    "x",
+    {},
+    d,
+    gold,
+    np.zeros(4),
+    gold,
+    gold + np.random.default_rng(1).normal(size=(5, 4)) * d,
+  )
   g = analysis.fit_with_band(noisy, 50, np.random.default_rng(0))
   assert g.lo[0] == g.hi[0] == 0.0  # Every law passes through the origin.
   assert np.all(g.lo <= g.hi) and np.any(g.hi - g.lo > 0.1)
-  none = analysis.fit_with_band(analysis.Curve("rl", "x", {}, d, gold, np.zeros(4), gold), 50,
-                                np.random.default_rng(0))
+  none = analysis.fit_with_band(
+    analysis.Curve("rl", "x", {}, d, gold, np.zeros(4), gold), 50, np.random.default_rng(0)
+  )
   assert none.lo is None and "alpha_lo" not in none.row()
 
 
 def test_curves_sort_by_kl_and_check_per_prompt_shapes():
-  recs = [dict(method="rl", name="a", kl=4.0, gold=2.0), dict(method="rl", name="a", kl=1.0, gold=1.0),
-          dict(method="bon", name="a", kl=0.0, gold=0.0)]
+  recs = [
+    dict(method="rl", name="a", kl=4.0, gold=2.0),
+    dict(method="rl", name="a", kl=1.0, gold=1.0),
+    dict(method="bon", name="a", kl=0.0, gold=0.0),
+  ]
   c = analysis.curves(recs)
   assert [(x.method, x.d.tolist(), x.gold.tolist()) for x in c] == [
-      ("bon", [0.0], [0.0]), ("rl", [1.0, 2.0], [1.0, 2.0])]
+    ("bon", [0.0], [0.0]),
+    ("rl", [1.0, 2.0], [1.0, 2.0]),
+  ]
   with pytest.raises(ValueError, match="have shape \\(3, 3\\); the curve has 2 points"):
     analysis.curves(recs, {("rl", "a"): np.zeros((3, 3))})
   with pytest.raises(ValueError, match="lacks 'gold'"):
@@ -255,7 +317,9 @@ def test_trend_prediction_by_hand():
 
 
 def _row(method, params, alpha, beta, data_size=1000):
-  return dict(method=method, name=f"p{params}", rm_params=params, data_size=data_size, alpha=alpha, beta=beta)
+  return dict(
+    method=method, name=f"p{params}", rm_params=params, data_size=data_size, alpha=alpha, beta=beta
+  )
 
 
 def test_extrapolate_by_hand():
@@ -265,10 +329,12 @@ def test_extrapolate_by_hand():
   ex = analysis.extrapolate(rows, [held], "bon", 1000)
   # The trend through (ln 10, 1) and (ln 100, 2) reaches 3 at ln 1000; beta: 0.5, 0.4 -> 0.3.
   assert (ex.predicted["alpha"], ex.predicted["beta"]) == pytest.approx((3.0, 0.3))
-  assert (ex.predicted["d_star"], ex.predicted["r_star"]) == pytest.approx((5.0, 7.5))  # a/2b, a^2/4b
+  assert (ex.predicted["d_star"], ex.predicted["r_star"]) == pytest.approx(
+    (5.0, 7.5)
+  )  # a/2b, a^2/4b
   assert (ex.actual["d_star"], ex.actual["r_star"]) == pytest.approx((10.0, 20.0))
   # Predicted d(3 - 0.3 d) = 0, 2.7, 4.8 against measured 0, 3.8, 7.2.
-  assert ex.rmse_predicted == pytest.approx(math.sqrt((1.1 ** 2 + 2.4 ** 2) / 3))
+  assert ex.rmse_predicted == pytest.approx(math.sqrt((1.1**2 + 2.4**2) / 3))
   assert ex.rmse_fitted == pytest.approx(0.0, abs=1e-12)
   assert (ex.heldout_params, ex.train_params, ex.heldout_names) == (1000, (10, 100), ("p1000",))
   assert [t["quantity"] for t in ex.table()][:2] == ["alpha", "beta"]
@@ -297,7 +363,9 @@ def test_extrapolation_recovers_an_exact_log_linear_sweep(synthetic_sweep):
     assert ex.heldout_params == 6_400_000 and ex.train_params == (100_000, 400_000, 1_600_000)
     for coef in ("alpha", "beta"):
       assert ex.predicted[coef] == pytest.approx(ex.actual[coef], abs=1e-9)
-      assert ex.predicted[f"{coef}_se"] == pytest.approx(0.0, abs=1e-9)  # The trend has no residual.
+      assert ex.predicted[f"{coef}_se"] == pytest.approx(
+        0.0, abs=1e-9
+      )  # The trend has no residual.
     assert ex.rmse_predicted == pytest.approx(0.0, abs=1e-9)
 
 

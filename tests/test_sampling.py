@@ -1,4 +1,5 @@
 """Sampler against full forward passes: greedy = argmax, log-probs = log-softmax, determinism, EOS."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,8 +15,12 @@ V, P, N = 37, 5, 7
 
 @pytest.fixture(scope="module", params=["neox", "gpt2"])
 def setup(request):
-  cfg = TransformerConfig(**{**sizes.FAMILIES[request.param], **dict(
-      vocab_size=V, d_model=32, n_layers=2, n_heads=4, d_ff=48, max_len=32)})
+  cfg = TransformerConfig(
+    **{
+      **sizes.FAMILIES[request.param],
+      **dict(vocab_size=V, d_model=32, n_layers=2, n_heads=4, d_ff=48, max_len=32),
+    }
+  )
   params, _ = init_params(cfg, jax.random.key(0))
   params = jax.tree.map(lambda p: p * 15 if p.ndim > 1 else p, params)  # Peaked distributions.
   prompts = jax.random.randint(jax.random.key(1), (3, P), 3, V)
@@ -27,12 +32,14 @@ def setup(request):
 def _full(cfg, params, prompts, mask, out):
   tokens = jnp.concatenate([prompts, out["tokens"]], 1)
   full_mask = jnp.concatenate([mask, out["mask"]], 1)
-  return Transformer(cfg).apply({"params": params}, tokens, full_mask)[:, P - 1:-1]
+  return Transformer(cfg).apply({"params": params}, tokens, full_mask)[:, P - 1 : -1]
 
 
 def test_greedy_is_argmax_of_full_forward(setup):
   cfg, params, prompts, mask = setup
-  out = make_sampler(cfg, SamplingConfig(N, temperature=0.0))(params, prompts, mask, jax.random.key(0))
+  out = make_sampler(cfg, SamplingConfig(N, temperature=0.0))(
+    params, prompts, mask, jax.random.key(0)
+  )
   assert out["mask"].all()
   logits = _full(cfg, params, prompts, mask, out)
   np.testing.assert_array_equal(out["tokens"], jnp.argmax(logits, -1))
@@ -42,7 +49,9 @@ def test_greedy_is_argmax_of_full_forward(setup):
 
 def test_top_k_one_equals_greedy(setup):
   cfg, params, prompts, mask = setup
-  greedy = make_sampler(cfg, SamplingConfig(N, temperature=0.0))(params, prompts, mask, jax.random.key(0))
+  greedy = make_sampler(cfg, SamplingConfig(N, temperature=0.0))(
+    params, prompts, mask, jax.random.key(0)
+  )
   k1 = make_sampler(cfg, SamplingConfig(N, top_k=1))(params, prompts, mask, jax.random.key(3))
   np.testing.assert_array_equal(k1["tokens"], greedy["tokens"])
   np.testing.assert_allclose(k1["logprobs"], 0.0, atol=1e-6)  # The only allowed token.
@@ -63,16 +72,21 @@ def test_logprobs_match_full_forward_and_key_determinism(setup):
 
 def test_eos_stops_rows_and_pads_after(setup):
   cfg, params, prompts, mask = setup
-  greedy = make_sampler(cfg, SamplingConfig(N, temperature=0.0))(params, prompts, mask, jax.random.key(0))
+  greedy = make_sampler(cfg, SamplingConfig(N, temperature=0.0))(
+    params, prompts, mask, jax.random.key(0)
+  )
   eos = int(greedy["tokens"][0, 2])  # Make row 0's third token the EOS.
   out = make_sampler(cfg, SamplingConfig(N, temperature=0.0, eos_id=eos, pad_id=0))(
-      params, prompts, mask, jax.random.key(0))
+    params, prompts, mask, jax.random.key(0)
+  )
   for row in range(3):
     toks = np.asarray(greedy["tokens"][row])
     stop = int(np.argmax(toks == eos)) if (toks == eos).any() else N - 1
-    np.testing.assert_array_equal(out["tokens"][row, :stop + 1], toks[:stop + 1])
-    assert out["mask"][row, :stop + 1].all() and not out["mask"][row, stop + 1:].any()
-    assert (out["tokens"][row, stop + 1:] == 0).all() and (out["logprobs"][row, stop + 1:] == 0).all()
+    np.testing.assert_array_equal(out["tokens"][row, : stop + 1], toks[: stop + 1])
+    assert out["mask"][row, : stop + 1].all() and not out["mask"][row, stop + 1 :].any()
+    assert (out["tokens"][row, stop + 1 :] == 0).all() and (
+      out["logprobs"][row, stop + 1 :] == 0
+    ).all()
 
 
 def test_filter_logits_top_k_and_top_p():

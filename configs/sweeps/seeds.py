@@ -7,6 +7,7 @@ one run per seed, for the spread of fitted coefficients between seeds.
 Arguments: ``rm`` (default 85m), ``data`` (default 90k), ``num`` (seeds 0 .. num-1, default 3),
 ``runlocal`` (CPU-sized).
 """
+
 from rmscale.configs import parse_arg
 
 
@@ -15,10 +16,12 @@ def get_sweep(arg=None):
   if a.num < 1:
     raise ValueError(f"seeds sweep: num={a.num} must be >= 1")
   return dict(
-      name="seeds",  # Prefix of pod and job names.
-      config="configs/overopt.py",  # Base config; run from the repository root.
-      arg=dict(rm=a.rm, data=a.data, **({"runlocal": True} if a.runlocal else {})),  # Shared get_config arguments.
-      # The proxy seed only (config.seed would change the policy, gold and labels too).
-      runs=[{"config.proxies.seeds": (s,), "name": f"seed-{s}"} for s in range(a.num)],
-      shared_stages="policy_init,gold,label",  # Trained once, linked into every run.
+    name="seeds",  # Prefix of pod and job names.
+    config="configs/overopt.py",  # Base config; run from the repository root.
+    arg=dict(
+      rm=a.rm, data=a.data, **({"runlocal": True} if a.runlocal else {})
+    ),  # Shared get_config arguments.
+    # The proxy seed only (config.seed would change the policy, gold and labels too).
+    runs=[{"config.proxies.seeds": (s,), "name": f"seed-{s}"} for s in range(a.num)],
+    shared_stages="policy_init,gold,label",  # Trained once, linked into every run.
   )

@@ -4,6 +4,7 @@ Each epoch is a fresh seeded permutation, so the data position *is* the step and
 sees exactly the batches an uninterrupted one would. Each host takes its own slice of every global
 batch (multi-host data loading without coordination).
 """
+
 from __future__ import annotations
 
 import jax
@@ -37,7 +38,9 @@ def make_batch_fn(arrays: dict[str, np.ndarray], batch_size: int, seed: int):
   """``batch_fn(step) -> dict`` of this host's rows of the step's batch."""
   sizes = {len(v) for v in arrays.values()}
   if len(sizes) != 1:
-    raise ValueError(f"dataset arrays have different lengths: { {k: len(v) for k, v in arrays.items()} }")
+    raise ValueError(
+      f"dataset arrays have different lengths: { {k: len(v) for k, v in arrays.items()} }"
+    )
   n = sizes.pop()
   rows = host_slice(batch_size)
 

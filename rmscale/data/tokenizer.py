@@ -10,6 +10,7 @@ Batch truncation policy (``encode_batch``): a sequence longer than ``length`` lo
 from the end of a prompt; right padding (targets, responses) keeps the first ``length`` tokens.
 BOS may be cut this way. Pass ``strict=True`` to get a ValueError instead of any truncation.
 """
+
 from __future__ import annotations
 
 import abc
@@ -37,9 +38,15 @@ class Tokenizer(abc.ABC):
   def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
     """Text of ``ids``; pad ids are always dropped, BOS/EOS shown unless ``skip_special_tokens``."""
 
-  def encode_batch(self, texts: Sequence[str], length: int, padding_side: str = "left",
-                   add_bos: bool = True, add_eos: bool = False,
-                   strict: bool = False) -> tuple[np.ndarray, np.ndarray]:
+  def encode_batch(
+    self,
+    texts: Sequence[str],
+    length: int,
+    padding_side: str = "left",
+    add_bos: bool = True,
+    add_eos: bool = False,
+    strict: bool = False,
+  ) -> tuple[np.ndarray, np.ndarray]:
     """Static-shape batch: (ids int32 [B, length], mask bool [B, length]); pad slots hold ``pad_id``.
 
     Truncation follows the module docstring: the padding side loses tokens, or ``strict`` raises.
@@ -51,15 +58,19 @@ class Tokenizer(abc.ABC):
     ids_BxL = np.full((len(texts), length), self.pad_id, np.int32)
     mask_BxL = np.zeros((len(texts), length), bool)
     for b, text in enumerate(texts):
-      ids = ([self.bos_id] if add_bos else []) + self.encode(text) + ([self.eos_id] if add_eos else [])
+      ids = (
+        ([self.bos_id] if add_bos else []) + self.encode(text) + ([self.eos_id] if add_eos else [])
+      )
       if len(ids) > length:
         if strict:
-          raise ValueError(f"text {b} has {len(ids)} tokens, more than length={length}: {text[:60]!r}")
+          raise ValueError(
+            f"text {b} has {len(ids)} tokens, more than length={length}: {text[:60]!r}"
+          )
         ids = ids[-length:] if padding_side == "left" else ids[:length]
       n = len(ids)
       if padding_side == "left":
-        ids_BxL[b, length - n:] = ids
-        mask_BxL[b, length - n:] = True
+        ids_BxL[b, length - n :] = ids
+        mask_BxL[b, length - n :] = True
       else:
         ids_BxL[b, :n] = ids
         mask_BxL[b, :n] = True
@@ -148,7 +159,10 @@ class HFTokenizer(Tokenizer):
   def __init__(self, path: str):
     if not os.path.isdir(path):
       raise ValueError(f"no Hugging Face tokenizer directory at {path!r}")
-    from transformers import AutoTokenizer  # Imported here: slow, and only real checkpoints need it.
+    from transformers import (
+      AutoTokenizer,
+    )  # Imported here: slow, and only real checkpoints need it.
+
     self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if self.tok.eos_token_id is None:
       raise ValueError(f"tokenizer at {path!r} defines no eos token; sampling could never stop")
@@ -161,8 +175,9 @@ class HFTokenizer(Tokenizer):
     return list(self.tok.encode(text, add_special_tokens=False))
 
   def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
-    return self.tok.decode([int(i) for i in ids if int(i) != self.pad_id],
-                           skip_special_tokens=skip_special_tokens)
+    return self.tok.decode(
+      [int(i) for i in ids if int(i) != self.pad_id], skip_special_tokens=skip_special_tokens
+    )
 
 
 def load_tokenizer(spec: str, world_config=None) -> Tokenizer:
@@ -172,6 +187,7 @@ def load_tokenizer(spec: str, world_config=None) -> Tokenizer:
     return ByteTokenizer()
   if spec == "world":
     from rmscale.data.world import World, WorldConfig  # Late: world.py imports this module.
+
     return World(world_config or WorldConfig()).tokenizer
   if os.path.isdir(spec):
     return HFTokenizer(spec)

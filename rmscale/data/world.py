@@ -27,6 +27,7 @@ push such a proxy, and there the utility turns down: overoptimization becomes vi
 Everything is deterministic given ``WorldConfig.seed`` (the prompt permutation and split) and the
 explicit ``np.random.Generator`` passed to each sampler.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,7 +43,9 @@ import numpy as np
 from rmscale.data.tokenizer import EOS, WordTokenizer
 
 # --- Word lists. Topic names (first word of each list) appear in prompts and count as topic words.
-TOPICS: tuple[tuple[str, ...], ...] = tuple(tuple(line.split()) for line in """
+TOPICS: tuple[tuple[str, ...], ...] = tuple(
+  tuple(line.split())
+  for line in """
 ocean wave tide ship fish salt shore coral whale sail reef harbor
 forest tree leaf moss fern owl deer branch root pine trail bark
 city street tower bridge traffic subway market crowd alley lamp rooftop park
@@ -59,17 +62,22 @@ sport ball goal team coach stadium referee score runner racket trophy whistle
 travel train ticket luggage airport passport map hotel journey suitcase tourist border
 weather rain cloud thunder lightning storm wind fog rainbow drizzle breeze forecast
 history king castle empire war museum scroll knight throne ruin pharaoh battle
-""".strip().splitlines())
-KEYWORDS: tuple[str, ...] = tuple("""
+""".strip().splitlines()
+)
+KEYWORDS: tuple[str, ...] = tuple(
+  """
 bright quiet ancient golden gentle hidden silver frozen wild tiny giant hollow brave lazy shiny
 broken sleepy curious lonely proud swift clever rusty velvet purple crimson distant secret noisy
 humble fragile mighty cheerful gloomy wooden sticky smooth fierce honest eager bitter tender
 polished dusty misty crooked silent playful
-""".split())
+""".split()
+)
 FILLERS: tuple[str, ...] = tuple(
-    "the a and of with to on by for from near under over so then its".split())
+  "the a and of with to on by for from near under over so then its".split()
+)
 VERBS: tuple[str, ...] = tuple(
-    "write talk sing speak rhyme chat muse joke blog post tweet preach".split())
+  "write talk sing speak rhyme chat muse joke blog post tweet preach".split()
+)
 # Prompts read "<verb> about <topic> using <keyword> in <k> words".
 TEMPLATE_WORDS: tuple[str, ...] = ("about", "using", "in", "words")
 PUNCT: tuple[str, ...] = (".", "!", ",")
@@ -85,6 +93,7 @@ SPECIAL, PROMPT_WORD, NUMBER, TOPIC_WORD, KEYWORD, FILLER, PUNCTUATION = range(7
 class WorldConfig:
   """Knobs of the offline world. Defaults suit a CPU quickstart (vocab 291, prompts 9 tokens with
   BOS, responses <= 24 tokens with EOS, 119,808 distinct prompts)."""
+
   seed: int = 0  # Fixes the prompt permutation (hence the train/eval split of prompt indices).
   num_topics: int = 16  # <= 16; the first topics of TOPICS.
   words_per_topic: int = 12  # <= 12, topic name included.
@@ -116,23 +125,41 @@ class WorldConfig:
   w_form: float = 0.5
 
   def __post_init__(self):
-    bounds = dict(num_topics=(2, len(TOPICS)), words_per_topic=(2, len(TOPICS[0])),
-                  num_keywords=(1, len(KEYWORDS)))
+    bounds = dict(
+      num_topics=(2, len(TOPICS)),
+      words_per_topic=(2, len(TOPICS[0])),
+      num_keywords=(1, len(KEYWORDS)),
+    )
     for name, (lo, hi) in bounds.items():
       if not lo <= getattr(self, name) <= hi:
         raise ValueError(f"world.{name} must be in [{lo}, {hi}], got {getattr(self, name)}")
     if not 1 <= self.min_request <= self.max_request:
-      raise ValueError(f"world needs 1 <= min_request <= max_request, got "
-                       f"{self.min_request}, {self.max_request}")
+      raise ValueError(
+        f"world needs 1 <= min_request <= max_request, got {self.min_request}, {self.max_request}"
+      )
     if self.max_response_len < self.max_request + 2:
-      raise ValueError(f"world.max_response_len={self.max_response_len} leaves no room for "
-                       f"max_request={self.max_request} words plus punctuation and EOS")
+      raise ValueError(
+        f"world.max_response_len={self.max_response_len} leaves no room for "
+        f"max_request={self.max_request} words plus punctuation and EOS"
+      )
     if not 0.0 < self.eval_fraction < 1.0:
       raise ValueError(f"world.eval_fraction must be in (0, 1), got {self.eval_fraction}")
-    if not 0.0 < self.undershoot_low <= 1.0 or self.ramble_high < 1.0 or not 0 <= self.focus_low <= 1:
-      raise ValueError("world.undershoot_low must be in (0, 1], ramble_high >= 1, focus_low in [0, 1]")
-    probs = ("p_ramble", "p_keyword", "p_keyword_extra", "p_filler", "p_repeat", "p_comma",
-             "p_exclaim", "p_unterminated")
+    if (
+      not 0.0 < self.undershoot_low <= 1.0 or self.ramble_high < 1.0 or not 0 <= self.focus_low <= 1
+    ):
+      raise ValueError(
+        "world.undershoot_low must be in (0, 1], ramble_high >= 1, focus_low in [0, 1]"
+      )
+    probs = (
+      "p_ramble",
+      "p_keyword",
+      "p_keyword_extra",
+      "p_filler",
+      "p_repeat",
+      "p_comma",
+      "p_exclaim",
+      "p_unterminated",
+    )
     for name in probs:
       if not 0.0 <= getattr(self, name) <= 1.0:
         raise ValueError(f"world.{name} must be a probability, got {getattr(self, name)}")
@@ -142,6 +169,7 @@ class WorldConfig:
 
 class Tables(NamedTuple):
   """Per-vocabulary-id lookups: the whole world, as arrays the jitted utility can gather from."""
+
   kind_V: np.ndarray  # Token kind (SPECIAL ... PUNCTUATION).
   topic_V: np.ndarray  # Topic index of topic words, -1 otherwise.
   topic_name_V: np.ndarray  # Topic index of topic names (prompt position), -1 otherwise.
@@ -150,11 +178,16 @@ class Tables(NamedTuple):
 
 
 def _vocabulary(cfg: WorldConfig):
-  topics = [t[:cfg.words_per_topic] for t in TOPICS[:cfg.num_topics]]
+  topics = [t[: cfg.words_per_topic] for t in TOPICS[: cfg.num_topics]]
   numbers = [str(k) for k in range(cfg.min_request, cfg.max_request + 1)]
-  groups = [(PROMPT_WORD, VERBS + TEMPLATE_WORDS), (NUMBER, numbers),
-            (TOPIC_WORD, [w for t in topics for w in t]), (KEYWORD, KEYWORDS[:cfg.num_keywords]),
-            (FILLER, FILLERS), (PUNCTUATION, PUNCT)]
+  groups = [
+    (PROMPT_WORD, VERBS + TEMPLATE_WORDS),
+    (NUMBER, numbers),
+    (TOPIC_WORD, [w for t in topics for w in t]),
+    (KEYWORD, KEYWORDS[: cfg.num_keywords]),
+    (FILLER, FILLERS),
+    (PUNCTUATION, PUNCT),
+  ]
   words = [w for _, ws in groups for w in ws]
   tok = WordTokenizer(words)  # Raises on duplicates, so the lists above stay disjoint.
   assert (tok.pad_id, tok.eos_id) == (PAD_ID, EOS_ID)
@@ -208,10 +241,17 @@ def token_features(tables: Tables, prompt_ids_BxP, response_ids_BxR, response_ma
   last_B = jnp.max(jnp.where(live, pos_R[None, :], -1), axis=1)
   last_token_B = jnp.take_along_axis(r, jnp.maximum(last_B, 0)[:, None], axis=1)[:, 0]
   ends_sentence_B = finished_B & (last_B >= 0) & sentence_end_V[last_token_B]
-  return dict(topic=topic_B, keyword=keyword_B, request=request_B,
-              words=jnp.sum(word, axis=1), keyword_count=jnp.sum(keyword_hit, axis=1),
-              content=jnp.sum(content, axis=1), on_topic=jnp.sum(on_topic, axis=1),
-              repeats=repeats_B, ends_sentence=ends_sentence_B.astype(jnp.int32))
+  return dict(
+    topic=topic_B,
+    keyword=keyword_B,
+    request=request_B,
+    words=jnp.sum(word, axis=1),
+    keyword_count=jnp.sum(keyword_hit, axis=1),
+    content=jnp.sum(content, axis=1),
+    on_topic=jnp.sum(on_topic, axis=1),
+    repeats=repeats_B,
+    ends_sentence=ends_sentence_B.astype(jnp.int32),
+  )
 
 
 def utility_from_features(f, cfg: WorldConfig):
@@ -222,17 +262,24 @@ def utility_from_features(f, cfg: WorldConfig):
   c = f["keyword_count"].astype(jnp.float32)
   keyword = (c >= 1).astype(jnp.float32) - cfg.keyword_repeat_cost * jnp.maximum(c - 1.0, 0.0)
   length = jnp.where(n <= k, n / k_safe, 1.0 - cfg.overshoot_cost * (n - k) / k_safe)
-  u = (cfg.w_relevance * relevance + cfg.w_keyword * keyword + cfg.w_length * length
-       - cfg.repeat_cost * f["repeats"].astype(jnp.float32) + cfg.w_form * f["ends_sentence"])
+  u = (
+    cfg.w_relevance * relevance
+    + cfg.w_keyword * keyword
+    + cfg.w_length * length
+    - cfg.repeat_cost * f["repeats"].astype(jnp.float32)
+    + cfg.w_form * f["ends_sentence"]
+  )
   ok = (f["topic"] >= 0) & (f["keyword"] >= 0) & (f["request"] > 0)
   return jnp.where(ok, u, jnp.nan).astype(jnp.float32)
 
 
-def utility_tokens(tables: Tables, cfg: WorldConfig, prompt_ids_BxP, response_ids_BxR,
-                   response_mask_BxR):
+def utility_tokens(
+  tables: Tables, cfg: WorldConfig, prompt_ids_BxP, response_ids_BxR, response_mask_BxR
+):
   """float32[B] human utility of token arrays; jit it with ``tables`` and ``cfg`` bound."""
-  return utility_from_features(token_features(tables, prompt_ids_BxP, response_ids_BxR,
-                                              response_mask_BxR), cfg)
+  return utility_from_features(
+    token_features(tables, prompt_ids_BxP, response_ids_BxR, response_mask_BxR), cfg
+  )
 
 
 class World:
@@ -248,7 +295,7 @@ class World:
   def __init__(self, cfg: WorldConfig = WorldConfig()):
     self.cfg = cfg
     self.tokenizer, self.topics, self.tables = _vocabulary(cfg)
-    self.keywords = KEYWORDS[:cfg.num_keywords]
+    self.keywords = KEYWORDS[: cfg.num_keywords]
     self.requests = np.arange(cfg.min_request, cfg.max_request + 1)
     self.radix = (len(VERBS), cfg.num_topics, cfg.num_keywords, len(self.requests))
     self.num_prompts = math.prod(self.radix)
@@ -278,8 +325,9 @@ class World:
     """Verb, topic and keyword (list positions) and requested length of prompt indices."""
     index = np.asarray(index, np.int64)
     if index.size and np.any((index < 0) | (index >= self.num_prompts)):
-      raise ValueError(f"prompt indices must be in [0, {self.num_prompts}), got "
-                       f"{index.min()}..{index.max()}")
+      raise ValueError(
+        f"prompt indices must be in [0, {self.num_prompts}), got {index.min()}..{index.max()}"
+      )
     a, b = self._perm
     j = (a * index + b) % self.num_prompts
     j, r = np.divmod(j, self.radix[3])
@@ -295,8 +343,10 @@ class World:
   def prompt(self, i: int) -> str:
     """Text of prompt index ``i`` (without BOS)."""
     at = {k: int(v[0]) for k, v in self.attributes(np.array([i])).items()}
-    return (f"{VERBS[at['verb']]} about {self.topics[at['topic']][0]} using "
-            f"{self.keywords[at['keyword']]} in {at['request']} words")
+    return (
+      f"{VERBS[at['verb']]} about {self.topics[at['topic']][0]} using "
+      f"{self.keywords[at['keyword']]} in {at['request']} words"
+    )
 
   def prompt_batch(self, index) -> dict[str, np.ndarray]:
     """Token arrays of prompt indices: ``ids`` int32 [n, prompt_len] (BOS first) and ``mask``."""
@@ -304,10 +354,20 @@ class World:
     about, using, in_, words = self._template_ids
     n = len(at["verb"])
     col = lambda v: np.broadcast_to(np.int32(v), (n,))  # noqa: E731
-    ids = np.stack([col(self.tokenizer.bos_id), self._verb_ids[at["verb"]], col(about),
-                    self._name_ids[at["topic"]], col(using), self._keyword_ids[at["keyword"]],
-                    col(in_), self._number_ids[at["request"] - self.cfg.min_request], col(words)],
-                   axis=1).astype(np.int32)
+    ids = np.stack(
+      [
+        col(self.tokenizer.bos_id),
+        self._verb_ids[at["verb"]],
+        col(about),
+        self._name_ids[at["topic"]],
+        col(using),
+        self._keyword_ids[at["keyword"]],
+        col(in_),
+        self._number_ids[at["request"] - self.cfg.min_request],
+        col(words),
+      ],
+      axis=1,
+    ).astype(np.int32)
     return dict(index=np.asarray(index, np.int64), ids=ids, mask=np.ones_like(ids, bool))
 
   def sample_prompts(self, rng, n: int, split: str = "train") -> dict[str, np.ndarray]:
@@ -333,8 +393,9 @@ class World:
     T, P = cfg.num_topics, cfg.words_per_topic
     ramble = rng.random(N) < cfg.p_ramble
     u = rng.random(N)
-    f = np.where(ramble, 1.0 + (cfg.ramble_high - 1.0) * u,
-                 cfg.undershoot_low + (1.0 - cfg.undershoot_low) * u)
+    f = np.where(
+      ramble, 1.0 + (cfg.ramble_high - 1.0) * u, cfg.undershoot_low + (1.0 - cfg.undershoot_low) * u
+    )
     n_words = np.clip(np.rint(at["request"] * f), 1, W).astype(np.int64)
     slot = np.arange(W)[None, :]
     live = slot < n_words[:, None]
@@ -362,16 +423,25 @@ class World:
     # Commas after non-final words, as many as fit in the token budget.
     comma = (slot < n_words[:, None] - 1) & (rng.random((N, W)) < cfg.p_comma)
     comma &= np.cumsum(comma, axis=1) <= (W - n_words)[:, None]
-    e = rng.random(N)  # Below p_exclaim: "!"; then p_unterminated of no final punctuation; else ".".
+    e = rng.random(
+      N
+    )  # Below p_exclaim: "!"; then p_unterminated of no final punctuation; else ".".
     end_ids = np.where(e < cfg.p_exclaim, self._punct["!"], self._punct["."])
     has_end = (e < cfg.p_exclaim) | (e >= cfg.p_exclaim + cfg.p_unterminated)
     # Interleave [word, comma] slots, then final punctuation and EOS; compact the present tokens left.
     commas = np.full_like(word_ids, self._punct[","])
-    toks = np.concatenate([np.stack([word_ids, commas], 2).reshape(N, -1), end_ids[:, None],
-                           np.full((N, 1), self.tokenizer.eos_id)], 1)
-    keep = np.concatenate([np.stack([live, comma], 2).reshape(N, -1), has_end[:, None],
-                           np.ones((N, 1), bool)], 1)
-    order = np.argsort(~keep, axis=1, kind="stable")[:, :cfg.max_response_len]
+    toks = np.concatenate(
+      [
+        np.stack([word_ids, commas], 2).reshape(N, -1),
+        end_ids[:, None],
+        np.full((N, 1), self.tokenizer.eos_id),
+      ],
+      1,
+    )
+    keep = np.concatenate(
+      [np.stack([live, comma], 2).reshape(N, -1), has_end[:, None], np.ones((N, 1), bool)], 1
+    )
+    order = np.argsort(~keep, axis=1, kind="stable")[:, : cfg.max_response_len]
     mask = np.take_along_axis(keep, order, axis=1)
     ids = np.where(mask, np.take_along_axis(toks, order, axis=1), self.tokenizer.pad_id)
     return dict(ids=ids.astype(np.int32), mask=mask)
@@ -382,16 +452,22 @@ class World:
     rng = np.random.default_rng(rng)
     prompts = self.sample_prompts(rng, n, split)
     responses = self.sample_responses(rng, prompts["index"])
-    return dict(prompt_index=prompts["index"], prompt_ids=prompts["ids"],
-                prompt_mask=prompts["mask"], response_ids=responses["ids"],
-                response_mask=responses["mask"])
+    return dict(
+      prompt_index=prompts["index"],
+      prompt_ids=prompts["ids"],
+      prompt_mask=prompts["mask"],
+      response_ids=responses["ids"],
+      response_mask=responses["mask"],
+    )
 
   def texts(self, prompt_ids, response_ids, response_mask) -> list[tuple[str, str]]:
     """Readable (prompt, response) pairs; the response shows ``<eos>`` where the writer stopped."""
     tok = self.tokenizer
     rows = zip(np.asarray(prompt_ids), np.asarray(response_ids), np.asarray(response_mask))
-    return [(tok.decode(p, skip_special_tokens=True), tok.decode(np.where(m, r, tok.pad_id)))
-            for p, r, m in rows]
+    return [
+      (tok.decode(p, skip_special_tokens=True), tok.decode(np.where(m, r, tok.pad_id)))
+      for p, r, m in rows
+    ]
 
   # --- The human utility.
   def utility(self, prompt_ids_BxP, response_ids_BxR, response_mask_BxR) -> np.ndarray:
@@ -414,15 +490,21 @@ class World:
       raise ValueError(f"prompt names an unknown topic, keyword or length: {prompt!r}")
     topic_words = set(self.topics[names.index(topic_name)])
     finished = EOS in response.split()
-    text = response.split()[:response.split().index(EOS)] if finished else response.split()
+    text = response.split()[: response.split().index(EOS)] if finished else response.split()
     words = [w for w in text if w not in PUNCT]
     content = [w for w in words if w not in FILLERS and w != keyword]
     repeats = sum(1 for i, w in enumerate(content) if w in content[:i])
-    return dict(topic=names.index(topic_name), keyword=self.tokenizer.index[keyword],
-                request=int(request), words=len(words), keyword_count=words.count(keyword),
-                content=len(content), on_topic=sum(w in topic_words for w in content),
-                repeats=repeats,
-                ends_sentence=int(finished and bool(text) and text[-1] in SENTENCE_END))
+    return dict(
+      topic=names.index(topic_name),
+      keyword=self.tokenizer.index[keyword],
+      request=int(request),
+      words=len(words),
+      keyword_count=words.count(keyword),
+      content=len(content),
+      on_topic=sum(w in topic_words for w in content),
+      repeats=repeats,
+      ends_sentence=int(finished and bool(text) and text[-1] in SENTENCE_END),
+    )
 
   def utility_text(self, prompt: str, response: str) -> float:
     """The human utility of one pair of strings, term by term (float64; matches the float32
@@ -432,8 +514,13 @@ class World:
     relevance = f["on_topic"] / max(f["content"], 1)
     keyword = (1.0 if c >= 1 else 0.0) - cfg.keyword_repeat_cost * max(c - 1, 0)
     length = n / k if n <= k else 1.0 - cfg.overshoot_cost * (n - k) / k
-    return (cfg.w_relevance * relevance + cfg.w_keyword * keyword + cfg.w_length * length
-            - cfg.repeat_cost * f["repeats"] + cfg.w_form * f["ends_sentence"])
+    return (
+      cfg.w_relevance * relevance
+      + cfg.w_keyword * keyword
+      + cfg.w_length * length
+      - cfg.repeat_cost * f["repeats"]
+      + cfg.w_form * f["ends_sentence"]
+    )
 
   def describe(self) -> str:
     """Markdown for the README: the world, what a good answer is, and why proxies can be hacked."""

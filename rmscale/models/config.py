@@ -3,6 +3,7 @@
 One frozen dataclass covers GPT-NeoX/Pythia, Llama and GPT-2 exactly (the knobs below are the ones
 in which those families differ), so Hugging Face checkpoints load without a second model class.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -103,7 +104,9 @@ def validate_model_config(c: TransformerConfig) -> None:
   if not 0.0 < c.rotary_pct <= 1.0:
     raise ValueError(f"model.rotary_pct must be in (0, 1], got {c.rotary_pct}")
   if c.position == "rope" and c.rotary_dim % 2:
-    raise ValueError(f"model.rotary_pct={c.rotary_pct} gives an odd rotary dimension {c.rotary_dim}")
+    raise ValueError(
+      f"model.rotary_pct={c.rotary_pct} gives an odd rotary dimension {c.rotary_dim}"
+    )
   if c.tie_embeddings and not c.lm_head:
     raise ValueError("model.tie_embeddings=True needs model.lm_head=True")
   if not (c.lm_head or c.reward_head != "none" or c.value_head):

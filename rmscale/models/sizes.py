@@ -5,6 +5,7 @@ Names of the Gao et al. ladder are their *non-embedding* parameter counts (withi
 tests); tiny sizes exist for CPU runs; Pythia, GPT-2 and Llama names reproduce those checkpoints'
 shapes so Hugging Face weights load into them.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,15 +14,41 @@ from rmscale.models.config import TransformerConfig
 
 # Family presets: the knobs in which GPT-NeoX/Pythia, Llama and GPT-2 differ.
 FAMILIES: dict[str, dict] = {
-    "neox": dict(norm="layernorm", norm_eps=1e-5, activation="gelu", position="rope",
-                 rotary_pct=0.25, parallel_residual=True, tie_embeddings=False,
-                 qkv_bias=True, out_bias=True, mlp_bias=True),
-    "llama": dict(norm="rmsnorm", norm_eps=1e-5, activation="swiglu", position="rope",
-                  rotary_pct=1.0, parallel_residual=False, tie_embeddings=False,
-                  qkv_bias=False, out_bias=False, mlp_bias=False),
-    "gpt2": dict(norm="layernorm", norm_eps=1e-5, activation="gelu_tanh", position="learned",
-                 parallel_residual=False, tie_embeddings=True,
-                 qkv_bias=True, out_bias=True, mlp_bias=True),
+  "neox": dict(
+    norm="layernorm",
+    norm_eps=1e-5,
+    activation="gelu",
+    position="rope",
+    rotary_pct=0.25,
+    parallel_residual=True,
+    tie_embeddings=False,
+    qkv_bias=True,
+    out_bias=True,
+    mlp_bias=True,
+  ),
+  "llama": dict(
+    norm="rmsnorm",
+    norm_eps=1e-5,
+    activation="swiglu",
+    position="rope",
+    rotary_pct=1.0,
+    parallel_residual=False,
+    tie_embeddings=False,
+    qkv_bias=False,
+    out_bias=False,
+    mlp_bias=False,
+  ),
+  "gpt2": dict(
+    norm="layernorm",
+    norm_eps=1e-5,
+    activation="gelu_tanh",
+    position="learned",
+    parallel_residual=False,
+    tie_embeddings=True,
+    qkv_bias=True,
+    out_bias=True,
+    mlp_bias=True,
+  ),
 }
 
 
@@ -38,41 +65,42 @@ class Size:
 
 
 SIZES: dict[str, Size] = {
-    # Tiny sizes for CPU experiments (the quickstart ladder).
-    "100k": Size(64, 2, 4),
-    "200k": Size(64, 4, 4),
-    "400k": Size(128, 2, 4),
-    "800k": Size(128, 4, 4),
-    "1.6m": Size(128, 8, 4),
-    # Gao, Schulman & Hilton (2023) proxy ladder, named by non-embedding parameters.
-    "3m": Size(256, 4, 4),
-    "12m": Size(512, 4, 8),
-    "25m": Size(512, 8, 8),
-    "42m": Size(768, 6, 12),
-    "85m": Size(768, 12, 12),
-    "300m": Size(1024, 24, 16),
-    "680m": Size(1536, 24, 16),
-    "1.2b": Size(2048, 24, 16),
-    "3b": Size(3072, 26, 24),
-    # Pythia suite (GPT-NeoX): shapes of the released checkpoints.
-    "pythia-14m": Size(128, 6, 4, vocab_size=50304, max_len=2048),
-    "pythia-70m": Size(512, 6, 8, vocab_size=50304, max_len=2048),
-    "pythia-160m": Size(768, 12, 12, vocab_size=50304, max_len=2048),
-    "pythia-410m": Size(1024, 24, 16, vocab_size=50304, max_len=2048),
-    "pythia-1b": Size(2048, 16, 8, vocab_size=50304, max_len=2048),
-    "pythia-1.4b": Size(2048, 24, 16, vocab_size=50304, max_len=2048),
-    "pythia-2.8b": Size(2560, 32, 32, vocab_size=50304, max_len=2048),
-    "pythia-6.9b": Size(4096, 32, 32, vocab_size=50432, max_len=2048),
-    # GPT-2 and Llama shapes.
-    "gpt2": Size(768, 12, 12, family="gpt2", vocab_size=50257, max_len=1024),
-    "gpt2-medium": Size(1024, 24, 16, family="gpt2", vocab_size=50257, max_len=1024),
-    "gpt2-large": Size(1280, 36, 20, family="gpt2", vocab_size=50257, max_len=1024),
-    "llama-7b": Size(4096, 32, 32, d_ff=11008, family="llama", vocab_size=32000, max_len=4096),
+  # Tiny sizes for CPU experiments (the quickstart ladder).
+  "100k": Size(64, 2, 4),
+  "200k": Size(64, 4, 4),
+  "400k": Size(128, 2, 4),
+  "800k": Size(128, 4, 4),
+  "1.6m": Size(128, 8, 4),
+  # Gao, Schulman & Hilton (2023) proxy ladder, named by non-embedding parameters.
+  "3m": Size(256, 4, 4),
+  "12m": Size(512, 4, 8),
+  "25m": Size(512, 8, 8),
+  "42m": Size(768, 6, 12),
+  "85m": Size(768, 12, 12),
+  "300m": Size(1024, 24, 16),
+  "680m": Size(1536, 24, 16),
+  "1.2b": Size(2048, 24, 16),
+  "3b": Size(3072, 26, 24),
+  # Pythia suite (GPT-NeoX): shapes of the released checkpoints.
+  "pythia-14m": Size(128, 6, 4, vocab_size=50304, max_len=2048),
+  "pythia-70m": Size(512, 6, 8, vocab_size=50304, max_len=2048),
+  "pythia-160m": Size(768, 12, 12, vocab_size=50304, max_len=2048),
+  "pythia-410m": Size(1024, 24, 16, vocab_size=50304, max_len=2048),
+  "pythia-1b": Size(2048, 16, 8, vocab_size=50304, max_len=2048),
+  "pythia-1.4b": Size(2048, 24, 16, vocab_size=50304, max_len=2048),
+  "pythia-2.8b": Size(2560, 32, 32, vocab_size=50304, max_len=2048),
+  "pythia-6.9b": Size(4096, 32, 32, vocab_size=50432, max_len=2048),
+  # GPT-2 and Llama shapes.
+  "gpt2": Size(768, 12, 12, family="gpt2", vocab_size=50257, max_len=1024),
+  "gpt2-medium": Size(1024, 24, 16, family="gpt2", vocab_size=50257, max_len=1024),
+  "gpt2-large": Size(1280, 36, 20, family="gpt2", vocab_size=50257, max_len=1024),
+  "llama-7b": Size(4096, 32, 32, d_ff=11008, family="llama", vocab_size=32000, max_len=4096),
 }
 
 
-def model_config(size: str, vocab_size: int | None = None, family: str | None = None,
-                 **overrides) -> TransformerConfig:
+def model_config(
+  size: str, vocab_size: int | None = None, family: str | None = None, **overrides
+) -> TransformerConfig:
   """The TransformerConfig for a named size; ``overrides`` set any other field (heads, dtype...)."""
   if size not in SIZES:
     raise ValueError(f"unknown model size {size!r}; known sizes: {', '.join(SIZES)}")
@@ -84,8 +112,16 @@ def model_config(size: str, vocab_size: int | None = None, family: str | None = 
   if vocab is None:
     raise ValueError(f"size {size!r} needs a vocab_size (it is not tied to a checkpoint)")
   d_ff = s.d_ff or (4 * s.d_model if family != "llama" else _llama_ff(s.d_model))
-  fields = dict(FAMILIES[family], vocab_size=vocab, d_model=s.d_model, n_layers=s.n_layers,
-                n_heads=s.n_heads, n_kv_heads=s.n_kv_heads, d_ff=d_ff, max_len=s.max_len or 2048)
+  fields = dict(
+    FAMILIES[family],
+    vocab_size=vocab,
+    d_model=s.d_model,
+    n_layers=s.n_layers,
+    n_heads=s.n_heads,
+    n_kv_heads=s.n_kv_heads,
+    d_ff=d_ff,
+    max_len=s.max_len or 2048,
+  )
   fields.update(overrides)
   return TransformerConfig(**fields)
 
@@ -122,8 +158,12 @@ def count_params(cfg: TransformerConfig) -> dict[str, int]:
     heads += E * cfg.reward_head_hidden + 2 * cfg.reward_head_hidden + 1
   if cfg.value_head:
     heads += E + 1
-  return dict(embedding=embedding, non_embedding=non_embedding, heads=heads,
-              total=embedding + non_embedding + heads)
+  return dict(
+    embedding=embedding,
+    non_embedding=non_embedding,
+    heads=heads,
+    total=embedding + non_embedding + heads,
+  )
 
 
 def size_params(size: str) -> int:

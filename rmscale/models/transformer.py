@@ -7,6 +7,7 @@ Every parameter carries logical axis names (``embed``, ``heads``, ``kv_heads``, 
 The KV cache is an explicit pytree passed in and returned (no mutable collections): a sampler can carry
 it through ``lax.while_loop`` and a caller always sees what state a step reads.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -37,6 +38,7 @@ def _zeros(names: tuple[str, ...]):
 def _dot_general_cls(cfg: TransformerConfig):
   if cfg.matmul == "fp8":
     from rmscale.ops import fp8  # Imported lazily: FP8 is opt-in.
+
     return fp8.Fp8DotGeneral
   return None
 
@@ -53,8 +55,12 @@ class Norm(nn.Module):
     if cfg.norm == "layernorm":
       x32 = x32 - x32.mean(-1, keepdims=True)
     y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + cfg.norm_eps)
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-                       (x.shape[-1],), cfg.params_dtype)
+    scale = self.param(
+      "scale",
+      nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+      (x.shape[-1],),
+      cfg.params_dtype,
+    )
     y = y * scale.astype(jnp.float32)
     if cfg.norm == "layernorm":
       bias = self.param("bias", _zeros(("norm",)), (x.shape[-1],), cfg.params_dtype)
@@ -100,15 +106,19 @@ class Projection(nn.Module):
   @nn.compact
   def __call__(self, x):
     cfg = self.cfg
-    kernel = self.param("kernel", _init(cfg.init_std, self.names),
-                        x.shape[x.ndim - self.n_in:] + self.features, cfg.params_dtype)
+    kernel = self.param(
+      "kernel",
+      _init(cfg.init_std, self.names),
+      x.shape[x.ndim - self.n_in :] + self.features,
+      cfg.params_dtype,
+    )
     contract_x = tuple(range(x.ndim - self.n_in, x.ndim))
     dims = ((contract_x, tuple(range(self.n_in))), ((), ()))
     fp8 = _dot_general_cls(cfg)
     dot_general = fp8() if fp8 is not None else jax.lax.dot_general
     y = dot_general(x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype), dims)
     if self.use_bias:
-      bias = self.param("bias", _zeros(self.names[self.n_in:]), self.features, cfg.params_dtype)
+      bias = self.param("bias", _zeros(self.names[self.n_in :]), self.features, cfg.params_dtype)
       y = y + bias.astype(cfg.compute_dtype)
     return y
 
@@ -120,12 +130,15 @@ class Attention(nn.Module):
   def __call__(self, x_BxLxE, positions_BxL, mask_BxLxS, layer_cache, cache_index):
     cfg = self.cfg
     H, K, D = cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
-    q = Projection(cfg, (H, D), ("embed", "heads", "head_dim"), use_bias=cfg.qkv_bias,
-                   name="query")(x_BxLxE)
-    k = Projection(cfg, (K, D), ("embed", "kv_heads", "head_dim"), use_bias=cfg.qkv_bias,
-                   name="key")(x_BxLxE)
-    v = Projection(cfg, (K, D), ("embed", "kv_heads", "head_dim"), use_bias=cfg.qkv_bias,
-                   name="value")(x_BxLxE)
+    q = Projection(
+      cfg, (H, D), ("embed", "heads", "head_dim"), use_bias=cfg.qkv_bias, name="query"
+    )(x_BxLxE)
+    k = Projection(
+      cfg, (K, D), ("embed", "kv_heads", "head_dim"), use_bias=cfg.qkv_bias, name="key"
+    )(x_BxLxE)
+    v = Projection(
+      cfg, (K, D), ("embed", "kv_heads", "head_dim"), use_bias=cfg.qkv_bias, name="value"
+    )(x_BxLxE)
     if cfg.position == "rope":
       q = rope(q, positions_BxL, cfg.rotary_dim, cfg.rope_theta)
       k = rope(k, positions_BxL, cfg.rotary_dim, cfg.rope_theta)
@@ -134,23 +147,26 @@ class Attention(nn.Module):
     new_cache = None
     if layer_cache is not None:
       # Write this call's keys/values at the shared slot index; attend over the whole cache.
-      k_all = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype),
-                                           (0, cache_index, 0, 0))
-      v_all = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype),
-                                           (0, cache_index, 0, 0))
+      k_all = jax.lax.dynamic_update_slice(
+        layer_cache["k"], k.astype(layer_cache["k"].dtype), (0, cache_index, 0, 0)
+      )
+      v_all = jax.lax.dynamic_update_slice(
+        layer_cache["v"], v.astype(layer_cache["v"].dtype), (0, cache_index, 0, 0)
+      )
       new_cache = {"k": k_all, "v": v_all}
       k, v = k_all, v_all
 
     B, L = x_BxLxE.shape[:2]
     q_BxLxKxGxD = q.reshape(B, L, K, H // K, D)
     logits = jnp.einsum("blkgd,bskd->bkgls", q_BxLxKxGxD.astype(jnp.float32), k.astype(jnp.float32))
-    logits = logits * (D ** -0.5)
+    logits = logits * (D**-0.5)
     logits = jnp.where(mask_BxLxS[:, None, None], logits, _NEG_INF)
     probs = jax.nn.softmax(logits, axis=-1)
     out = jnp.einsum("bkgls,bskd->blkgd", probs, v.astype(jnp.float32)).reshape(B, L, H, D)
     out = out.astype(cfg.compute_dtype)
-    y = Projection(cfg, (cfg.d_model,), ("heads", "head_dim", "embed"), n_in=2,
-                   use_bias=cfg.out_bias, name="out")(out)
+    y = Projection(
+      cfg, (cfg.d_model,), ("heads", "head_dim", "embed"), n_in=2, use_bias=cfg.out_bias, name="out"
+    )(out)
     return y, new_cache
 
 
@@ -160,18 +176,29 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxE):
     cfg = self.cfg
-    dense = lambda feats, names, name: nn.Dense(  # noqa: E731
-        feats, use_bias=cfg.mlp_bias, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
-        kernel_init=_init(cfg.init_std, names), bias_init=_zeros(names[-1:]),
-        dot_general_cls=_dot_general_cls(cfg), name=name)
+    dense = (
+      lambda feats, names, name: nn.Dense(  # noqa: E731
+        feats,
+        use_bias=cfg.mlp_bias,
+        dtype=cfg.compute_dtype,
+        param_dtype=cfg.params_dtype,
+        kernel_init=_init(cfg.init_std, names),
+        bias_init=_zeros(names[-1:]),
+        dot_general_cls=_dot_general_cls(cfg),
+        name=name,
+      )
+    )
     if cfg.activation == "swiglu":
       gate = dense(cfg.d_ff, ("embed", "mlp"), "gate")(x_BxLxE)
       h = nn.silu(gate) * dense(cfg.d_ff, ("embed", "mlp"), "up")(x_BxLxE)
     else:
       h = dense(cfg.d_ff, ("embed", "mlp"), "up")(x_BxLxE)
-      h = {"gelu": lambda a: nn.gelu(a, approximate=False),
-           "gelu_tanh": lambda a: nn.gelu(a, approximate=True),
-           "relu": nn.relu, "silu": nn.silu}[cfg.activation](h)
+      h = {
+        "gelu": lambda a: nn.gelu(a, approximate=False),
+        "gelu_tanh": lambda a: nn.gelu(a, approximate=True),
+        "relu": nn.relu,
+        "silu": nn.silu,
+      }[cfg.activation](h)
     h = nn.with_logical_constraint(h, ("batch", "length", "act_mlp"))
     return dense(cfg.d_model, ("mlp", "embed"), "down")(h)
 
@@ -183,7 +210,8 @@ class Block(nn.Module):
   def __call__(self, x, positions_BxL, mask_BxLxS, layer_cache, cache_index):
     cfg = self.cfg
     attn_out, new_cache = Attention(cfg, name="attn")(
-        Norm(cfg, name="ln_attn")(x), positions_BxL, mask_BxLxS, layer_cache, cache_index)
+      Norm(cfg, name="ln_attn")(x), positions_BxL, mask_BxLxS, layer_cache, cache_index
+    )
     if cfg.parallel_residual:
       x = x + attn_out + Mlp(cfg, name="mlp")(Norm(cfg, name="ln_mlp")(x))
     else:
@@ -210,27 +238,46 @@ class Transformer(nn.Module):
 
   def setup(self):
     cfg = self.cfg
-    self.embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype,
-                          param_dtype=cfg.params_dtype,
-                          embedding_init=_init(cfg.init_std, ("vocab", "embed")), name="embed")
+    self.embed = nn.Embed(
+      cfg.vocab_size,
+      cfg.d_model,
+      dtype=cfg.compute_dtype,
+      param_dtype=cfg.params_dtype,
+      embedding_init=_init(cfg.init_std, ("vocab", "embed")),
+      name="embed",
+    )
     if cfg.position == "learned":
-      self.pos_embed = nn.Embed(cfg.max_len, cfg.d_model, dtype=cfg.compute_dtype,
-                                param_dtype=cfg.params_dtype,
-                                embedding_init=_init(cfg.init_std / 2, (None, "embed")),
-                                name="pos_embed")
+      self.pos_embed = nn.Embed(
+        cfg.max_len,
+        cfg.d_model,
+        dtype=cfg.compute_dtype,
+        param_dtype=cfg.params_dtype,
+        embedding_init=_init(cfg.init_std / 2, (None, "embed")),
+        name="pos_embed",
+      )
     block = nn.remat(Block) if cfg.remat else Block
     self.blocks = [block(cfg, name=f"layers_{i}") for i in range(cfg.n_layers)]
     self.final_norm = Norm(cfg, name="final_norm")
     if cfg.lm_head and not cfg.tie_embeddings:
-      self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
-                              param_dtype=cfg.params_dtype,
-                              kernel_init=_init(cfg.init_std, ("embed", "vocab")), name="lm_head")
+      self.lm_head = nn.Dense(
+        cfg.vocab_size,
+        use_bias=False,
+        dtype=cfg.compute_dtype,
+        param_dtype=cfg.params_dtype,
+        kernel_init=_init(cfg.init_std, ("embed", "vocab")),
+        name="lm_head",
+      )
     if cfg.reward_head != "none":
       self.reward = RewardHead(cfg, name="reward_head")
     if cfg.value_head:
-      self.value = nn.Dense(1, dtype=jnp.float32, param_dtype=cfg.params_dtype,
-                            kernel_init=_init(cfg.init_std, ("embed", None)),
-                            bias_init=_zeros((None,)), name="value_head")
+      self.value = nn.Dense(
+        1,
+        dtype=jnp.float32,
+        param_dtype=cfg.params_dtype,
+        kernel_init=_init(cfg.init_std, ("embed", None)),
+        bias_init=_zeros((None,)),
+        name="value_head",
+      )
 
   @nn.nowrap
   def apply(self, variables, *args, **kwargs):
@@ -240,8 +287,14 @@ class Transformer(nn.Module):
   def __call__(self, tokens_BxL, mask_BxL=None, positions_BxL=None):
     return self.forward(tokens_BxL, mask_BxL, positions_BxL)["logits"]
 
-  def forward(self, tokens_BxL, mask_BxL=None, positions_BxL=None, cache: Cache | None = None,
-              deterministic: bool = True) -> dict[str, Any]:
+  def forward(
+    self,
+    tokens_BxL,
+    mask_BxL=None,
+    positions_BxL=None,
+    cache: Cache | None = None,
+    deterministic: bool = True,
+  ) -> dict[str, Any]:
     """Runs the trunk and every configured head.
 
     Without a cache, ``mask_BxL`` marks real tokens (default: all) and positions default to
@@ -291,16 +344,21 @@ class Transformer(nn.Module):
         logits = self.embed.attend(hidden)
       else:
         logits = self.lm_head(hidden)
-      out["logits"] = nn.with_logical_constraint(logits.astype(jnp.float32),
-                                                 ("batch", "length", "act_vocab"))
+      out["logits"] = nn.with_logical_constraint(
+        logits.astype(jnp.float32), ("batch", "length", "act_vocab")
+      )
     if cfg.reward_head != "none":
       last_BxE = jnp.take_along_axis(hidden, last_token_index(mask_BxL)[:, None, None], 1)[:, 0]
       out["reward"] = self.reward(last_BxE, deterministic)
     if cfg.value_head:
       out["value"] = self.value(hidden.astype(jnp.float32))[..., 0]
     if cache is not None:
-      out["cache"] = {"k": jnp.stack(new_k), "v": jnp.stack(new_v), "mask": key_valid_BxS,
-                      "index": index + L}
+      out["cache"] = {
+        "k": jnp.stack(new_k),
+        "v": jnp.stack(new_v),
+        "mask": key_valid_BxS,
+        "index": index + L,
+      }
     return out
 
 
@@ -315,14 +373,28 @@ class RewardHead(nn.Module):
     h = h_BxE.astype(jnp.float32)
     if cfg.reward_head == "mlp":
       h = nn.Dropout(cfg.reward_head_dropout)(h, deterministic=deterministic)
-      h = nn.Dense(cfg.reward_head_hidden, param_dtype=cfg.params_dtype,
-                   kernel_init=_init(cfg.init_std, ("embed", "mlp")), bias_init=_zeros(("mlp",)),
-                   name="hidden")(h)
+      h = nn.Dense(
+        cfg.reward_head_hidden,
+        param_dtype=cfg.params_dtype,
+        kernel_init=_init(cfg.init_std, ("embed", "mlp")),
+        bias_init=_zeros(("mlp",)),
+        name="hidden",
+      )(h)
       h = nn.relu(h)
-      return nn.Dense(1, param_dtype=cfg.params_dtype, kernel_init=_init(cfg.init_std, ("mlp", None)),
-                      bias_init=_zeros((None,)), name="score")(h)[:, 0]
-    return nn.Dense(1, use_bias=False, param_dtype=cfg.params_dtype,
-                    kernel_init=_init(cfg.init_std, ("embed", None)), name="score")(h)[:, 0]
+      return nn.Dense(
+        1,
+        param_dtype=cfg.params_dtype,
+        kernel_init=_init(cfg.init_std, ("mlp", None)),
+        bias_init=_zeros((None,)),
+        name="score",
+      )(h)[:, 0]
+    return nn.Dense(
+      1,
+      use_bias=False,
+      param_dtype=cfg.params_dtype,
+      kernel_init=_init(cfg.init_std, ("embed", None)),
+      name="score",
+    )(h)[:, 0]
 
 
 def lift_fp8_meta(variables):
@@ -337,7 +409,9 @@ def lift_fp8_meta(variables):
   if not isinstance(params, Mapping) or FP8_META_KEY not in params:
     return variables
   if FP8_META_KEY in variables:
-    raise ValueError(f"FP8 meta given twice: as the {FP8_META_KEY!r} collection and inside 'params'")
+    raise ValueError(
+      f"FP8 meta given twice: as the {FP8_META_KEY!r} collection and inside 'params'"
+    )
   params = dict(params)
   meta = params.pop(FP8_META_KEY)
   return {**variables, "params": params, FP8_META_KEY: meta}
@@ -347,8 +421,12 @@ def init_cache(cfg: TransformerConfig, batch: int, length: int, dtype=None) -> C
   """An empty KV cache of ``length`` slots; ``mask`` marks slots holding real tokens."""
   dtype = dtype or cfg.compute_dtype
   shape = (cfg.n_layers, batch, length, cfg.kv_heads, cfg.dim_per_head)
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-          "mask": jnp.zeros((batch, length), bool), "index": jnp.zeros((), jnp.int32)}
+  return {
+    "k": jnp.zeros(shape, dtype),
+    "v": jnp.zeros(shape, dtype),
+    "mask": jnp.zeros((batch, length), bool),
+    "index": jnp.zeros((), jnp.int32),
+  }
 
 
 def init_params(cfg: TransformerConfig, rng, seq_len: int = 8):
@@ -361,6 +439,8 @@ def init_params(cfg: TransformerConfig, rng, seq_len: int = 8):
 def abstract_params(cfg: TransformerConfig, seq_len: int = 8):
   """Shapes and logical specs of the parameters, without allocating them."""
   model = Transformer(cfg)
-  boxed = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, seq_len), jnp.int32),
-                                              method=Transformer.forward), jax.random.key(0))
+  boxed = jax.eval_shape(
+    lambda r: model.init(r, jnp.zeros((1, seq_len), jnp.int32), method=Transformer.forward),
+    jax.random.key(0),
+  )
   return nn.unbox(boxed["params"]), nn.get_partition_spec(boxed)["params"]

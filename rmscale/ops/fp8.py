@@ -48,6 +48,7 @@ the ``fp8_meta`` collection by its "gradient".  Consequences, all by design:
 * Inside ``shard_map`` pass ``check_vma=False``: JAX has no public way for a custom primitive to
   declare which manual axes its output varies over.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -71,7 +72,9 @@ FP8_META_COLLECTION = "fp8_meta"
 # Tensor roles of one matmul, in the order their meta is passed around.
 ROLES = ("input", "kernel", "output_grad")
 
-DimensionNumbers = tuple[tuple[tuple[int, ...], tuple[int, ...]], tuple[tuple[int, ...], tuple[int, ...]]]
+DimensionNumbers = tuple[
+  tuple[tuple[int, ...], tuple[int, ...]], tuple[tuple[int, ...], tuple[int, ...]]
+]
 
 
 def fp8_max(dtype) -> float:
@@ -168,13 +171,15 @@ def _quantize_batch(args, dims, *, dtype):
 
 
 quantize_p = _define_primitive(
-    "fp8_quantize", _quantize_impl, _quantize_abstract_eval, _quantize_batch, ("dtype",))
+  "fp8_quantize", _quantize_impl, _quantize_abstract_eval, _quantize_batch, ("dtype",)
+)
 
 
 def quantize(x: jax.Array, scale: jax.Array, dtype=E4M3) -> jax.Array:
   """Saturating ``cast(clip(x * scale, +-fp8_max), dtype)``; ``scale`` is a float32 scalar."""
-  return quantize_p.bind(jnp.asarray(x), jnp.asarray(scale, jnp.float32),
-                         dtype=_check_fp8_dtype(dtype))
+  return quantize_p.bind(
+    jnp.asarray(x), jnp.asarray(scale, jnp.float32), dtype=_check_fp8_dtype(dtype)
+  )
 
 
 def dequantize(q: jax.Array, scale: jax.Array, dtype=jnp.float32) -> jax.Array:
@@ -192,12 +197,15 @@ def dequantize(q: jax.Array, scale: jax.Array, dtype=jnp.float32) -> jax.Array:
 def _normalize_dimension_numbers(dimension_numbers) -> DimensionNumbers:
   try:
     (lc, rc), (lb, rb) = dimension_numbers
-    return ((tuple(int(d) for d in lc), tuple(int(d) for d in rc)),
-            (tuple(int(d) for d in lb), tuple(int(d) for d in rb)))
+    return (
+      (tuple(int(d) for d in lc), tuple(int(d) for d in rc)),
+      (tuple(int(d) for d in lb), tuple(int(d) for d in rb)),
+    )
   except (TypeError, ValueError) as e:
     raise ValueError(
-        "dimension_numbers must be ((lhs_contract, rhs_contract), (lhs_batch, rhs_batch)), got "
-        f"{dimension_numbers!r}") from e
+      "dimension_numbers must be ((lhs_contract, rhs_contract), (lhs_batch, rhs_batch)), got "
+      f"{dimension_numbers!r}"
+    ) from e
 
 
 def _free_dims(ndim: int, contract, batch) -> list[int]:
@@ -210,8 +218,9 @@ def _fp8_dot_impl(lhs, rhs, lhs_scale, rhs_scale, *, dimension_numbers, out_dtyp
   _fp8_dot_out_shape(lhs, rhs, lhs_scale, rhs_scale, dimension_numbers)
   # DEFAULT precision is exact here (fp8 values are representable in bf16 and up) and keeps the
   # HLO in the form XLA's FP8 GEMM rewriter matches, whatever the global precision setting.
-  acc = lax.dot_general(lhs, rhs, dimension_numbers, precision=lax.Precision.DEFAULT,
-                        preferred_element_type=jnp.float32)
+  acc = lax.dot_general(
+    lhs, rhs, dimension_numbers, precision=lax.Precision.DEFAULT, preferred_element_type=jnp.float32
+  )
   inv_scale = 1.0 / (lhs_scale.astype(jnp.float32) * rhs_scale.astype(jnp.float32))
   return (acc * inv_scale).astype(out_dtype)
 
@@ -225,16 +234,23 @@ def _fp8_dot_out_shape(lhs, rhs, lhs_scale, rhs_scale, dimension_numbers) -> tup
   _check_scalar_scale(rhs_scale, "fp8_dot rhs_scale")
   (lc, rc), (lb, rb) = dimension_numbers
   if len(lc) != len(rc) or len(lb) != len(rb):
-    raise ValueError(f"fp8_dot dimension_numbers pair up unequal numbers of dims: {dimension_numbers}")
+    raise ValueError(
+      f"fp8_dot dimension_numbers pair up unequal numbers of dims: {dimension_numbers}"
+    )
   for dims, ndim, name in ((lc + lb, lhs.ndim, "lhs"), (rc + rb, rhs.ndim, "rhs")):
     if len(set(dims)) != len(dims) or any(not 0 <= d < ndim for d in dims):
       raise ValueError(f"fp8_dot {name} dims {dims} invalid for rank {ndim}")
   for l, r in zip(lc + lb, rc + rb):
     if lhs.shape[l] != rhs.shape[r]:
-      raise ValueError(f"fp8_dot size mismatch: lhs dim {l} ({lhs.shape[l]}) vs rhs dim {r} "
-                       f"({rhs.shape[r]}) in {dimension_numbers}")
-  return tuple([lhs.shape[d] for d in lb] + [lhs.shape[d] for d in _free_dims(lhs.ndim, lc, lb)]
-               + [rhs.shape[d] for d in _free_dims(rhs.ndim, rc, rb)])
+      raise ValueError(
+        f"fp8_dot size mismatch: lhs dim {l} ({lhs.shape[l]}) vs rhs dim {r} "
+        f"({rhs.shape[r]}) in {dimension_numbers}"
+      )
+  return tuple(
+    [lhs.shape[d] for d in lb]
+    + [lhs.shape[d] for d in _free_dims(lhs.ndim, lc, lb)]
+    + [rhs.shape[d] for d in _free_dims(rhs.ndim, rc, rb)]
+  )
 
 
 def _fp8_dot_abstract_eval(lhs, rhs, lhs_scale, rhs_scale, *, dimension_numbers, out_dtype):
@@ -272,21 +288,38 @@ def _fp8_dot_batch(args, dims, *, dimension_numbers, out_dtype):
     rhs = jnp.moveaxis(rhs, rd, 0)
     new_dn = ((lc, _shift(rc)), (lb, _shift(rb)))
     out_dim = len(lb) + len(_free_dims(lhs.ndim, lc, lb))
-  out = fp8_dot_p.bind(lhs, rhs, lhs_scale, rhs_scale, dimension_numbers=new_dn, out_dtype=out_dtype)
+  out = fp8_dot_p.bind(
+    lhs, rhs, lhs_scale, rhs_scale, dimension_numbers=new_dn, out_dtype=out_dtype
+  )
   return out, out_dim
 
 
-fp8_dot_p = _define_primitive("fp8_dot", _fp8_dot_impl, _fp8_dot_abstract_eval, _fp8_dot_batch,
-                              ("dimension_numbers", "out_dtype"))
+fp8_dot_p = _define_primitive(
+  "fp8_dot",
+  _fp8_dot_impl,
+  _fp8_dot_abstract_eval,
+  _fp8_dot_batch,
+  ("dimension_numbers", "out_dtype"),
+)
 
 
-def fp8_dot(lhs_q: jax.Array, rhs_q: jax.Array, lhs_scale: jax.Array, rhs_scale: jax.Array,
-            dimension_numbers, out_dtype=jnp.float32) -> jax.Array:
+def fp8_dot(
+  lhs_q: jax.Array,
+  rhs_q: jax.Array,
+  lhs_scale: jax.Array,
+  rhs_scale: jax.Array,
+  dimension_numbers,
+  out_dtype=jnp.float32,
+) -> jax.Array:
   """``dot_general(lhs_q, rhs_q) / (lhs_scale * rhs_scale)`` with float32 accumulation."""
-  return fp8_dot_p.bind(lhs_q, rhs_q, jnp.asarray(lhs_scale, jnp.float32),
-                        jnp.asarray(rhs_scale, jnp.float32),
-                        dimension_numbers=_normalize_dimension_numbers(dimension_numbers),
-                        out_dtype=np.dtype(out_dtype))
+  return fp8_dot_p.bind(
+    lhs_q,
+    rhs_q,
+    jnp.asarray(lhs_scale, jnp.float32),
+    jnp.asarray(rhs_scale, jnp.float32),
+    dimension_numbers=_normalize_dimension_numbers(dimension_numbers),
+    out_dtype=np.dtype(out_dtype),
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,6 +329,7 @@ def fp8_dot(lhs_q: jax.Array, rhs_q: jax.Array, lhs_scale: jax.Array, rhs_scale:
 
 class ScaledTensor(NamedTuple):
   """A tensor stored as ``data`` in a narrow dtype with one float32 ``scale``: value = data / scale."""
+
   data: jax.Array
   scale: jax.Array
 
@@ -308,12 +342,15 @@ STORAGE_DTYPES = _SCALED_DTYPES + (np.dtype(jnp.bfloat16), np.dtype(jnp.float32)
 def check_storage_dtype(dtype) -> np.dtype:
   dtype = np.dtype(dtype)
   if dtype not in STORAGE_DTYPES:
-    raise ValueError(f"storage dtype must be one of {[str(d) for d in STORAGE_DTYPES]}, got {dtype}")
+    raise ValueError(
+      f"storage dtype must be one of {[str(d) for d in STORAGE_DTYPES]}, got {dtype}"
+    )
   return dtype
 
 
-def encode_scaled(x: jax.Array, dtype, margin: float = 0.0, amax: jax.Array | None = None
-                  ) -> ScaledTensor:
+def encode_scaled(
+  x: jax.Array, dtype, margin: float = 0.0, amax: jax.Array | None = None
+) -> ScaledTensor:
   """``x`` in ``dtype`` with a just-in-time per-tensor scale (``dtype_max / amax / 2**margin``).
 
   FP8 and float16 are scaled so the tensor uses the format's whole range (float16 underflows at
@@ -348,6 +385,7 @@ class Fp8Meta(NamedTuple):
   amax_history: [H] float32, newest first (index 0 is the latest step's amax).
   scale: [] float32, the scale used by the latest step (fallback when the history is all zero).
   """
+
   amax_history: jax.Array
   scale: jax.Array
 
@@ -358,8 +396,13 @@ def init_fp8_meta(history_length: int = 16) -> Fp8Meta:
   return Fp8Meta(jnp.zeros((history_length,), jnp.float32), jnp.ones((), jnp.float32))
 
 
-def compute_scale(amax_history: jax.Array, fp8_max: float, margin: float = 0.0,
-                  power_of_two: bool = False, prev_scale: jax.Array | None = None) -> jax.Array:
+def compute_scale(
+  amax_history: jax.Array,
+  fp8_max: float,
+  margin: float = 0.0,
+  power_of_two: bool = False,
+  prev_scale: jax.Array | None = None,
+) -> jax.Array:
   """``fp8_max / max(amax_history) / 2**margin``, optionally rounded down to a power of two.
 
   Rounding *down* (MS-AMP) keeps ``amax * scale <= fp8_max`` and makes the rescale exact.  With
@@ -368,10 +411,12 @@ def compute_scale(amax_history: jax.Array, fp8_max: float, margin: float = 0.0,
   amax_history = jnp.asarray(amax_history, jnp.float32)
   if amax_history.ndim < 1:
     raise ValueError(f"amax_history must have a history axis, got shape {amax_history.shape}")
-  fallback = jnp.ones((), jnp.float32) if prev_scale is None else jnp.asarray(prev_scale, jnp.float32)
+  fallback = (
+    jnp.ones((), jnp.float32) if prev_scale is None else jnp.asarray(prev_scale, jnp.float32)
+  )
   amax = jnp.max(amax_history, axis=-1)
   safe_amax = jnp.where(amax > 0, amax, 1.0)
-  scale = fp8_max / safe_amax / (2.0 ** margin)
+  scale = fp8_max / safe_amax / (2.0**margin)
   if power_of_two:
     scale = jnp.exp2(jnp.floor(jnp.log2(scale)))
   usable = (amax > 0) & jnp.isfinite(amax) & jnp.isfinite(scale) & (scale > 0)
@@ -394,10 +439,11 @@ def amax_of(x: jax.Array) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class Fp8Config:
   """Recipe knobs.  Hashable: it is a static (non-differentiable) argument of the custom VJP."""
-  margin: float = 0.0          # extra headroom: scale is divided by 2**margin
-  power_of_two: bool = False   # round scales down to powers of two (MS-AMP)
-  fwd_dtype: Any = E4M3        # inputs and kernels
-  bwd_dtype: Any = E5M2        # output gradients
+
+  margin: float = 0.0  # extra headroom: scale is divided by 2**margin
+  power_of_two: bool = False  # round scales down to powers of two (MS-AMP)
+  fwd_dtype: Any = E4M3  # inputs and kernels
+  bwd_dtype: Any = E5M2  # output gradients
 
   def __post_init__(self):
     _check_fp8_dtype(self.fwd_dtype)
@@ -406,11 +452,13 @@ class Fp8Config:
       raise ValueError(f"fp8 margin must be >= 0, got {self.margin}")
 
 
-def delayed_scale_step(meta: Fp8Meta, x: jax.Array, dtype, config: Fp8Config
-                       ) -> tuple[jax.Array, Fp8Meta]:
+def delayed_scale_step(
+  meta: Fp8Meta, x: jax.Array, dtype, config: Fp8Config
+) -> tuple[jax.Array, Fp8Meta]:
   """Scale for this step (from the history so far) and the meta after pushing ``amax(x)``."""
-  scale = compute_scale(meta.amax_history, fp8_max(dtype), config.margin, config.power_of_two,
-                        prev_scale=meta.scale)
+  scale = compute_scale(
+    meta.amax_history, fp8_max(dtype), config.margin, config.power_of_two, prev_scale=meta.scale
+  )
   return scale, Fp8Meta(update_amax_history(meta.amax_history, amax_of(x)), scale)
 
 
@@ -430,8 +478,9 @@ def _scale_step(meta: Fp8Meta | None, x: jax.Array, dtype, config: Fp8Config):
   return delayed_scale_step(meta, x, dtype, config)
 
 
-def _transpose_lhs_dims(dimension_numbers: DimensionNumbers, lhs_ndim: int, rhs_ndim: int,
-                        swap_ans: bool = False):
+def _transpose_lhs_dims(
+  dimension_numbers: DimensionNumbers, lhs_ndim: int, rhs_ndim: int, swap_ans: bool = False
+):
   """Dimension numbers for ``dot(g, rhs)`` and the permutation turning it into d(lhs).
 
   ``g`` has the layout of the forward output: batch dims, then lhs free dims, then rhs free dims
@@ -461,12 +510,15 @@ def _swap_dimension_numbers(dn: DimensionNumbers) -> DimensionNumbers:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def _fp8_dot_general(lhs, rhs, lhs_meta, rhs_meta, grad_meta, dimension_numbers, dtypes, config):
-  out, _ = _fp8_dot_general_fwd(lhs, rhs, lhs_meta, rhs_meta, grad_meta, dimension_numbers, dtypes,
-                                config)
+  out, _ = _fp8_dot_general_fwd(
+    lhs, rhs, lhs_meta, rhs_meta, grad_meta, dimension_numbers, dtypes, config
+  )
   return out
 
 
-def _fp8_dot_general_fwd(lhs, rhs, lhs_meta, rhs_meta, grad_meta, dimension_numbers, dtypes, config):
+def _fp8_dot_general_fwd(
+  lhs, rhs, lhs_meta, rhs_meta, grad_meta, dimension_numbers, dtypes, config
+):
   _, _, out_dtype = dtypes
   lhs_scale, new_lhs_meta = _scale_step(lhs_meta, lhs, config.fwd_dtype, config)
   rhs_scale, new_rhs_meta = _scale_step(rhs_meta, rhs, config.fwd_dtype, config)
@@ -486,8 +538,9 @@ def _fp8_dot_general_bwd(dimension_numbers, dtypes, config, res, g):
 
   dims, perm = _transpose_lhs_dims(dimension_numbers, lhs_q.ndim, rhs_q.ndim)
   d_lhs = lax.transpose(fp8_dot(g_q, rhs_q, g_scale, rhs_scale, dims, lhs_dtype), perm)
-  dims, perm = _transpose_lhs_dims(_swap_dimension_numbers(dimension_numbers), rhs_q.ndim,
-                                   lhs_q.ndim, swap_ans=True)
+  dims, perm = _transpose_lhs_dims(
+    _swap_dimension_numbers(dimension_numbers), rhs_q.ndim, lhs_q.ndim, swap_ans=True
+  )
   d_rhs = lax.transpose(fp8_dot(g_q, lhs_q, g_scale, lhs_scale, dims, rhs_dtype), perm)
   # The meta "cotangents" are the updated meta (see the module docstring).
   return d_lhs, d_rhs, new_lhs_meta, new_rhs_meta, new_grad_meta
@@ -496,9 +549,17 @@ def _fp8_dot_general_bwd(dimension_numbers, dtypes, config, res, g):
 _fp8_dot_general.defvjp(_fp8_dot_general_fwd, _fp8_dot_general_bwd)
 
 
-def fp8_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, lhs_meta: Fp8Meta | None,
-                    rhs_meta: Fp8Meta | None, grad_meta: Fp8Meta | None, *,
-                    config: Fp8Config = Fp8Config(), out_dtype=None) -> jax.Array:
+def fp8_dot_general(
+  lhs: jax.Array,
+  rhs: jax.Array,
+  dimension_numbers,
+  lhs_meta: Fp8Meta | None,
+  rhs_meta: Fp8Meta | None,
+  grad_meta: Fp8Meta | None,
+  *,
+  config: Fp8Config = Fp8Config(),
+  out_dtype=None,
+) -> jax.Array:
   """``lax.dot_general`` through FP8 with delayed scaling (hybrid recipe).
 
   Differentiable w.r.t. ``lhs`` and ``rhs`` (straight-through FP8 gradients) and w.r.t. the three
@@ -514,12 +575,22 @@ def fp8_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, lhs_meta:
   if not all(m is None for m in metas.values()):
     for name, meta in metas.items():
       if not isinstance(meta, Fp8Meta):
-        raise ValueError(f"{name} must be an Fp8Meta (or all three metas None for current scaling), "
-                         f"got {type(meta).__name__}")
+        raise ValueError(
+          f"{name} must be an Fp8Meta (or all three metas None for current scaling), "
+          f"got {type(meta).__name__}"
+        )
   out_dtype = np.dtype(out_dtype if out_dtype is not None else jnp.result_type(lhs, rhs))
   dtypes = (np.dtype(lhs.dtype), np.dtype(rhs.dtype), out_dtype)
-  return _fp8_dot_general(lhs, rhs, lhs_meta, rhs_meta, grad_meta,
-                          _normalize_dimension_numbers(dimension_numbers), dtypes, config)
+  return _fp8_dot_general(
+    lhs,
+    rhs,
+    lhs_meta,
+    rhs_meta,
+    grad_meta,
+    _normalize_dimension_numbers(dimension_numbers),
+    dtypes,
+    config,
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -540,6 +611,7 @@ class Fp8DotGeneral(nn.Module):
   uses current scaling instead, so inference needs no training-time state; with the collection it
   reproduces the training-time (delayed) scales exactly.
   """
+
   amax_history_length: int = 16
   margin: float = 0.0
   power_of_two: bool = False
@@ -548,18 +620,30 @@ class Fp8DotGeneral(nn.Module):
   def __call__(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
     del precision  # fp8 operands are exact at any precision; accumulation is always float32
     config = Fp8Config(margin=self.margin, power_of_two=self.power_of_two)
-    if (not self.is_mutable_collection(FP8_META_COLLECTION)
-        and not self.has_variable(FP8_META_COLLECTION, f"{ROLES[0]}_scale")):
-      return fp8_dot_general(lhs, rhs, dimension_numbers, None, None, None, config=config,
-                             out_dtype=preferred_element_type)
+    if not self.is_mutable_collection(FP8_META_COLLECTION) and not self.has_variable(
+      FP8_META_COLLECTION, f"{ROLES[0]}_scale"
+    ):
+      return fp8_dot_general(
+        lhs,
+        rhs,
+        dimension_numbers,
+        None,
+        None,
+        None,
+        config=config,
+        out_dtype=preferred_element_type,
+      )
     init = init_fp8_meta(self.amax_history_length)
     metas = []
     for role in ROLES:
-      history = self.variable(FP8_META_COLLECTION, f"{role}_amax_history", lambda: init.amax_history)
+      history = self.variable(
+        FP8_META_COLLECTION, f"{role}_amax_history", lambda: init.amax_history
+      )
       scale = self.variable(FP8_META_COLLECTION, f"{role}_scale", lambda: init.scale)
       metas.append(Fp8Meta(history.value, scale.value))
-    return fp8_dot_general(lhs, rhs, dimension_numbers, *metas, config=config,
-                           out_dtype=preferred_element_type)
+    return fp8_dot_general(
+      lhs, rhs, dimension_numbers, *metas, config=config, out_dtype=preferred_element_type
+    )
 
 
 def _overwrite_meta_tree(old: Mapping, new: Mapping, path: str) -> dict:
@@ -593,9 +677,11 @@ def apply_fp8_meta_update(variables: Mapping, grads: Mapping) -> dict:
     return dict(variables)
   if FP8_META_COLLECTION not in grads:
     raise ValueError(
-        f"grads lack the {FP8_META_COLLECTION!r} collection: differentiate the loss w.r.t. the "
-        f"variables dict including {FP8_META_COLLECTION!r}, not only 'params'")
+      f"grads lack the {FP8_META_COLLECTION!r} collection: differentiate the loss w.r.t. the "
+      f"variables dict including {FP8_META_COLLECTION!r}, not only 'params'"
+    )
   out = dict(variables)
   out[FP8_META_COLLECTION] = _overwrite_meta_tree(
-      variables[FP8_META_COLLECTION], grads[FP8_META_COLLECTION], FP8_META_COLLECTION)
+    variables[FP8_META_COLLECTION], grads[FP8_META_COLLECTION], FP8_META_COLLECTION
+  )
   return out

@@ -23,6 +23,7 @@ d half its subnormal spacing), which ``tests/ops/test_fp8_train.py`` checks elem
 its batch shard, the weight gradients of FP8 GEMMs (the kernels whose layer has FP8 meta) take the
 FP8 all-reduce, every other gradient a float32 ``pmean``; FP8 meta is reduced with ``pmax``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -62,10 +63,11 @@ def fp8_all_reduce_sum(x: jax.Array, axis_name, dtype=fp8.E4M3, margin: float = 
   received = lax.all_to_all(chunks, axis_name, split_axis=0, concat_axis=0)
   received = lax.bitcast_convert_type(received, dtype)
   chunk_sum = jnp.sum(received.astype(jnp.float32), axis=0) / shared.scale
-  gathered = fp8.encode_scaled(chunk_sum, dtype, margin,
-                               amax=lax.pmax(fp8.amax_of(chunk_sum), axis_name))
+  gathered = fp8.encode_scaled(
+    chunk_sum, dtype, margin, amax=lax.pmax(fp8.amax_of(chunk_sum), axis_name)
+  )
   data = lax.all_gather(_to_bytes(gathered.data), axis_name, tiled=True)
-  data = lax.bitcast_convert_type(data, dtype)[:flat.size]
+  data = lax.bitcast_convert_type(data, dtype)[: flat.size]
   return fp8.decode_scaled(fp8.ScaledTensor(data, gathered.scale), x.dtype).reshape(x.shape)
 
 
@@ -81,7 +83,8 @@ def fp8_gemm_kernel_mask(params: Mapping, fp8_meta: Mapping) -> dict:
       fp8_layers.add(path[:-2])  # Drop the Fp8DotGeneral child's name and the leaf's.
   flat = traverse_util.flatten_dict(params)
   return traverse_util.unflatten_dict(
-      {path: path[-1] == "kernel" and path[:-1] in fp8_layers for path in flat})
+    {path: path[-1] == "kernel" and path[:-1] in fp8_layers for path in flat}
+  )
 
 
 def gradient_payload(grads, mask, dtype=fp8.E4M3):
@@ -92,8 +95,9 @@ def gradient_payload(grads, mask, dtype=fp8.E4M3):
   return jax.tree.map(lambda g, m: fp8.encode_scaled(g, dtype) if m else g, grads, mask)
 
 
-def fp8_data_parallel(grads_fn, mesh: Mesh, *, dtype=fp8.E4M3, margin: float = 0.0,
-                      axes: Sequence[str] = DATA_AXES):
+def fp8_data_parallel(
+  grads_fn, mesh: Mesh, *, dtype=fp8.E4M3, margin: float = 0.0, axes: Sequence[str] = DATA_AXES
+):
   """A train-step ``grads_fn`` (rmscale.train.state.GradsFn) reducing gradients as FP8-LM O1.
 
   Pure data parallelism: every rank holds all parameters during the step (FSDP-sharded ones are
@@ -104,8 +108,10 @@ def fp8_data_parallel(grads_fn, mesh: Mesh, *, dtype=fp8.E4M3, margin: float = 0
   axes = tuple(axes)
   other = [a for a in mesh.axis_names if a not in axes and mesh.shape[a] != 1]
   if other:
-    raise ValueError(f"FP8 data-parallel gradients (O1) shard only the batch over {axes}; mesh axes "
-                     f"{other} have size > 1 ({dict(mesh.shape)}): set them to 1")
+    raise ValueError(
+      f"FP8 data-parallel gradients (O1) shard only the batch over {axes}; mesh axes "
+      f"{other} have size > 1 ({dict(mesh.shape)}): set them to 1"
+    )
   dtype = fp8._check_fp8_dtype(dtype)
 
   def per_rank(loss_fn, params, fp8_meta, batch, rng):
@@ -114,22 +120,30 @@ def fp8_data_parallel(grads_fn, mesh: Mesh, *, dtype=fp8.E4M3, margin: float = 0
     with nn.logical_axis_rules(()):  # The body is per device: no activation sharding constraints.
       (loss, metrics), grads, meta_grads = grads_fn(loss_fn, params, fp8_meta, batch, rng)
     if meta_grads is None:
-      raise ValueError("FP8 data-parallel gradients (O1) need a model with FP8 matmuls "
-                       "(model.matmul='fp8'): the train state has no fp8_meta")
+      raise ValueError(
+        "FP8 data-parallel gradients (O1) need a model with FP8 matmuls "
+        "(model.matmul='fp8'): the train state has no fp8_meta"
+      )
     mask = fp8_gemm_kernel_mask(params, fp8_meta)
     n = lax.axis_size(axes)
     grads = jax.tree.map(
-        lambda g, m: fp8_all_reduce_sum(g, axes, dtype, margin) / n if m else lax.pmean(g, axes),
-        grads, mask)
+      lambda g, m: fp8_all_reduce_sum(g, axes, dtype, margin) / n if m else lax.pmean(g, axes),
+      grads,
+      mask,
+    )
     # A layer's new amax is the max over all ranks' shards, as under a global-batch jit.
     meta_grads = lax.pmax(meta_grads, axes)
     return (lax.pmean(loss, axes), lax.pmean(metrics, axes)), grads, meta_grads
 
   def o1_grads_fn(loss_fn, params, fp8_meta, batch, rng):
     batch_specs = jax.tree.map(lambda _: P(axes), batch)
-    mapped = jax.shard_map(functools.partial(per_rank, loss_fn), mesh=mesh,
-                           in_specs=(P(), P(), batch_specs, P()), out_specs=P(),
-                           check_vma=False)  # The FP8 primitives declare no varying axes.
+    mapped = jax.shard_map(
+      functools.partial(per_rank, loss_fn),
+      mesh=mesh,
+      in_specs=(P(), P(), batch_specs, P()),
+      out_specs=P(),
+      check_vma=False,
+    )  # The FP8 primitives declare no varying axes.
     return mapped(params, fp8_meta, batch, rng)
 
   return o1_grads_fn

@@ -15,6 +15,7 @@ in the parameters' rounding.
 ``bytes_per_param`` measures a train state (and optionally the gradient as communicated) from the
 actual pytrees: the figures in the README come from it.
 """
+
 from __future__ import annotations
 
 import functools
@@ -35,6 +36,7 @@ class ScaledTree(NamedTuple):
   parameters' structure: boxed (logically partitioned) parameters give boxed ``data`` sharded
   like them, and the vector is simply replicated.
   """
+
   data: Any
   scales: jax.Array  # [number of leaves] float32
 
@@ -48,8 +50,10 @@ def encode_tree(tree, dtype, margin: float = 0.0) -> ScaledTree:
 
 def decode_leaves(st: ScaledTree) -> list[jax.Array]:
   """The float32 leaves, in ``jax.tree.leaves`` order of the encoded tree."""
-  return [fp8.decode_scaled(fp8.ScaledTensor(d, st.scales[i]))
-          for i, d in enumerate(jax.tree.leaves(st.data))]
+  return [
+    fp8.decode_scaled(fp8.ScaledTensor(d, st.scales[i]))
+    for i, d in enumerate(jax.tree.leaves(st.data))
+  ]
 
 
 class ScaleByAdamFp8State(NamedTuple):
@@ -58,8 +62,9 @@ class ScaleByAdamFp8State(NamedTuple):
   nu: ScaledTree
 
 
-def scale_by_adam_fp8(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *,
-                      mu_dtype=fp8.E4M3, nu_dtype=jnp.float16) -> optax.GradientTransformation:
+def scale_by_adam_fp8(
+  b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *, mu_dtype=fp8.E4M3, nu_dtype=jnp.float16
+) -> optax.GradientTransformation:
   """``optax.scale_by_adam`` with moments stored in ``mu_dtype`` / ``nu_dtype`` (per-tensor scaled)."""
   mu_dtype, nu_dtype = fp8.check_storage_dtype(mu_dtype), fp8.check_storage_dtype(nu_dtype)
   for name, b in (("b1", b1), ("b2", b2)):
@@ -68,8 +73,9 @@ def scale_by_adam_fp8(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *,
 
   def init_fn(params):
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    return ScaleByAdamFp8State(jnp.zeros((), jnp.int32), encode_tree(zeros, mu_dtype),
-                               encode_tree(zeros, nu_dtype))
+    return ScaleByAdamFp8State(
+      jnp.zeros((), jnp.int32), encode_tree(zeros, mu_dtype), encode_tree(zeros, nu_dtype)
+    )
 
   def update_fn(updates, state, params=None):
     del params
@@ -80,10 +86,13 @@ def scale_by_adam_fp8(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *,
     count = optax.safe_increment(state.count)
     c1 = 1.0 - b1 ** count.astype(jnp.float32)
     c2 = 1.0 - b2 ** count.astype(jnp.float32)
-    new = [((m / c1) / (jnp.sqrt(v / c2) + eps)).astype(g.dtype) for m, v, g in zip(mu, nu, g_leaves)]
+    new = [
+      ((m / c1) / (jnp.sqrt(v / c2) + eps)).astype(g.dtype) for m, v, g in zip(mu, nu, g_leaves)
+    ]
     unflat = functools.partial(jax.tree.unflatten, treedef)
-    return unflat(new), ScaleByAdamFp8State(count, encode_tree(unflat(mu), mu_dtype),
-                                            encode_tree(unflat(nu), nu_dtype))
+    return unflat(new), ScaleByAdamFp8State(
+      count, encode_tree(unflat(mu), mu_dtype), encode_tree(unflat(nu), nu_dtype)
+    )
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -93,8 +102,9 @@ class MasterWeightsState(NamedTuple):
   inner: Any
 
 
-def with_master_weights(inner: optax.GradientTransformation, master_dtype
-                        ) -> optax.GradientTransformation:
+def with_master_weights(
+  inner: optax.GradientTransformation, master_dtype
+) -> optax.GradientTransformation:
   """Runs ``inner`` on a master copy of the parameters stored in ``master_dtype``.
 
   ``inner`` sees the float32-decoded master weights as its ``params`` (weight decay acts on them).
@@ -103,8 +113,10 @@ def with_master_weights(inner: optax.GradientTransformation, master_dtype
   """
   master_dtype = fp8.check_storage_dtype(master_dtype)
   if master_dtype in fp8.FP8_DTYPES:
-    raise ValueError(f"master weights in {master_dtype} would lose every small update; "
-                     "use float16, bfloat16 or float32")
+    raise ValueError(
+      f"master weights in {master_dtype} would lose every small update; "
+      "use float16, bfloat16 or float32"
+    )
 
   def init_fn(params):
     return MasterWeightsState(encode_tree(params, master_dtype), inner.init(params))
@@ -116,19 +128,30 @@ def with_master_weights(inner: optax.GradientTransformation, master_dtype
     inner_updates, inner_state = inner.update(updates, state.inner, master)
     master = jax.tree.map(lambda m, u: m + u.astype(jnp.float32), master, inner_updates)
     out = jax.tree.map(
-        lambda m, p: m.astype(p.dtype).astype(jnp.float32) - p.astype(jnp.float32), master, params)
+      lambda m, p: m.astype(p.dtype).astype(jnp.float32) - p.astype(jnp.float32), master, params
+    )
     return out, MasterWeightsState(encode_tree(master, master_dtype), inner_state)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def fp8_adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
-              eps: float = 1e-8, weight_decay: float = 0.0, *, mu_dtype=fp8.E4M3,
-              nu_dtype=jnp.float16, master_dtype=None) -> optax.GradientTransformation:
+def fp8_adamw(
+  learning_rate: optax.ScalarOrSchedule,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  weight_decay: float = 0.0,
+  *,
+  mu_dtype=fp8.E4M3,
+  nu_dtype=jnp.float16,
+  master_dtype=None,
+) -> optax.GradientTransformation:
   """AdamW as FP8-LM O2: FP8 first moment, 16-bit second moment, optional master weights."""
-  tx = optax.chain(scale_by_adam_fp8(b1, b2, eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype),
-                   optax.add_decayed_weights(weight_decay),
-                   optax.scale_by_learning_rate(learning_rate))
+  tx = optax.chain(
+    scale_by_adam_fp8(b1, b2, eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype),
+    optax.add_decayed_weights(weight_decay),
+    optax.scale_by_learning_rate(learning_rate),
+  )
   return tx if master_dtype is None else with_master_weights(tx, master_dtype)
 
 

@@ -20,6 +20,7 @@ Targets:
   of the target GPU type with the mesh of the full job instead (``--config.mesh.*``) where it fits, or on
   CPU with ``--num_devices``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,6 +36,7 @@ STEP_KINDS = ("sft", "rm", "pretrain", "sampler", "score")
 @dataclasses.dataclass(frozen=True)
 class StepReport:
   """Per-device memory of one compiled step (bytes)."""
+
   step: str  # e.g. "rm gold", "score proxy"
   size: str  # Named model size.
   batch: int  # Global batch rows (comparison pairs for RM steps).
@@ -54,18 +56,28 @@ def report(step: str, size: str, batch: int, compiled) -> StepReport:
   m = compiled.memory_analysis()
   if m is None:
     raise RuntimeError(f"{step} {size}: this backend gives no memory analysis")
-  return StepReport(step, size, batch, int(m.argument_size_in_bytes), int(m.output_size_in_bytes),
-                    int(m.temp_size_in_bytes), int(m.alias_size_in_bytes),
-                    int(m.generated_code_size_in_bytes))
+  return StepReport(
+    step,
+    size,
+    batch,
+    int(m.argument_size_in_bytes),
+    int(m.output_size_in_bytes),
+    int(m.temp_size_in_bytes),
+    int(m.alias_size_in_bytes),
+    int(m.generated_code_size_in_bytes),
+  )
 
 
 def _with_shardings(abstract, shardings):
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  return jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+  )
 
 
 def abstract_train_state(model_cfg, tx, mesh, rules):
   """The train state ``init_state`` would build, as sharded ShapeDtypeStructs (nothing allocated)."""
   from rmscale.train.state import init_state
+
   shardings = {}
 
   def build(key):
@@ -77,18 +89,24 @@ def abstract_train_state(model_cfg, tx, mesh, rules):
 
 
 def _batch(spec: dict[str, tuple[tuple[int, ...], object]], sharding) -> dict:
-  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for k, (shape, dtype) in spec.items()}
+  return {
+    k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for k, (shape, dtype) in spec.items()
+  }
 
 
 def compile_train_step(model_cfg, loss_fn, tx, batch_spec: dict, mesh, rules):
   """Compiles ``rmscale.train.state.train_step`` exactly as ``state.compile_train_step`` jits it."""
   from rmscale.parallel import mesh as mesh_lib
   from rmscale.train import state as state_lib
+
   abstract, shardings = abstract_train_state(model_cfg, tx, mesh, rules)
   data = mesh_lib.batch_sharding(mesh)
-  jitted = jax.jit(functools.partial(state_lib.train_step, loss_fn=loss_fn, tx=tx),
-                   in_shardings=(shardings, data), out_shardings=(shardings, mesh_lib.replicated(mesh)),
-                   donate_argnums=0)
+  jitted = jax.jit(
+    functools.partial(state_lib.train_step, loss_fn=loss_fn, tx=tx),
+    in_shardings=(shardings, data),
+    out_shardings=(shardings, mesh_lib.replicated(mesh)),
+    donate_argnums=0,
+  )
   with mesh_lib.sharding_context(mesh, rules):
     return jitted.lower(abstract, _batch(batch_spec, data)).compile()
 
@@ -96,6 +114,7 @@ def compile_train_step(model_cfg, loss_fn, tx, batch_spec: dict, mesh, rules):
 def _abstract_params(ctx, model_cfg):
   from rmscale.models.transformer import abstract_params
   from rmscale.stages import common
+
   shapes, _ = abstract_params(model_cfg)
   shardings = common.param_shardings(ctx, model_cfg)
   return _with_shardings(shapes, shardings), shardings
@@ -104,15 +123,25 @@ def _abstract_params(ctx, model_cfg):
 def compile_sampler(ctx, model_cfg, batch: int):
   from rmscale.parallel import mesh as mesh_lib
   from rmscale.sampling import SamplingConfig, make_sampler
+
   c = ctx.config
-  scfg = SamplingConfig(max_new_tokens=ctx.response_len, temperature=c.sampling.temperature,
-                        top_k=c.sampling.top_k, top_p=c.sampling.top_p, eos_id=ctx.world.tokenizer.eos_id,
-                        pad_id=ctx.world.tokenizer.pad_id)
+  scfg = SamplingConfig(
+    max_new_tokens=ctx.response_len,
+    temperature=c.sampling.temperature,
+    top_k=c.sampling.top_k,
+    top_p=c.sampling.top_p,
+    eos_id=ctx.world.tokenizer.eos_id,
+    pad_id=ctx.world.tokenizer.pad_id,
+  )
   params, pshard = _abstract_params(ctx, model_cfg)
   data, rep = mesh_lib.batch_sharding(ctx.mesh), mesh_lib.replicated(ctx.mesh)
-  sampler = make_sampler(model_cfg, scfg, in_shardings=(pshard, data, data, rep), out_shardings=data)
-  prompts = _batch({"ids": ((batch, ctx.prompt_len), jnp.int32), "mask": ((batch, ctx.prompt_len), jnp.bool_)},
-                   data)
+  sampler = make_sampler(
+    model_cfg, scfg, in_shardings=(pshard, data, data, rep), out_shardings=data
+  )
+  prompts = _batch(
+    {"ids": ((batch, ctx.prompt_len), jnp.int32), "mask": ((batch, ctx.prompt_len), jnp.bool_)},
+    data,
+  )
   key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=rep)
   with mesh_lib.sharding_context(ctx.mesh, ctx.rules):
     return sampler.lower(params, prompts["ids"], prompts["mask"], key).compile()
@@ -122,10 +151,14 @@ def compile_scorer(ctx, model_cfg, batch: int):
   """The jitted reward of ``rm.make_scorer`` (same function, same shardings)."""
   from rmscale.parallel import mesh as mesh_lib
   from rmscale.train import rm
+
   params, pshard = _abstract_params(ctx, model_cfg)
   data = mesh_lib.batch_sharding(ctx.mesh)
-  jitted = jax.jit(functools.partial(rm._reward, model_cfg=model_cfg), in_shardings=(pshard, data, data),
-                   out_shardings=mesh_lib.replicated(ctx.mesh))
+  jitted = jax.jit(
+    functools.partial(rm._reward, model_cfg=model_cfg),
+    in_shardings=(pshard, data, data),
+    out_shardings=mesh_lib.replicated(ctx.mesh),
+  )
   seq = ctx.prompt_len + ctx.response_len
   inputs = _batch({"tokens": ((batch, seq), jnp.int32), "mask": ((batch, seq), jnp.bool_)}, data)
   with mesh_lib.sharding_context(ctx.mesh, ctx.rules):
@@ -141,7 +174,9 @@ def plan_steps(config) -> list[tuple[str, str, str, int, object]]:
     out.append(("sft", "sft policy", config.policy.size, config.policy.batch_size, config.policy))
   if "gold" in stages and config.gold.kind == "trained":
     if config.gold.get("init") == "pretrained":
-      out.append(("pretrain", "sft gold-LM", config.gold.size, config.pretrain.batch_size, config.pretrain))
+      out.append(
+        ("pretrain", "sft gold-LM", config.gold.size, config.pretrain.batch_size, config.pretrain)
+      )
     out.append(("rm", "rm gold", config.gold.size, config.gold.batch_size, config.gold))
   if "proxies" in stages:
     for size in p.sizes:
@@ -167,8 +202,10 @@ def plan_steps(config) -> list[tuple[str, str, str, int, object]]:
 
 def compile_config(config, devices=None, kinds=STEP_KINDS, log=None) -> list[StepReport]:
   """Compiles every step of ``config`` for ``devices`` (default: the attached ones); per-device memory."""
-  return [report(label, size, batch, compiled)
-          for label, size, batch, compiled in compile_steps(config, devices, kinds, log)]
+  return [
+    report(label, size, batch, compiled)
+    for label, size, batch, compiled in compile_steps(config, devices, kinds, log)
+  ]
 
 
 def compile_steps(config, devices=None, kinds=STEP_KINDS, log=None):
@@ -186,8 +223,13 @@ def compile_steps(config, devices=None, kinds=STEP_KINDS, log=None):
   devices = list(devices if devices is not None else jax.devices())
   pipeline.validate(config, len(devices))
   mesh = mesh_lib.make_mesh(dict(config.mesh), devices)
-  ctx = common.Context(config=config, workdir="", mesh=mesh, rules=mesh_lib.rules_from_config(config.rules),
-                       world=World(WorldConfig(**config.world)))
+  ctx = common.Context(
+    config=config,
+    workdir="",
+    mesh=mesh,
+    rules=mesh_lib.rules_from_config(config.rules),
+    world=World(WorldConfig(**config.world)),
+  )
   seq = ctx.prompt_len + ctx.response_len
   for kind, label, size, batch, section in plan_steps(config):
     if kind not in kinds:
@@ -196,16 +238,22 @@ def compile_steps(config, devices=None, kinds=STEP_KINDS, log=None):
       log(f"compiling {label} {size} (batch {batch}) for {len(devices)} devices ...")
     if kind in ("sft", "pretrain"):
       cfg = common.model_config(ctx, size, "policy")
-      spec = {"tokens": ((batch, seq), jnp.int32), "mask": ((batch, seq), jnp.bool_),
-              "loss_mask": ((batch, seq), jnp.bool_)}
+      spec = {
+        "tokens": ((batch, seq), jnp.int32),
+        "mask": ((batch, seq), jnp.bool_),
+        "loss_mask": ((batch, seq), jnp.bool_),
+      }
       tx = make_optimizer(common.optim_config(section, 1000))
       compiled = compile_train_step(cfg, sft.make_sft_loss(cfg), tx, spec, mesh, ctx.rules)
     elif kind == "rm":
       cfg = common.model_config(ctx, size, "rm")
-      spec = {k: ((batch, seq), jnp.bool_ if k.endswith("mask") else jnp.int32) for k in rm.BATCH_KEYS}
+      spec = {
+        k: ((batch, seq), jnp.bool_ if k.endswith("mask") else jnp.int32) for k in rm.BATCH_KEYS
+      }
       tx = make_optimizer(common.optim_config(section, 1000))
-      compiled = compile_train_step(cfg, rm.make_rm_loss(cfg, section.get("score_l2", 0.0)), tx, spec,
-                                    mesh, ctx.rules)
+      compiled = compile_train_step(
+        cfg, rm.make_rm_loss(cfg, section.get("score_l2", 0.0)), tx, spec, mesh, ctx.rules
+      )
     elif kind == "sampler":
       compiled = compile_sampler(ctx, common.model_config(ctx, size, "policy"), batch)
     else:
@@ -217,14 +265,18 @@ def topology_devices(name: str, num_slices: int = 1) -> list:
   """Compile-only devices of a Cloud TPU slice (``v5e:16x16``), or a ValueError saying what is missing."""
   try:
     from jax.experimental import topologies
+
     kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
     return list(topologies.get_topology_desc(topology_name=name, platform="tpu", **kwargs).devices)
-  except Exception as e:  # No libtpu, or a name libtpu does not know: both arrive as various errors.
+  except (
+    Exception
+  ) as e:  # No libtpu, or a name libtpu does not know: both arrive as various errors.
     raise ValueError(
-        f"cannot describe TPU topology {name!r} ({type(e).__name__}: {str(e)[:300]}). Compiling for a TPU "
-        "topology needs libtpu installed (pip install -e '.[tpu]'; no TPU is needed) and a name such as "
-        "v4:2x2x2 or v5e:16x16. Without --topology, this compiles for the attached devices (on CPU, fake "
-        "a pod's device count with --num_devices).") from e
+      f"cannot describe TPU topology {name!r} ({type(e).__name__}: {str(e)[:300]}). Compiling for a TPU "
+      "topology needs libtpu installed (pip install -e '.[tpu]'; no TPU is needed) and a name such as "
+      "v4:2x2x2 or v5e:16x16. Without --topology, this compiles for the attached devices (on CPU, fake "
+      "a pod's device count with --num_devices)."
+    ) from e
 
 
 def device_memory_limit(device) -> int | None:
@@ -247,8 +299,19 @@ def format_table(reports: list[StepReport], limit: int | None, devices: int, tar
   rows = [("step", "size", "batch", "arguments", "outputs", "donated", "temporaries", "peak", "")]
   for r in reports:
     verdict = "" if limit is None else ("OOM" if r.peak_bytes > limit else "ok")
-    rows.append((r.step, r.size, str(r.batch), _fmt(r.argument_bytes), _fmt(r.output_bytes),
-                 _fmt(r.alias_bytes), _fmt(r.temp_bytes), _fmt(r.peak_bytes), verdict))
+    rows.append(
+      (
+        r.step,
+        r.size,
+        str(r.batch),
+        _fmt(r.argument_bytes),
+        _fmt(r.output_bytes),
+        _fmt(r.alias_bytes),
+        _fmt(r.temp_bytes),
+        _fmt(r.peak_bytes),
+        verdict,
+      )
+    )
   widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
   lines = [head] + ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
   return "\n".join(lines)
@@ -271,16 +334,28 @@ def main(argv):
     target = devices[0].device_kind
   limit = int(FLAGS.hbm_gib * 2**30) if FLAGS.hbm_gib else device_memory_limit(devices[0])
   kinds = [k.strip() for k in FLAGS.steps.split(",") if k.strip()]
-  reports = compile_config(_CONFIG.value, devices, kinds, log=lambda m: print(m, file=sys.stderr, flush=True))
+  reports = compile_config(
+    _CONFIG.value, devices, kinds, log=lambda m: print(m, file=sys.stderr, flush=True)
+  )
   print(format_table(reports, limit, len(devices), target))
   if FLAGS.json:
     from rmscale import results
-    results.write_json(FLAGS.json, {"devices": len(devices), "target": target, "limit_bytes": limit,
-                                    "steps": [{**dataclasses.asdict(r), "peak_bytes": r.peak_bytes}
-                                              for r in reports]})
+
+    results.write_json(
+      FLAGS.json,
+      {
+        "devices": len(devices),
+        "target": target,
+        "limit_bytes": limit,
+        "steps": [{**dataclasses.asdict(r), "peak_bytes": r.peak_bytes} for r in reports],
+      },
+    )
   if limit is not None and any(r.peak_bytes > limit for r in reports):
-    print("predicted OOM: shard further (--config.mesh.fsdp / tensor), lower batch sizes, or use bfloat16 "
-          "parameters", file=sys.stderr)
+    print(
+      "predicted OOM: shard further (--config.mesh.fsdp / tensor), lower batch sizes, or use bfloat16 "
+      "parameters",
+      file=sys.stderr,
+    )
     sys.exit(1)
 
 
@@ -288,13 +363,18 @@ if __name__ == "__main__":
   from absl import app, flags
   from ml_collections import config_flags
 
-  _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config(arg)).",
-                                            lock_config=True)
+  _CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file (get_config(arg)).", lock_config=True
+  )
   flags.mark_flags_as_required(["config"])
-  flags.DEFINE_string("topology", None, "Cloud TPU topology to compile for, e.g. v5e:16x16 (needs libtpu).")
+  flags.DEFINE_string(
+    "topology", None, "Cloud TPU topology to compile for, e.g. v5e:16x16 (needs libtpu)."
+  )
   flags.DEFINE_integer("num_slices", 1, "Slices of --topology (multi-slice).")
   flags.DEFINE_integer("num_devices", None, "Fake this many CPU devices (without --topology).")
   flags.DEFINE_string("steps", ",".join(STEP_KINDS), f"Comma-separated subset of {STEP_KINDS}.")
-  flags.DEFINE_float("hbm_gib", None, "Device memory to check against (default: the attached device's).")
+  flags.DEFINE_float(
+    "hbm_gib", None, "Device memory to check against (default: the attached device's)."
+  )
   flags.DEFINE_string("json", None, "Also write the report to this JSON file.")
   app.run(main)

@@ -15,6 +15,7 @@ decides whether to call it:
 Then every process computes, only process 0 writes results and logs (``is_writer``), and
 ``barrier`` keeps the others from reading a file before process 0 has written it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,12 +32,19 @@ ENV_NUM_PROCESSES = "RMSCALE_NUM_PROCESSES"
 ENV_PROCESS_ID = "RMSCALE_PROCESS_ID"
 ENV_LOCAL_DEVICE_IDS = "RMSCALE_LOCAL_DEVICE_IDS"
 # SLURM variables JAX's own SlurmCluster reads; all must be present for it to work.
-_SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+_SLURM_VARS = (
+  "SLURM_JOB_ID",
+  "SLURM_STEP_NODELIST",
+  "SLURM_NTASKS",
+  "SLURM_PROCID",
+  "SLURM_LOCALID",
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """What ``initialize`` will do: ``kind`` is 'single', 'explicit' or a detected cluster name."""
+
   kind: str
   coordinator_address: str | None = None
   num_processes: int | None = None
@@ -66,33 +74,47 @@ def _device_ids(value, name: str) -> tuple[int, ...] | None:
   return ids
 
 
-def plan(coordinator_address: str | None = None, num_processes: int | None = None,
-         process_id: int | None = None, local_device_ids: Sequence[int] | str | None = None,
-         mode: str | None = None, env: Mapping[str, str] | None = None) -> Plan:
+def plan(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  local_device_ids: Sequence[int] | str | None = None,
+  mode: str | None = None,
+  env: Mapping[str, str] | None = None,
+) -> Plan:
   """Decides, without touching JAX, how this process joins its job (see the module docstring)."""
   env = os.environ if env is None else env
   mode = mode or env.get(ENV_MODE) or "auto"
   if mode not in MODES:
-    raise ValueError(f"distributed mode {mode!r} is not one of {MODES} (flag --distributed or ${ENV_MODE})")
+    raise ValueError(
+      f"distributed mode {mode!r} is not one of {MODES} (flag --distributed or ${ENV_MODE})"
+    )
   coordinator_address = coordinator_address or env.get(ENV_COORDINATOR) or None
   if num_processes is None and env.get(ENV_NUM_PROCESSES):
     num_processes = _int(env[ENV_NUM_PROCESSES], ENV_NUM_PROCESSES)
   if process_id is None and env.get(ENV_PROCESS_ID):
     process_id = _int(env[ENV_PROCESS_ID], ENV_PROCESS_ID)
-  local_ids = _device_ids(local_device_ids if local_device_ids is not None else env.get(ENV_LOCAL_DEVICE_IDS),
-                          "local_device_ids")
+  local_ids = _device_ids(
+    local_device_ids if local_device_ids is not None else env.get(ENV_LOCAL_DEVICE_IDS),
+    "local_device_ids",
+  )
   if mode == "off":
     return Plan("single")
 
-  explicit = {"coordinator_address": coordinator_address, "num_processes": num_processes,
-              "process_id": process_id}
+  explicit = {
+    "coordinator_address": coordinator_address,
+    "num_processes": num_processes,
+    "process_id": process_id,
+  }
   given = {k for k, v in explicit.items() if v is not None}
   if given:
     if given != set(explicit):
       missing = sorted(set(explicit) - given)
-      raise ValueError(f"explicit multi-host start-up needs coordinator_address, num_processes and "
-                       f"process_id together (flags or ${ENV_COORDINATOR}, ${ENV_NUM_PROCESSES}, "
-                       f"${ENV_PROCESS_ID}); missing {missing}")
+      raise ValueError(
+        f"explicit multi-host start-up needs coordinator_address, num_processes and "
+        f"process_id together (flags or ${ENV_COORDINATOR}, ${ENV_NUM_PROCESSES}, "
+        f"${ENV_PROCESS_ID}); missing {missing}"
+      )
     if num_processes < 1:
       raise ValueError(f"num_processes={num_processes} must be >= 1")
     if not 0 <= process_id < num_processes:
@@ -114,9 +136,13 @@ def plan(coordinator_address: str | None = None, num_processes: int | None = Non
   return Plan("single")
 
 
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, local_device_ids: Sequence[int] | str | None = None,
-               mode: str | None = None) -> Plan:
+def initialize(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  local_device_ids: Sequence[int] | str | None = None,
+  mode: str | None = None,
+) -> Plan:
   """Joins the job's other processes if there are any; call before any JAX computation.
 
   Idempotent: a second call (or one after JAX was initialised elsewhere) changes nothing.
@@ -128,8 +154,11 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   if p.local_device_ids is not None:
     kwargs["local_device_ids"] = list(p.local_device_ids)
   if p.kind == "explicit":
-    kwargs.update(coordinator_address=p.coordinator_address, num_processes=p.num_processes,
-                  process_id=p.process_id)
+    kwargs.update(
+      coordinator_address=p.coordinator_address,
+      num_processes=p.num_processes,
+      process_id=p.process_id,
+    )
   jax.distributed.initialize(**kwargs)
   return p
 
@@ -146,6 +175,7 @@ def barrier(name: str) -> None:
   """
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     multihost_utils.sync_global_devices(name)
 
 
@@ -165,6 +195,7 @@ def to_host(tree):
   if jax.process_count() == 1:
     return jax.device_get(tree)
   from jax.experimental import multihost_utils
+
   return multihost_utils.process_allgather(tree, tiled=True)
 
 
@@ -175,4 +206,5 @@ def agree(flag: bool) -> bool:
   if jax.process_count() == 1:
     return bool(flag)
   from jax.experimental import multihost_utils
+
   return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag, np.int32)))

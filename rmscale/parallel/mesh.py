@@ -4,6 +4,7 @@ Model code names axes logically (``embed``, ``mlp``, ``batch``...); the rules be
 map them onto mesh axes (``data``, ``fsdp``, ``tensor``). Changing a parallelism layout is a config
 change, never a model change.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -20,19 +21,19 @@ BATCH_AXES = ("data", "fsdp")  # The global batch is split over both data-parall
 
 # Parameters: FSDP shards the model dimension, tensor parallelism the heads/MLP/vocab dimensions.
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("batch", BATCH_AXES),
-    ("length", None),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-    ("vocab", "tensor"),
-    ("norm", None),
-    ("act_embed", None),
-    ("act_mlp", "tensor"),
-    ("act_heads", "tensor"),
-    ("act_vocab", "tensor"),
+  ("batch", BATCH_AXES),
+  ("length", None),
+  ("embed", "fsdp"),
+  ("mlp", "tensor"),
+  ("heads", "tensor"),
+  ("kv_heads", "tensor"),
+  ("head_dim", None),
+  ("vocab", "tensor"),
+  ("norm", None),
+  ("act_embed", None),
+  ("act_mlp", "tensor"),
+  ("act_heads", "tensor"),
+  ("act_vocab", "tensor"),
 )
 
 
@@ -51,22 +52,30 @@ def mesh_shape(axes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
   known = math.prod(s for s in sizes if s != -1)
   if fill:
     if num_devices % known:
-      raise ValueError(f"mesh: {num_devices} devices are not divisible by the fixed axes "
-                       f"(product {known}) so mesh.{fill[0]}=-1 cannot be filled")
+      raise ValueError(
+        f"mesh: {num_devices} devices are not divisible by the fixed axes "
+        f"(product {known}) so mesh.{fill[0]}=-1 cannot be filled"
+      )
     sizes[MESH_AXES.index(fill[0])] = num_devices // known
   if math.prod(sizes) != num_devices:
-    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
-                     f"but {num_devices} are available")
+    raise ValueError(
+      f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+      f"but {num_devices} are available"
+    )
   return tuple(sizes)
 
 
-def make_mesh(axes: Mapping[str, int] | None = None, devices: Sequence | None = None,
-              dcn: Mapping[str, int] | None = None) -> Mesh:
+def make_mesh(
+  axes: Mapping[str, int] | None = None,
+  devices: Sequence | None = None,
+  dcn: Mapping[str, int] | None = None,
+) -> Mesh:
   """A ('data', 'fsdp', 'tensor') mesh; ``dcn`` gives per-axis slice counts for multi-slice pods."""
   devices = list(devices if devices is not None else jax.devices())
   shape = mesh_shape(axes or {"data": -1}, len(devices))
   if dcn and any(v != 1 for v in dcn.values()):
     from jax.experimental import mesh_utils
+
     dcn_shape = tuple(int(dcn.get(a, 1)) for a in MESH_AXES)
     ici_shape = tuple(s // d for s, d in zip(shape, dcn_shape))
     grid = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices)
@@ -103,13 +112,16 @@ def logical_shardings(abstract_tree, logical_specs, mesh: Mesh, rules=DEFAULT_RU
   def check(path, leaf, spec):
     for dim, axes in zip(getattr(leaf, "shape", ()), spec):
       if dim % _axis_size(mesh, axes):
-        raise ValueError(f"{jax.tree_util.keystr(path)} has shape {leaf.shape}: dimension {dim} is not "
-                         f"divisible by mesh axes {axes} (size {_axis_size(mesh, axes)}); change the "
-                         f"mesh or the logical-axis rules")
+        raise ValueError(
+          f"{jax.tree_util.keystr(path)} has shape {leaf.shape}: dimension {dim} is not "
+          f"divisible by mesh axes {axes} (size {_axis_size(mesh, axes)}); change the "
+          f"mesh or the logical-axis rules"
+        )
     return NamedSharding(mesh, spec)
 
-  return jax.tree_util.tree_map_with_path(check, abstract_tree, mesh_specs,
-                                          is_leaf=lambda x: isinstance(x, P))
+  return jax.tree_util.tree_map_with_path(
+    check, abstract_tree, mesh_specs, is_leaf=lambda x: isinstance(x, P)
+  )
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -124,11 +136,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def check_batch_divisible(batch_size: int, mesh: Mesh, name: str) -> None:
   n = _axis_size(mesh, BATCH_AXES)
   if batch_size % n:
-    raise ValueError(f"{name}={batch_size} is not divisible by the {n} data-parallel devices "
-                     f"(mesh data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']})")
+    raise ValueError(
+      f"{name}={batch_size} is not divisible by the {n} data-parallel devices "
+      f"(mesh data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']})"
+    )
 
 
 def put_batch(batch: Mapping[str, np.ndarray], mesh: Mesh):
   """Places a host-local batch (this process's rows) as global arrays sharded over the batch axes."""
   sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+  return {
+    k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
+  }

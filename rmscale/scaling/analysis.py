@@ -11,6 +11,7 @@ coefficient in log RM size. This module answers the questions a reader of a swee
 
 Everything is plain numpy over the result records of ``results/*.jsonl``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,6 +32,7 @@ class Curve:
   `gold_per_prompt` is [prompts, points] (the bootstrap's resampling units) in the same order as
   `d`, or None when the per-prompt scores were not kept.
   """
+
   method: str
   name: str
   meta: dict
@@ -41,8 +43,9 @@ class Curve:
   gold_per_prompt: np.ndarray | None = None
 
 
-def curves(records: Sequence[Mapping], per_prompt: Mapping[tuple[str, str], np.ndarray] | None = None
-           ) -> list[Curve]:
+def curves(
+  records: Sequence[Mapping], per_prompt: Mapping[tuple[str, str], np.ndarray] | None = None
+) -> list[Curve]:
   """Groups result records by (method, name) into curves sorted by KL.
 
   `per_prompt[(method, name)]` is [prompts, points] with points in the records' KL order (as the
@@ -62,18 +65,28 @@ def curves(records: Sequence[Mapping], per_prompt: Mapping[tuple[str, str], np.n
     if units is not None:
       units = np.asarray(units, dtype=np.float64)
       if units.ndim != 2 or units.shape[1] != len(recs):
-        raise ValueError(f"per-prompt scores of {method}/{name} have shape {units.shape}; the curve has "
-                         f"{len(recs)} points")
-    out.append(Curve(method=method, name=name, meta={k: recs[0][k] for k in META if k in recs[0]},
-                     d=np.sqrt(np.maximum([r["kl"] for r in recs], 0.0)),
-                     gold=np.array([r["gold"] for r in recs], dtype=np.float64),
-                     gold_se=np.array([r.get("gold_se", np.nan) for r in recs], dtype=np.float64),
-                     proxy=np.array([r.get("proxy", np.nan) for r in recs], dtype=np.float64),
-                     gold_per_prompt=units))
+        raise ValueError(
+          f"per-prompt scores of {method}/{name} have shape {units.shape}; the curve has "
+          f"{len(recs)} points"
+        )
+    out.append(
+      Curve(
+        method=method,
+        name=name,
+        meta={k: recs[0][k] for k in META if k in recs[0]},
+        d=np.sqrt(np.maximum([r["kl"] for r in recs], 0.0)),
+        gold=np.array([r["gold"] for r in recs], dtype=np.float64),
+        gold_se=np.array([r.get("gold_se", np.nan) for r in recs], dtype=np.float64),
+        proxy=np.array([r.get("proxy", np.nan) for r in recs], dtype=np.float64),
+        gold_per_prompt=units,
+      )
+    )
   return out
 
 
-def prediction_band(form: str, alpha_B, beta_B, d_G, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+def prediction_band(
+  form: str, alpha_B, beta_B, d_G, level: float = 0.95
+) -> tuple[np.ndarray, np.ndarray]:
   """Pointwise percentile band of R(d) over paired coefficient samples (one (alpha, beta) per replicate).
 
   Pairs are kept together: alpha and beta of a fit are strongly correlated, and banding them
@@ -83,20 +96,25 @@ def prediction_band(form: str, alpha_B, beta_B, d_G, level: float = 0.95) -> tup
   """
   alpha_B, beta_B = np.asarray(alpha_B, np.float64), np.asarray(beta_B, np.float64)
   if alpha_B.ndim != 1 or alpha_B.shape != beta_B.shape or alpha_B.size == 0:
-    raise ValueError(f"alpha and beta samples must be 1-D, paired and non-empty, got {alpha_B.shape}, "
-                     f"{beta_B.shape}")
+    raise ValueError(
+      f"alpha and beta samples must be 1-D, paired and non-empty, got {alpha_B.shape}, "
+      f"{beta_B.shape}"
+    )
   if not 0 < level < 1:
     raise ValueError(f"level must be in (0, 1), got {level}")
   d_G = np.asarray(d_G, np.float64)
   pred_BxG = np.stack([fit_lib.predict(form, a, b, d_G) for a, b in zip(alpha_B, beta_B)])
   tail = (1.0 - level) / 2
-  return (np.quantile(pred_BxG, tail, axis=0, method="lower"),
-          np.quantile(pred_BxG, 1.0 - tail, axis=0, method="higher"))
+  return (
+    np.quantile(pred_BxG, tail, axis=0, method="lower"),
+    np.quantile(pred_BxG, 1.0 - tail, axis=0, method="higher"),
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class FittedCurve:
   """A curve, its fitted law and (with per-prompt scores) a bootstrap band on a grid of d."""
+
   curve: Curve
   fit: fit_lib.Fit
   d_grid: np.ndarray
@@ -108,15 +126,21 @@ class FittedCurve:
 
   def row(self) -> dict:
     """A fits.jsonl-style row: method, identifying keys, coefficients, peak, bootstrap intervals."""
-    row = {"method": self.curve.method, "name": self.curve.name, **self.curve.meta, **self.fit.to_dict()}
+    row = {
+      "method": self.curve.method,
+      "name": self.curve.name,
+      **self.curve.meta,
+      **self.fit.to_dict(),
+    }
     if self.boot is not None:
       for coef, (lo, hi) in self.boot.intervals.items():
         row[f"{coef}_lo"], row[f"{coef}_hi"] = lo, hi
     return row
 
 
-def fit_with_band(curve: Curve, num_boot: int, rng: np.random.Generator, *, level: float = 0.95,
-                  num_grid: int = 100) -> FittedCurve:
+def fit_with_band(
+  curve: Curve, num_boot: int, rng: np.random.Generator, *, level: float = 0.95, num_grid: int = 100
+) -> FittedCurve:
   """Fits the curve's law (BoN or RL form by its method) and, if it has per-prompt scores, a band.
 
   The point fit is on the curve's mean scores (as the fit stage does); the band comes from
@@ -129,8 +153,16 @@ def fit_with_band(curve: Curve, num_boot: int, rng: np.random.Generator, *, leve
   if curve.gold_per_prompt is not None and num_boot:
     boot = fit_lib.bootstrap_fit(form, curve.d, curve.gold_per_prompt, num_boot, rng, level=level)
     lo, hi = prediction_band(form, boot.samples["alpha"], boot.samples["beta"], d_grid, level)
-  return FittedCurve(curve=curve, fit=f, d_grid=d_grid, centre=f.predict(d_grid), lo=lo, hi=hi, boot=boot,
-                     level=level)
+  return FittedCurve(
+    curve=curve,
+    fit=f,
+    d_grid=d_grid,
+    centre=f.predict(d_grid),
+    lo=lo,
+    hi=hi,
+    boot=boot,
+    level=level,
+  )
 
 
 def trend_prediction(sizes, coeffs, size: float) -> tuple[float, float]:
@@ -160,6 +192,7 @@ class Extrapolation:
   scores, `rmse_fitted` that of their own fitted law: the first can only be larger, and how much
   larger says how far the trend carries.
   """
+
   method: str
   data_size: int | None
   heldout_params: int
@@ -172,14 +205,21 @@ class Extrapolation:
 
   def table(self) -> list[dict]:
     """Rows (quantity, predicted, actual) for display."""
-    return [{"quantity": k, "predicted": self.predicted[k], "actual": self.actual[k]}
-            for k in ("alpha", "beta", "d_star", "r_star")] + [
-                {"quantity": "gold RMSE on held-out points", "predicted": self.rmse_predicted,
-                 "actual": self.rmse_fitted}]
+    return [
+      {"quantity": k, "predicted": self.predicted[k], "actual": self.actual[k]}
+      for k in ("alpha", "beta", "d_star", "r_star")
+    ] + [
+      {
+        "quantity": "gold RMSE on held-out points",
+        "predicted": self.rmse_predicted,
+        "actual": self.rmse_fitted,
+      }
+    ]
 
 
-def extrapolate(rows: Sequence[Mapping], curves_: Sequence[Curve], method: str,
-                data_size: int | None = None) -> Extrapolation:
+def extrapolate(
+  rows: Sequence[Mapping], curves_: Sequence[Curve], method: str, data_size: int | None = None
+) -> Extrapolation:
   """Fits alpha and beta against log RM size on all but the largest size, predicts the largest.
 
   Args:
@@ -189,45 +229,69 @@ def extrapolate(rows: Sequence[Mapping], curves_: Sequence[Curve], method: str,
     data_size: restrict to proxies trained on this many comparisons (None: every row of the method,
       which only makes sense when the sweep has one data size).
   """
-  rows = [r for r in rows if r["method"] == method and (data_size is None or r["data_size"] == data_size)]
+  rows = [
+    r for r in rows if r["method"] == method and (data_size is None or r["data_size"] == data_size)
+  ]
   if data_size is None and len({r["data_size"] for r in rows}) > 1:
-    raise ValueError(f"{method} fits span data sizes {sorted({r['data_size'] for r in rows})}; pass data_size")
+    raise ValueError(
+      f"{method} fits span data sizes {sorted({r['data_size'] for r in rows})}; pass data_size"
+    )
   sizes = sorted({int(r["rm_params"]) for r in rows})
   if len(sizes) < 3:
-    raise ValueError(f"extrapolating {method} needs fits at >= 3 RM sizes (2 for the trend, 1 held out); "
-                     f"got {len(sizes)}: {sizes}")
+    raise ValueError(
+      f"extrapolating {method} needs fits at >= 3 RM sizes (2 for the trend, 1 held out); "
+      f"got {len(sizes)}: {sizes}"
+    )
   held = sizes[-1]
   train = [r for r in rows if r["rm_params"] < held]
   test = [r for r in rows if r["rm_params"] == held]
   predicted = {}
   for coef in ("alpha", "beta"):
     predicted[coef], predicted[f"{coef}_se"] = trend_prediction(
-        [r["rm_params"] for r in train], [r[coef] for r in train], held)
-  predicted["d_star"], predicted["r_star"] = fit_lib.peak(method, predicted["alpha"], predicted["beta"])
+      [r["rm_params"] for r in train], [r[coef] for r in train], held
+    )
+  predicted["d_star"], predicted["r_star"] = fit_lib.peak(
+    method, predicted["alpha"], predicted["beta"]
+  )
   actual = {c: float(np.mean([r[c] for r in test])) for c in ("alpha", "beta")}
   actual["d_star"], actual["r_star"] = fit_lib.peak(method, actual["alpha"], actual["beta"])
   names = {r["name"] for r in test}
   held_curves = [c for c in curves_ if c.method == method and c.name in names]
   if len(held_curves) != len(names):
-    raise ValueError(f"no measured {method} curve for held-out fits {sorted(names - {c.name for c in held_curves})}")
+    raise ValueError(
+      f"no measured {method} curve for held-out fits {sorted(names - {c.name for c in held_curves})}"
+    )
   by_name = {r["name"]: r for r in test}
   err_pred, err_fit = [], []
   for c in held_curves:
     err_pred.append(c.gold - fit_lib.predict(method, predicted["alpha"], predicted["beta"], c.d))
-    err_fit.append(c.gold - fit_lib.predict(method, by_name[c.name]["alpha"], by_name[c.name]["beta"], c.d))
+    err_fit.append(
+      c.gold - fit_lib.predict(method, by_name[c.name]["alpha"], by_name[c.name]["beta"], c.d)
+    )
   rms = lambda e: float(np.sqrt(np.mean(np.concatenate(e) ** 2)))  # noqa: E731
-  return Extrapolation(method=method, data_size=data_size, heldout_params=held, train_params=tuple(sizes[:-1]),
-                       predicted=predicted, actual=actual, rmse_predicted=rms(err_pred), rmse_fitted=rms(err_fit),
-                       heldout_names=tuple(sorted(names)))
+  return Extrapolation(
+    method=method,
+    data_size=data_size,
+    heldout_params=held,
+    train_params=tuple(sizes[:-1]),
+    predicted=predicted,
+    actual=actual,
+    rmse_predicted=rms(err_pred),
+    rmse_fitted=rms(err_fit),
+    heldout_names=tuple(sorted(names)),
+  )
 
 
-def fit_all(curves_: Sequence[Curve], num_boot: int, rng: np.random.Generator, *, level: float = 0.95
-            ) -> list[FittedCurve]:
+def fit_all(
+  curves_: Sequence[Curve], num_boot: int, rng: np.random.Generator, *, level: float = 0.95
+) -> list[FittedCurve]:
   """`fit_with_band` for every curve, drawing the bootstraps from one explicitly threaded generator."""
   return [fit_with_band(c, num_boot, rng, level=level) for c in curves_]
 
 
-def extrapolate_all(rows: Sequence[Mapping], curves_: Sequence[Curve]) -> tuple[list[Extrapolation], list[str]]:
+def extrapolate_all(
+  rows: Sequence[Mapping], curves_: Sequence[Curve]
+) -> tuple[list[Extrapolation], list[str]]:
   """`extrapolate` for every (method, data size) with fits at >= 3 RM sizes; for the others, why not."""
   groups = defaultdict(set)
   for r in rows:
@@ -235,9 +299,11 @@ def extrapolate_all(rows: Sequence[Mapping], curves_: Sequence[Curve]) -> tuple[
   done, skipped = [], []
   for (method, data_size), sizes in sorted(groups.items()):
     if len(sizes) < 3:
-      skipped.append(f"{method}, {data_size:,} comparisons: proxies of {len(sizes)} size(s) "
-                     f"({', '.join(f'{s:,}' for s in sorted(sizes))}); extrapolation needs >= 3 "
-                     "(2 to fit the trend, 1 held out)")
+      skipped.append(
+        f"{method}, {data_size:,} comparisons: proxies of {len(sizes)} size(s) "
+        f"({', '.join(f'{s:,}' for s in sorted(sizes))}); extrapolation needs >= 3 "
+        "(2 to fit the trend, 1 held out)"
+      )
       continue
     done.append(extrapolate(rows, curves_, method, data_size))
   return done, skipped

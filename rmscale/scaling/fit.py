@@ -83,13 +83,13 @@ def peak(form: str, alpha: float, beta: float) -> tuple[float, float]:
   return d_star, beta * d_star
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Fit:
   """A fitted R(d); `*_se` are standard errors of the coefficients (NaN with no residual dof).
 
   r2 and rmse are on the unweighted residuals of the fitted points (r2 against their mean).
   """
+
   form: str
   alpha: float
   beta: float
@@ -123,8 +123,9 @@ def _validate_curve(d, r, sigma):
     if not np.all(np.isfinite(sigma)) or np.any(sigma <= 0):
       raise ValueError("sigma must be finite and > 0 for every point")
   if np.count_nonzero(np.unique(d)) < 2:
-    raise ValueError("need at least two distinct d > 0 to fit two coefficients "
-                     f"(got d = {d.tolist()})")
+    raise ValueError(
+      f"need at least two distinct d > 0 to fit two coefficients (got d = {d.tolist()})"
+    )
   return d, r, sigma
 
 
@@ -155,12 +156,18 @@ def fit_curve(form: str, d, r, *, sigma=None, absolute_sigma: bool = False) -> F
   if not absolute_sigma:
     cov = cov * (np.sum((rw - Xw @ coef) ** 2) / dof) if dof > 0 else np.full_like(cov, np.nan)
   resid = r - X @ coef
-  rss = float(np.sum(resid ** 2))
+  rss = float(np.sum(resid**2))
   tss = float(np.sum((r - r.mean()) ** 2))
-  return Fit(form=form, alpha=float(coef[0]), beta=float(coef[1]),
-             alpha_se=float(np.sqrt(cov[0, 0])), beta_se=float(np.sqrt(cov[1, 1])),
-             r2=1.0 - rss / tss if tss > 0 else float("nan"),
-             rmse=float(np.sqrt(rss / d.size)), n_points=int(d.size))
+  return Fit(
+    form=form,
+    alpha=float(coef[0]),
+    beta=float(coef[1]),
+    alpha_se=float(np.sqrt(cov[0, 0])),
+    beta_se=float(np.sqrt(cov[1, 1])),
+    r2=1.0 - rss / tss if tss > 0 else float("nan"),
+    rmse=float(np.sqrt(rss / d.size)),
+    n_points=int(d.size),
+  )
 
 
 def fit_bon(d, r, **kwargs) -> Fit:
@@ -182,6 +189,7 @@ class BootstrapFit:
   replicate), and intervals then take inf as a value rather than NaN; `peak_fraction` is the share
   of replicates with a finite peak.
   """
+
   fit: Fit
   level: float
   samples: dict[str, np.ndarray]
@@ -189,8 +197,9 @@ class BootstrapFit:
   peak_fraction: float
 
 
-def bootstrap_fit(form: str, d, r_per_unit, num_boot: int, rng: np.random.Generator, *,
-                  level: float = 0.95) -> BootstrapFit:
+def bootstrap_fit(
+  form: str, d, r_per_unit, num_boot: int, rng: np.random.Generator, *, level: float = 0.95
+) -> BootstrapFit:
   """Uncertainty of the fitted law from variation between units (prompts, or RM / RL seeds).
 
   Each replicate draws `units` rows with replacement, averages them into one curve and refits.
@@ -212,8 +221,9 @@ def bootstrap_fit(form: str, d, r_per_unit, num_boot: int, rng: np.random.Genera
     raise ValueError(f"r_per_unit must be [units >= 2, points], got shape {r_UxP.shape}")
   d_arr = _as_distance(d)
   if d_arr.shape not in (r_UxP.shape[1:], r_UxP.shape):
-    raise ValueError(f"d must be [points] or [units, points] matching r_per_unit {r_UxP.shape}, "
-                     f"got {d_arr.shape}")
+    raise ValueError(
+      f"d must be [points] or [units, points] matching r_per_unit {r_UxP.shape}, got {d_arr.shape}"
+    )
   d_UxP = np.broadcast_to(d_arr, r_UxP.shape)
   if not isinstance(rng, np.random.Generator):
     raise ValueError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
@@ -233,17 +243,25 @@ def bootstrap_fit(form: str, d, r_per_unit, num_boot: int, rng: np.random.Genera
     samples["d_star"][b], samples["r_star"][b] = f.peak()
   tail = (1.0 - level) / 2
   intervals = {
-      k: (float(np.quantile(v, tail, method="lower")),
-          float(np.quantile(v, 1.0 - tail, method="higher")))
-      for k, v in samples.items()
+    k: (
+      float(np.quantile(v, tail, method="lower")),
+      float(np.quantile(v, 1.0 - tail, method="higher")),
+    )
+    for k, v in samples.items()
   }
-  return BootstrapFit(fit=point, level=level, samples=samples, intervals=intervals,
-                      peak_fraction=float(np.mean(np.isfinite(samples["d_star"]))))
+  return BootstrapFit(
+    fit=point,
+    level=level,
+    samples=samples,
+    intervals=intervals,
+    peak_fraction=float(np.mean(np.isfinite(samples["d_star"]))),
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class Trend:
   """coeff ~ intercept + slope * ln(size); slope is per e-fold of parameters."""
+
   slope: float
   intercept: float
   slope_se: float
@@ -275,18 +293,23 @@ def coefficient_trend(sizes, coeffs) -> Trend:
   X = np.stack([np.ones_like(lx), lx], axis=-1)
   coef, _, _, _ = np.linalg.lstsq(X, y, rcond=None)
   resid = y - X @ coef
-  rss = float(np.sum(resid ** 2))
+  rss = float(np.sum(resid**2))
   tss = float(np.sum((y - y.mean()) ** 2))
   dof = x.size - 2
-  slope_se = (float(np.sqrt(rss / dof / np.sum((lx - lx.mean()) ** 2))) if dof > 0
-              else float("nan"))
-  return Trend(slope=float(coef[1]), intercept=float(coef[0]), slope_se=slope_se,
-               r2=1.0 - rss / tss if tss > 0 else float("nan"), n_points=int(x.size))
+  slope_se = float(np.sqrt(rss / dof / np.sum((lx - lx.mean()) ** 2))) if dof > 0 else float("nan")
+  return Trend(
+    slope=float(coef[1]),
+    intercept=float(coef[0]),
+    slope_se=slope_se,
+    r2=1.0 - rss / tss if tss > 0 else float("nan"),
+    n_points=int(x.size),
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class MultiplicativeFit:
   """L(X, D) = A X^-alpha D^-beta + E (Zhang et al. 2024), in the caller's units of X, D and L."""
+
   A: float
   alpha: float
   beta: float
@@ -296,7 +319,7 @@ class MultiplicativeFit:
 
   def predict(self, X, D) -> np.ndarray:
     X, D = np.asarray(X, dtype=np.float64), np.asarray(D, dtype=np.float64)
-    return self.A * X ** -self.alpha * D ** -self.beta + self.E
+    return self.A * X**-self.alpha * D**-self.beta + self.E
 
   def heldout_error(self, X, D, L) -> dict[str, float]:
     """Extrapolation error on points not used in the fit (Zhang et al. hold out the largest model).
@@ -305,25 +328,34 @@ class MultiplicativeFit:
     """
     X, D, L = _check_law_data(X, D, L)
     pred = self.predict(X, D)
-    return dict(rmse_log=float(np.sqrt(np.mean((np.log(L) - np.log(pred)) ** 2))),
-                mean_abs_rel_err=float(np.mean(np.abs(pred / L - 1.0))))
+    return dict(
+      rmse_log=float(np.sqrt(np.mean((np.log(L) - np.log(pred)) ** 2))),
+      mean_abs_rel_err=float(np.mean(np.abs(pred / L - 1.0))),
+    )
 
 
 def _check_law_data(X, D, L):
   arrays = [np.asarray(v, dtype=np.float64).ravel() for v in (X, D, L)]
   if not arrays[0].size or len({a.size for a in arrays}) != 1:
-    raise ValueError(f"X, D, L must be non-empty and equally long, got sizes "
-                     f"{[a.size for a in arrays]}")
+    raise ValueError(
+      f"X, D, L must be non-empty and equally long, got sizes {[a.size for a in arrays]}"
+    )
   for name, a in zip("XDL", arrays):
     if not np.all(np.isfinite(a)) or np.any(a <= 0):
       raise ValueError(f"{name} must be finite and > 0")
   return arrays
 
 
-def fit_multiplicative_law(X, D, L, *, huber_delta: float = 1e-3,
-                           starts: Iterable[tuple[float, float, float, float]] | None = None,
-                           num_refine: int | None = 8, method: str = "BFGS"
-                           ) -> MultiplicativeFit:
+def fit_multiplicative_law(
+  X,
+  D,
+  L,
+  *,
+  huber_delta: float = 1e-3,
+  starts: Iterable[tuple[float, float, float, float]] | None = None,
+  num_refine: int | None = 8,
+  method: str = "BFGS",
+) -> MultiplicativeFit:
   """Fit L = A X^-alpha D^-beta + E by Huber loss on log L, (L-)BFGS from a grid of starts.
 
   The Huber loss on log values (delta = 1e-3, as in Chinchilla and Zhang et al.) keeps a few bad
@@ -351,16 +383,19 @@ def fit_multiplicative_law(X, D, L, *, huber_delta: float = 1e-3,
     raise ValueError(f"need at least 4 points to fit 4 parameters, got {X.size}")
   if not huber_delta > 0:
     raise ValueError(f"huber_delta must be > 0, got {huber_delta}")
-  if num_refine is not None and (isinstance(num_refine, bool) or int(num_refine) != num_refine
-                                 or num_refine < 1):
+  if num_refine is not None and (
+    isinstance(num_refine, bool) or int(num_refine) != num_refine or num_refine < 1
+  ):
     raise ValueError(f"num_refine must be a positive integer or None, got {num_refine!r}")
-  options = {"BFGS": dict(maxiter=2000, gtol=1e-10),
-             "L-BFGS-B": dict(maxiter=2000, ftol=1e-14, gtol=1e-10)}.get(method)
+  options = {
+    "BFGS": dict(maxiter=2000, gtol=1e-10),
+    "L-BFGS-B": dict(maxiter=2000, ftol=1e-14, gtol=1e-10),
+  }.get(method)
   if options is None:
     raise ValueError(f"method must be 'BFGS' or 'L-BFGS-B', got {method!r}")
   log_x0, log_d0 = np.log(X).mean(), np.log(D).mean()
   x, y, log_L = np.log(X) - log_x0, np.log(D) - log_d0, np.log(L)
-  scale = 1.0 / (huber_delta ** 2 * X.size)  # Objective O(1): tolerances bite.
+  scale = 1.0 / (huber_delta**2 * X.size)  # Objective O(1): tolerances bite.
 
   def loss_and_parts(theta_Gx4):
     a, alpha, beta, e = (theta_Gx4[..., k, None] for k in range(4))
@@ -372,16 +407,24 @@ def fit_multiplicative_law(X, D, L, *, huber_delta: float = 1e-3,
     loss, t, e, resid = loss_and_parts(theta)
     s = expit(t - e)  # d log_pred / d t
     dres = -np.clip(resid, -huber_delta, huber_delta) * scale  # d loss / d log_pred
-    grad = np.array([np.sum(dres * s), -np.sum(dres * s * x), -np.sum(dres * s * y),
-                     np.sum(dres * (1.0 - s))])
+    grad = np.array(
+      [np.sum(dres * s), -np.sum(dres * s * x), -np.sum(dres * s * y), np.sum(dres * (1.0 - s))]
+    )
     return float(loss), grad
 
   if starts is None:
     log_min, log_med = np.log(L.min()), np.log(np.median(L))
     exponents = (0.05, 0.2, 0.5, 1.0)
-    grid_Gx4 = np.array(list(itertools.product(
-        log_med + np.array([-4.0, -2.5, -1.0, 0.0]), exponents, exponents,
-        log_min + np.array([-3.0, -1.0, -0.3, -0.05]))))
+    grid_Gx4 = np.array(
+      list(
+        itertools.product(
+          log_med + np.array([-4.0, -2.5, -1.0, 0.0]),
+          exponents,
+          exponents,
+          log_min + np.array([-3.0, -1.0, -0.3, -0.05]),
+        )
+      )
+    )
   else:
     rows = []
     for A0, alpha0, beta0, E0 in starts:
@@ -396,13 +439,17 @@ def fit_multiplicative_law(X, D, L, *, huber_delta: float = 1e-3,
   grid_Gx4 = grid_Gx4[order[:num_refine]]
   best = None
   for theta0 in grid_Gx4:
-    res = optimize.minimize(objective, theta0, jac=True,
-                            method=method, options=options)
+    res = optimize.minimize(objective, theta0, jac=True, method=method, options=options)
     if np.isfinite(res.fun) and (best is None or res.fun < best.fun):
       best = res
   if best is None:
     raise ValueError("every starting point diverged; check the data or pass `starts`")
   a, alpha, beta, e = best.x
-  return MultiplicativeFit(A=float(np.exp(a + alpha * log_x0 + beta * log_d0)), alpha=float(alpha),
-                           beta=float(beta), E=float(np.exp(e)), loss=float(best.fun),
-                           n_points=int(X.size))
+  return MultiplicativeFit(
+    A=float(np.exp(a + alpha * log_x0 + beta * log_d0)),
+    alpha=float(alpha),
+    beta=float(beta),
+    E=float(np.exp(e)),
+    loss=float(best.fun),
+    n_points=int(X.size),
+  )

@@ -33,8 +33,9 @@ def _save_atomic(fig: Figure, path) -> str:
   return path
 
 
-def _check_records(records: Iterable[Mapping[str, Any]], required: Sequence[str],
-                   what: str) -> list[Mapping[str, Any]]:
+def _check_records(
+  records: Iterable[Mapping[str, Any]], required: Sequence[str], what: str
+) -> list[Mapping[str, Any]]:
   records = list(records) if records is not None else []
   if not records:
     raise ValueError(f"{what}: no records to plot")
@@ -46,8 +47,9 @@ def _check_records(records: Iterable[Mapping[str, Any]], required: Sequence[str]
       raise ValueError(f"{what}: record {i} lacks {missing}: {dict(rec)}")
     method = rec.get("method", rec.get("form"))
     if "method" in required and method not in _METHOD_TITLES:
-      raise ValueError(f"{what}: record {i} has unknown method {method!r}; expected one of "
-                       f"{tuple(_METHOD_TITLES)}")
+      raise ValueError(
+        f"{what}: record {i} has unknown method {method!r}; expected one of {tuple(_METHOD_TITLES)}"
+      )
   return records
 
 
@@ -63,8 +65,11 @@ def _format_count(n: float) -> str:
 
 
 def _numeric(value) -> float:
-  if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-      or not np.isfinite(value):
+  if (
+    isinstance(value, bool)
+    or not isinstance(value, (int, float, np.integer, np.floating))
+    or not np.isfinite(value)
+  ):
     raise ValueError(f"colour key values must be finite numbers, got {value!r}")
   return float(value)
 
@@ -101,8 +106,13 @@ def _curves(records, colour_by: str):
   """Group records into lines: one per (method, rm_params, data_size, seed), sorted by KL."""
   groups = collections.defaultdict(list)
   for rec in records:
-    key = (_method(rec), rec[colour_by], rec.get("rm_params"), rec.get("data_size"),
-           rec.get("seed"))
+    key = (
+      _method(rec),
+      rec[colour_by],
+      rec.get("rm_params"),
+      rec.get("data_size"),
+      rec.get("seed"),
+    )
     groups[key].append(rec)
   for key in groups:
     groups[key].sort(key=lambda r: r["kl"])
@@ -124,8 +134,11 @@ def _fit_matches(row: Mapping[str, Any], rec: Mapping[str, Any]) -> bool:
   """A fit row applies to a curve when method agrees and every identifying key it carries agrees."""
   if _method(row) != _method(rec):
     return False
-  return all(row[k] == rec.get(k) for k in ("rm_params", "rm_size", "data_size", "seed")
-             if row.get(k) is not None)
+  return all(
+    row[k] == rec.get(k)
+    for k in ("rm_params", "rm_size", "data_size", "seed")
+    if row.get(k) is not None
+  )
 
 
 def plot_score_vs_sqrt_kl(records, fits, path, *, colour_by: str = "rm_params") -> str:
@@ -145,8 +158,10 @@ def plot_score_vs_sqrt_kl(records, fits, path, *, colour_by: str = "rm_params") 
   fits = _check_records(fits, ("alpha", "beta"), "plot_score_vs_sqrt_kl fits") if fits else []
   for i, row in enumerate(fits):
     if _method(row) not in _METHOD_TITLES:
-      raise ValueError(f"plot_score_vs_sqrt_kl fits: row {i} has no method/form in "
-                       f"{tuple(_METHOD_TITLES)}: {dict(row)}")
+      raise ValueError(
+        f"plot_score_vs_sqrt_kl fits: row {i} has no method/form in "
+        f"{tuple(_METHOD_TITLES)}: {dict(row)}"
+      )
   colours = _colours(r[colour_by] for r in records)
   methods = _methods_present(records)
   fig, axes = _panels(len(methods))
@@ -169,8 +184,14 @@ def plot_score_vs_sqrt_kl(records, fits, path, *, colour_by: str = "rm_params") 
       for row in fits:
         if _fit_matches(row, curve[0]) and row.get(colour_by, key[1]) == key[1]:
           d_fit = np.linspace(0.0, d.max(), 200)
-          ax.plot(d_fit, fit_lib.predict(method, row["alpha"], row["beta"], d_fit), "-",
-                  color=colour, lw=0.8, alpha=0.45)
+          ax.plot(
+            d_fit,
+            fit_lib.predict(method, row["alpha"], row["beta"], d_fit),
+            "-",
+            color=colour,
+            lw=0.8,
+            alpha=0.45,
+          )
     ax.axhline(0.0, color="0.7", lw=0.6, zorder=0)
     ax.set_title(_METHOD_TITLES[method])
     ax.set_xlabel("sqrt(KL) [sqrt nats]")
@@ -202,8 +223,10 @@ def plot_coefficients_vs_size(fit_table, path) -> str:
   rows = _check_records(fit_table, ("rm_params", "alpha", "beta"), "plot_coefficients_vs_size")
   for i, row in enumerate(rows):
     if _method(row) not in _METHOD_TITLES:
-      raise ValueError(f"plot_coefficients_vs_size: row {i} has no method/form in "
-                       f"{tuple(_METHOD_TITLES)}: {dict(row)}")
+      raise ValueError(
+        f"plot_coefficients_vs_size: row {i} has no method/form in "
+        f"{tuple(_METHOD_TITLES)}: {dict(row)}"
+      )
     if not row["rm_params"] > 0:
       raise ValueError(f"plot_coefficients_vs_size: row {i} has rm_params <= 0")
   data_sizes = {r.get("data_size") for r in rows}
@@ -222,14 +245,22 @@ def plot_coefficients_vs_size(fit_table, path) -> str:
       y = np.array([r[name] for r in line], dtype=np.float64)
       marker, colour = styles[method]
       label = _METHOD_TITLES[method] + (f", {_format_count(data_size)}" if data_size else "")
-      ax.plot(x, y, marker=marker, color=colour, lw=1.5, label=label,
-              alpha=shade.get(data_size, 1.0))
+      ax.plot(
+        x, y, marker=marker, color=colour, lw=1.5, label=label, alpha=shade.get(data_size, 1.0)
+      )
       bars = [_interval(r, name) for r in line]
       if all(b is not None for b in bars):
         lo, hi = np.array(bars, dtype=np.float64).T
         # Clipped: a collapsed bootstrap interval can sit a rounding error off the point estimate.
-        ax.errorbar(x, y, yerr=[np.clip(y - lo, 0, None), np.clip(hi - y, 0, None)], fmt="none", ecolor=colour, elinewidth=1,
-                    capsize=2)
+        ax.errorbar(
+          x,
+          y,
+          yerr=[np.clip(y - lo, 0, None), np.clip(hi - y, 0, None)],
+          fmt="none",
+          ecolor=colour,
+          elinewidth=1,
+          capsize=2,
+        )
       if np.unique(x).size >= 2:
         trend = fit_lib.coefficient_trend(x, y)
         xs = np.geomspace(x.min(), x.max(), 50)
@@ -242,8 +273,9 @@ def plot_coefficients_vs_size(fit_table, path) -> str:
   return _save_atomic(fig, path)
 
 
-def plot_rm_validation(records, path, *, metrics: Sequence[str] = ("val_loss", "val_accuracy")
-                       ) -> str:
+def plot_rm_validation(
+  records, path, *, metrics: Sequence[str] = ("val_loss", "val_accuracy")
+) -> str:
   """RM validation metrics vs RM parameters (log x), one line per training-data size.
 
   Each record is one trained RM (rm_params, data_size, optional seed, and any of `metrics`).
@@ -265,10 +297,22 @@ def plot_rm_validation(records, path, *, metrics: Sequence[str] = ("val_loss", "
       per_size = by_data[data_size]
       x = np.array(sorted(per_size), dtype=np.float64)
       for xi in x:
-        ax.scatter(np.full(len(per_size[xi]), xi), per_size[xi], s=10, alpha=0.35,
-                   color=colours[data_size], lw=0)
-      ax.plot(x, [np.mean(per_size[xi]) for xi in x], "-o", ms=3, color=colours[data_size],
-              label=f"{_format_count(data_size)} comparisons")
+        ax.scatter(
+          np.full(len(per_size[xi]), xi),
+          per_size[xi],
+          s=10,
+          alpha=0.35,
+          color=colours[data_size],
+          lw=0,
+        )
+      ax.plot(
+        x,
+        [np.mean(per_size[xi]) for xi in x],
+        "-o",
+        ms=3,
+        color=colours[data_size],
+        label=f"{_format_count(data_size)} comparisons",
+      )
     if metric in _CHANCE:
       ax.axhline(_CHANCE[metric], color="0.6", lw=0.8, ls="--", label="chance")
     ax.set_xscale("log")
@@ -284,8 +328,9 @@ def plot_gold_vs_proxy(records, path, *, colour_by: str = "rm_params") -> str:
   While the proxy tracks the gold the curve climbs; where it bends over, optimising the proxy
   has stopped buying gold score (the Goodhart gap). Arrow-free: KL increases along each line.
   """
-  records = _check_records(records, ("method", "kl", "proxy", "gold", colour_by),
-                           "plot_gold_vs_proxy")
+  records = _check_records(
+    records, ("method", "kl", "proxy", "gold", colour_by), "plot_gold_vs_proxy"
+  )
   colours = _colours(r[colour_by] for r in records)
   methods = _methods_present(records)
   fig, axes = _panels(len(methods), width=4.5)
@@ -296,8 +341,16 @@ def plot_gold_vs_proxy(records, path, *, colour_by: str = "rm_params") -> str:
         continue
       label = None if key[1] in labelled else _colour_label(curve[0], colour_by)
       labelled.add(key[1])
-      ax.plot([r["proxy"] for r in curve], [r["gold"] for r in curve], "-", marker=".",
-              color=colours[key[1]], lw=1.4, ms=3, label=label)
+      ax.plot(
+        [r["proxy"] for r in curve],
+        [r["gold"] for r in curve],
+        "-",
+        marker=".",
+        color=colours[key[1]],
+        lw=1.4,
+        ms=3,
+        label=label,
+      )
     ax.axhline(0.0, color="0.7", lw=0.6, zorder=0)
     ax.set_title(_METHOD_TITLES[method])
     ax.set_xlabel("proxy score")

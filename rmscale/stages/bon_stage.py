@@ -5,6 +5,7 @@ the gold RM and the human utility; the unbiased estimator turns them into exact 
 for a geometric grid of n, with KL_bon(n) = log n - (n-1)/n. Gold and utility are recentred to mean
 0 and unit variance under the initial policy, proxies only shifted (Gao et al.).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -42,12 +43,22 @@ def run(ctx: common.Context) -> dict:
     true = bon.unbiased_best_of_n(proxy, utility, ns)
     meta = {k: rec[k] for k in ("rm_size", "rm_params", "data_size", "seed", "name")}
     for r, u, u_se in zip(curve.records(**meta), true.gold, true.gold_se):
-      records.append({**r, "d": float(np.sqrt(r["kl"])), "utility": float(u), "utility_se": float(u_se)})
+      records.append(
+        {**r, "d": float(np.sqrt(r["kl"])), "utility": float(u), "utility_se": float(u_se)}
+      )
     proxy_scores.append(raw)
     curves[rec["name"]] = curve.gold_per_prompt
-  results.write_npz(ctx.path(*SAMPLES), prompt_ids=prompts["ids"], response_ids=resp["ids"].reshape(P, N, -1),
-                    response_mask=resp["mask"].reshape(P, N, -1), gold=gold_raw, utility=utility_raw,
-                    proxy=np.stack(proxy_scores), proxy_names=np.array([r["name"] for r in proxies.load(ctx)]),
-                    ns=ns, **{f"gold_per_prompt__{k}": v for k, v in curves.items()})
+  results.write_npz(
+    ctx.path(*SAMPLES),
+    prompt_ids=prompts["ids"],
+    response_ids=resp["ids"].reshape(P, N, -1),
+    response_mask=resp["mask"].reshape(P, N, -1),
+    gold=gold_raw,
+    utility=utility_raw,
+    proxy=np.stack(proxy_scores),
+    proxy_names=np.array([r["name"] for r in proxies.load(ctx)]),
+    ns=ns,
+    **{f"gold_per_prompt__{k}": v for k, v in curves.items()},
+  )
   results.write_jsonl(ctx.path(*RESULTS), records)
   return {"num_prompts": P, "n_samples": N, "max_kl": float(bon.kl_bon(N))}

@@ -1,4 +1,5 @@
 """What every stage shares: the run context, model configs per role, training, saving, scoring, sampling."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,9 +49,15 @@ class Context:
 def model_config(ctx: Context, size: str, role: str) -> TransformerConfig:
   """The model of a role ('policy' or 'rm') at a named size, sized to the world's sequences."""
   m = ctx.config.model
-  common = dict(vocab_size=ctx.world.tokenizer.vocab_size, family=m.family, rotary_pct=m.rotary_pct,
-                max_len=ctx.prompt_len + ctx.response_len, dtype=m.dtype, param_dtype=m.param_dtype,
-                matmul=m.matmul)
+  common = dict(
+    vocab_size=ctx.world.tokenizer.vocab_size,
+    family=m.family,
+    rotary_pct=m.rotary_pct,
+    max_len=ctx.prompt_len + ctx.response_len,
+    dtype=m.dtype,
+    param_dtype=m.param_dtype,
+    matmul=m.matmul,
+  )
   if role == "policy":
     return sizes.model_config(size, **common)
   if role == "rm":
@@ -59,29 +66,55 @@ def model_config(ctx: Context, size: str, role: str) -> TransformerConfig:
 
 
 def optim_config(section: ml_collections.ConfigDict, steps: int) -> OptimConfig:
-  return OptimConfig(learning_rate=section.lr, warmup_steps=section.warmup_steps, total_steps=steps,
-                     weight_decay=section.weight_decay)
+  return OptimConfig(
+    learning_rate=section.lr,
+    warmup_steps=section.warmup_steps,
+    total_steps=steps,
+    weight_decay=section.weight_decay,
+  )
 
 
 def sequences(prompt_ids, prompt_mask, response_ids, response_mask):
   """The one sequence layout used everywhere: [left-padded prompt | right-padded response]."""
-  return (np.concatenate([prompt_ids, response_ids], 1).astype(np.int32),
-          np.concatenate([prompt_mask, response_mask], 1).astype(bool))
+  return (
+    np.concatenate([prompt_ids, response_ids], 1).astype(np.int32),
+    np.concatenate([prompt_mask, response_mask], 1).astype(bool),
+  )
 
 
-def train(ctx: Context, name: str, model_cfg: TransformerConfig, loss_fn, arrays: dict, *,
-          batch_size: int, steps: int, optim: OptimConfig, seed: int, init_params=None):
+def train(
+  ctx: Context,
+  name: str,
+  model_cfg: TransformerConfig,
+  loss_fn,
+  arrays: dict,
+  *,
+  batch_size: int,
+  steps: int,
+  optim: OptimConfig,
+  seed: int,
+  init_params=None,
+):
   """Trains one model to ``steps`` (resuming from ``<name>/ckpt``), saves ``<name>/params``."""
   mesh_lib.check_batch_divisible(batch_size, ctx.mesh, f"{name}.batch_size")
   tx = make_optimizer(optim)
-  state, shardings = init_state(model_cfg, tx, jax.random.key(seed), ctx.mesh, ctx.rules,
-                                params=init_params)
+  state, shardings = init_state(
+    model_cfg, tx, jax.random.key(seed), ctx.mesh, ctx.rules, params=init_params
+  )
   step_fn = compile_train_step(loss_fn, tx, shardings, ctx.mesh, ctx.rules)
   batch_fn = make_batch_fn(arrays, batch_size, seed)
   state, history = train_loop(
-      state, shardings, step_fn, lambda s: mesh_lib.put_batch(batch_fn(s), ctx.mesh), steps,
-      ckpt_dir=ctx.path(name, "ckpt"), save_every=ctx.config.save_every,
-      log_every=ctx.config.log_every, writer=ctx.writer, desc=name)
+    state,
+    shardings,
+    step_fn,
+    lambda s: mesh_lib.put_batch(batch_fn(s), ctx.mesh),
+    steps,
+    ckpt_dir=ctx.path(name, "ckpt"),
+    save_every=ctx.config.save_every,
+    log_every=ctx.config.log_every,
+    writer=ctx.writer,
+    desc=name,
+  )
   save_params(ctx.path(name, "params"), state["params"])
   return state["params"], history
 
@@ -114,8 +147,11 @@ def reward_fn(ctx: Context, model_cfg: TransformerConfig, params):
   scorer = rm_lib.make_scorer(model_cfg, ctx.mesh, param_shardings(ctx, model_cfg), ctx.rules)
   data = mesh_lib.batch_sharding(ctx.mesh)
   # Every host holds the whole (seeded) batch: each places only its devices' rows.
-  global_scorer = lambda p, tok, m: scorer(p, distributed.global_array(tok, data),  # noqa: E731
-                                           distributed.global_array(m, data))
+  global_scorer = lambda p, tok, m: scorer(
+    p,
+    distributed.global_array(tok, data),  # noqa: E731
+    distributed.global_array(m, data),
+  )
   return lambda tokens, mask: rm_lib.score_in_batches(global_scorer, params, tokens, mask, batch)
 
 
@@ -128,32 +164,52 @@ def gold_fn(ctx: Context):
   return reward_fn(ctx, cfg, load_params(ctx, ctx.path("gold", "params"), cfg))
 
 
-def sample(ctx: Context, model_cfg: TransformerConfig, params, prompt_ids, prompt_mask, seed: int,
-           temperature: float | None = None) -> dict[str, np.ndarray]:
+def sample(
+  ctx: Context,
+  model_cfg: TransformerConfig,
+  params,
+  prompt_ids,
+  prompt_mask,
+  seed: int,
+  temperature: float | None = None,
+) -> dict[str, np.ndarray]:
   """Responses for every prompt row, in jitted batches of ``sample_batch_size``."""
   c = ctx.config
-  scfg = SamplingConfig(max_new_tokens=ctx.response_len,
-                        temperature=c.sampling.temperature if temperature is None else temperature,
-                        top_k=c.sampling.top_k, top_p=c.sampling.top_p,
-                        eos_id=ctx.world.tokenizer.eos_id, pad_id=ctx.world.tokenizer.pad_id)
+  scfg = SamplingConfig(
+    max_new_tokens=ctx.response_len,
+    temperature=c.sampling.temperature if temperature is None else temperature,
+    top_k=c.sampling.top_k,
+    top_p=c.sampling.top_p,
+    eos_id=ctx.world.tokenizer.eos_id,
+    pad_id=ctx.world.tokenizer.pad_id,
+  )
   batch = c.sample_batch_size
   mesh_lib.check_batch_divisible(batch, ctx.mesh, "sample_batch_size")
   pshard = param_shardings(ctx, model_cfg)
   data = mesh_lib.batch_sharding(ctx.mesh)
-  sampler = make_sampler(model_cfg, scfg, in_shardings=(pshard, data, data, mesh_lib.replicated(ctx.mesh)),
-                         out_shardings=data)
+  sampler = make_sampler(
+    model_cfg,
+    scfg,
+    in_shardings=(pshard, data, data, mesh_lib.replicated(ctx.mesh)),
+    out_shardings=data,
+  )
   n = prompt_ids.shape[0]
   out = {k: [] for k in ("ids", "mask", "logprobs")}
   for i, start in enumerate(range(0, n, batch)):
-    p, m = prompt_ids[start:start + batch], prompt_mask[start:start + batch]
+    p, m = prompt_ids[start : start + batch], prompt_mask[start : start + batch]
     k = p.shape[0]
     if k < batch:
       p = np.concatenate([p, np.repeat(p[-1:], batch - k, 0)])
       m = np.concatenate([m, np.repeat(m[-1:], batch - k, 0)])
     with mesh_lib.sharding_context(ctx.mesh, ctx.rules):
-      res = distributed.to_host(sampler(params, distributed.global_array(p, data),
-                                        distributed.global_array(m, data),
-                                        jax.random.fold_in(jax.random.key(seed), i)))
+      res = distributed.to_host(
+        sampler(
+          params,
+          distributed.global_array(p, data),
+          distributed.global_array(m, data),
+          jax.random.fold_in(jax.random.key(seed), i),
+        )
+      )
     out["ids"].append(res["tokens"][:k])
     out["mask"].append(res["mask"][:k])
     out["logprobs"].append(res["logprobs"][:k])

@@ -1,4 +1,5 @@
 """Stage ``fit``: functional forms per proxy, coefficient trends in RM size, plots and summary.md."""
+
 from __future__ import annotations
 
 import os
@@ -23,7 +24,9 @@ def _curves(records: list[dict]) -> dict[tuple, list[dict]]:
   return by
 
 
-def fit_curves(records: list[dict], per_unit: dict[tuple, np.ndarray], num_boot: int, seed: int) -> list[dict]:
+def fit_curves(
+  records: list[dict], per_unit: dict[tuple, np.ndarray], num_boot: int, seed: int
+) -> list[dict]:
   """One row per (method, proxy): coefficients, peak, fit quality and bootstrap intervals."""
   rows = []
   rng = np.random.default_rng(seed)
@@ -53,8 +56,16 @@ def trends(rows: list[dict]) -> list[dict]:
       continue
     for coef in ("alpha", "beta"):
       t = fit_lib.coefficient_trend([r["rm_params"] for r in rs], [r[coef] for r in rs])
-      out.append({"method": method, "data_size": data_size, "coef": coef, "slope_per_efold": t.slope,
-                  "slope_se": t.slope_se, "r2": t.r2})
+      out.append(
+        {
+          "method": method,
+          "data_size": data_size,
+          "coef": coef,
+          "slope_per_efold": t.slope,
+          "slope_se": t.slope_se,
+          "r2": t.r2,
+        }
+      )
   return out
 
 
@@ -64,8 +75,16 @@ def _per_unit(ctx: common.Context, rl_records: list[dict]) -> dict[tuple, np.nda
   path = ctx.path(*bon_stage.SAMPLES)
   if os.path.exists(path):
     prefix = "gold_per_prompt__"
-    out.update({("bon", k[len(prefix):]): v for k, v in results.read_npz(path).items() if k.startswith(prefix)})
-  unique = {(r["name"], r["iteration"]): r for r in rl_records}  # The study's base run is a main run.
+    out.update(
+      {
+        ("bon", k[len(prefix) :]): v
+        for k, v in results.read_npz(path).items()
+        if k.startswith(prefix)
+      }
+    )
+  unique = {
+    (r["name"], r["iteration"]): r for r in rl_records
+  }  # The study's base run is a main run.
   for (method, name), recs in _curves(list(unique.values())).items():
     recs = sorted(recs, key=lambda r: r["kl"])
     out[(method, name)] = np.stack([r["gold_per_prompt"] for r in recs], axis=1)
@@ -76,49 +95,92 @@ def _fmt(x, spec=".3f") -> str:
   return "-" if x is None or (isinstance(x, float) and not np.isfinite(x)) else format(x, spec)
 
 
-def summary_markdown(ctx: common.Context, stage_info: dict, rm_records, fit_rows, trend_rows, study=(),
-                     study_rows=()) -> str:
+def summary_markdown(
+  ctx: common.Context, stage_info: dict, rm_records, fit_rows, trend_rows, study=(), study_rows=()
+) -> str:
   lines = ["# rmscale experiment summary", "", f"workdir: `{ctx.workdir}`", ""]
   gold = stage_info.get("gold", {})
   lab = stage_info.get("label", {})
   lines += ["## Gold RM", "", f"- kind: {gold.get('kind', ctx.config.gold.kind)}"]
   if "heldout_accuracy" in gold:
-    lines.append(f"- held-out accuracy on human-utility comparisons: {gold['heldout_accuracy']:.3f}")
+    lines.append(
+      f"- held-out accuracy on human-utility comparisons: {gold['heldout_accuracy']:.3f}"
+    )
   if "gold_utility_agreement" in lab:
-    lines.append(f"- agreement with the human utility on policy-sample pairs: {lab['gold_utility_agreement']:.3f}")
-  lines += ["", "## Proxy reward models", "", "| proxy | non-emb params | comparisons | seed | val loss | val acc |",
-            "|---|---|---|---|---|---|"]
+    lines.append(
+      f"- agreement with the human utility on policy-sample pairs: {lab['gold_utility_agreement']:.3f}"
+    )
+  lines += [
+    "",
+    "## Proxy reward models",
+    "",
+    "| proxy | non-emb params | comparisons | seed | val loss | val acc |",
+    "|---|---|---|---|---|---|",
+  ]
   for r in sorted(rm_records, key=lambda r: (r["data_size"], r["rm_params"], r["seed"])):
-    lines.append(f"| {r['rm_size']} | {r['rm_params']:,} | {r['data_size']:,} | {r['seed']} | "
-                 f"{r['val_loss']:.4f} | {r['val_accuracy']:.3f} |")
-  lines += ["", "## Fitted functional forms (gold score vs d = sqrt(KL))", "",
-            "BoN: R = d(alpha - beta d); RL: R = d(alpha - beta log d). Intervals: 95% bootstrap over prompts.", "",
-            "| method | proxy | comparisons | alpha | beta | d* | R* | r2 |", "|---|---|---|---|---|---|---|---|"]
+    lines.append(
+      f"| {r['rm_size']} | {r['rm_params']:,} | {r['data_size']:,} | {r['seed']} | "
+      f"{r['val_loss']:.4f} | {r['val_accuracy']:.3f} |"
+    )
+  lines += [
+    "",
+    "## Fitted functional forms (gold score vs d = sqrt(KL))",
+    "",
+    "BoN: R = d(alpha - beta d); RL: R = d(alpha - beta log d). Intervals: 95% bootstrap over prompts.",
+    "",
+    "| method | proxy | comparisons | alpha | beta | d* | R* | r2 |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
   for r in fit_rows:
-    ci = lambda k: f" [{_fmt(r.get(k + '_lo'))}, {_fmt(r.get(k + '_hi'))}]" if k + "_lo" in r else ""  # noqa: E731
-    lines.append(f"| {r['method']} | {r['rm_size']} | {r['data_size']:,} | {_fmt(r['alpha'])}{ci('alpha')} | "
-                 f"{_fmt(r['beta'])}{ci('beta')} | {_fmt(r['d_star'])} | {_fmt(r['r_star'])} | {_fmt(r['r2'])} |")
+    ci = lambda k: (
+      f" [{_fmt(r.get(k + '_lo'))}, {_fmt(r.get(k + '_hi'))}]" if k + "_lo" in r else ""
+    )  # noqa: E731
+    lines.append(
+      f"| {r['method']} | {r['rm_size']} | {r['data_size']:,} | {_fmt(r['alpha'])}{ci('alpha')} | "
+      f"{_fmt(r['beta'])}{ci('beta')} | {_fmt(r['d_star'])} | {_fmt(r['r_star'])} | {_fmt(r['r2'])} |"
+    )
   if trend_rows:
-    lines += ["", "## Coefficients vs RM size (slope per e-fold of parameters)", "",
-              "| method | comparisons | coefficient | slope | se | r2 |", "|---|---|---|---|---|---|"]
+    lines += [
+      "",
+      "## Coefficients vs RM size (slope per e-fold of parameters)",
+      "",
+      "| method | comparisons | coefficient | slope | se | r2 |",
+      "|---|---|---|---|---|---|",
+    ]
     for t in trend_rows:
-      lines.append(f"| {t['method']} | {t['data_size']:,} | {t['coef']} | {t['slope_per_efold']:+.4f} | "
-                   f"{_fmt(t['slope_se'], '.4f')} | {_fmt(t['r2'])} |")
+      lines.append(
+        f"| {t['method']} | {t['data_size']:,} | {t['coef']} | {t['slope_per_efold']:+.4f} | "
+        f"{_fmt(t['slope_se'], '.4f')} | {_fmt(t['r2'])} |"
+      )
   if study:
-    lines += ["", "## KL-penalty study (PPO against one proxy, fixed KL coefficients)", "",
-              "Does the penalty move the gold-vs-KL frontier, or only stop optimisation earlier?", "",
-              "| kl_coef | final KL (nats) | final gold | peak gold (iteration) | alpha_RL | beta_RL |",
-              "|---|---|---|---|---|---|"]
+    lines += [
+      "",
+      "## KL-penalty study (PPO against one proxy, fixed KL coefficients)",
+      "",
+      "Does the penalty move the gold-vs-KL frontier, or only stop optimisation earlier?",
+      "",
+      "| kl_coef | final KL (nats) | final gold | peak gold (iteration) | alpha_RL | beta_RL |",
+      "|---|---|---|---|---|---|",
+    ]
     fits_by_name = {r["name"]: r for r in study_rows}
-    for name in sorted({r["name"] for r in study}, key=lambda n: min(r["kl_coef"] for r in study if r["name"] == n)):
+    for name in sorted(
+      {r["name"] for r in study}, key=lambda n: min(r["kl_coef"] for r in study if r["name"] == n)
+    ):
       recs = sorted((r for r in study if r["name"] == name), key=lambda r: r["iteration"])
       best = max(recs, key=lambda r: r["gold"])
       f = fits_by_name.get(name, {})
-      lines.append(f"| {recs[0]['kl_coef']:g} | {recs[-1]['kl']:.2f} | {recs[-1]['gold']:+.3f} | "
-                   f"{best['gold']:+.3f} ({best['iteration']}) | {_fmt(f.get('alpha'))} | {_fmt(f.get('beta'))} |")
-  lines += ["", "Plots: `plots/score_vs_sqrt_kl.png`, `plots/coefficients_vs_size.png`, "
-            "`plots/rm_validation.png`, `plots/gold_vs_proxy.png`" + (", `plots/kl_penalty.png`" if study else "")
-            + ".", ""]
+      lines.append(
+        f"| {recs[0]['kl_coef']:g} | {recs[-1]['kl']:.2f} | {recs[-1]['gold']:+.3f} | "
+        f"{best['gold']:+.3f} ({best['iteration']}) | {_fmt(f.get('alpha'))} | {_fmt(f.get('beta'))} |"
+      )
+  lines += [
+    "",
+    "Plots: `plots/score_vs_sqrt_kl.png`, `plots/coefficients_vs_size.png`, "
+    "`plots/rm_validation.png`, `plots/gold_vs_proxy.png`"
+    + (", `plots/kl_penalty.png`" if study else "")
+    + ".",
+    "",
+  ]
   return "\n".join(lines)
 
 
@@ -137,7 +199,9 @@ def run(ctx: common.Context, stage_info: dict | None = None) -> dict:
   study_rows = fit_curves(study, per_unit, ctx.config.fit.num_bootstrap, ctx.config.seed)
   if study:
     results.write_jsonl(ctx.path("results", "rl_kl_study_fits.jsonl"), study_rows)
-    plots.plot_score_vs_sqrt_kl(study, study_rows, ctx.path("plots", "kl_penalty.png"), colour_by="kl_coef")
+    plots.plot_score_vs_sqrt_kl(
+      study, study_rows, ctx.path("plots", "kl_penalty.png"), colour_by="kl_coef"
+    )
   trend_rows = trends(fit_rows)
   results.write_jsonl(ctx.path(*RESULTS), fit_rows)
   results.write_jsonl(ctx.path("results", "trends.jsonl"), trend_rows)
@@ -146,6 +210,8 @@ def run(ctx: common.Context, stage_info: dict | None = None) -> dict:
   plots.plot_rm_validation(rm_records, ctx.path("plots", "rm_validation.png"))
   if len({r["rm_params"] for r in fit_rows}) > 1:
     plots.plot_coefficients_vs_size(fit_rows, ctx.path("plots", "coefficients_vs_size.png"))
-  text = summary_markdown(ctx, stage_info or {}, rm_records, fit_rows, trend_rows, study, study_rows)
+  text = summary_markdown(
+    ctx, stage_info or {}, rm_records, fit_rows, trend_rows, study, study_rows
+  )
   results.write_text(ctx.path("summary.md"), text)
   return {"num_fits": len(fit_rows)}

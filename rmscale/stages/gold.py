@@ -4,6 +4,7 @@ The "human" comparisons come from a broader writer than the SFT corpus (more ram
 stuffing and repetition), as human raters see varied answers; so the gold RM knows where the utility
 turns down, which is what makes it a trustworthy judge of over-optimised policies.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,11 +19,17 @@ from rmscale.train import rm
 
 def human_comparisons(ctx: common.Context, n: int, seed: int, split: str) -> dict[str, np.ndarray]:
   g = ctx.config.gold
-  broad = World(dataclasses.replace(ctx.world.cfg, p_ramble=g.p_ramble, p_keyword_extra=g.p_keyword_extra,
-                                    p_repeat=g.p_repeat))
+  broad = World(
+    dataclasses.replace(
+      ctx.world.cfg, p_ramble=g.p_ramble, p_keyword_extra=g.p_keyword_extra, p_repeat=g.p_repeat
+    )
+  )
   rng = np.random.default_rng(seed)
   prompts = broad.sample_prompts(rng, n, split)
-  a, b = broad.sample_responses(rng, prompts["index"]), broad.sample_responses(rng, prompts["index"])
+  a, b = (
+    broad.sample_responses(rng, prompts["index"]),
+    broad.sample_responses(rng, prompts["index"]),
+  )
   ua = ctx.world.utility(prompts["ids"], a["ids"], a["mask"])
   ub = ctx.world.utility(prompts["ids"], b["ids"], b["mask"])
   return comparison_arrays(prompts["ids"], prompts["mask"], a, b, ua >= ub)
@@ -33,8 +40,12 @@ def comparison_arrays(prompt_ids, prompt_mask, a, b, a_wins) -> dict[str, np.nda
   ta, ma = common.sequences(prompt_ids, prompt_mask, a["ids"], a["mask"])
   tb, mb = common.sequences(prompt_ids, prompt_mask, b["ids"], b["mask"])
   w = np.asarray(a_wins, bool)[:, None]
-  return {"chosen": np.where(w, ta, tb), "chosen_mask": np.where(w, ma, mb),
-          "rejected": np.where(w, tb, ta), "rejected_mask": np.where(w, mb, ma)}
+  return {
+    "chosen": np.where(w, ta, tb),
+    "chosen_mask": np.where(w, ma, mb),
+    "rejected": np.where(w, tb, ta),
+    "rejected_mask": np.where(w, mb, ma),
+  }
 
 
 def evaluate(score, data: dict[str, np.ndarray]) -> dict[str, float]:
@@ -52,10 +63,23 @@ def run(ctx: common.Context) -> dict:
   model_cfg = common.model_config(ctx, g.size, "rm")
   data = human_comparisons(ctx, g.num_comparisons, ctx.config.seed + 2, "train")
   init = policy_init.pretrained_lm(ctx, g.size) if g.init == "pretrained" else None
-  params, _ = common.train(ctx, "gold", model_cfg, rm.make_rm_loss(model_cfg), data,
-                           batch_size=g.batch_size, steps=g.steps, optim=common.optim_config(g, g.steps),
-                           seed=ctx.config.seed + 2, init_params=init)
+  params, _ = common.train(
+    ctx,
+    "gold",
+    model_cfg,
+    rm.make_rm_loss(model_cfg),
+    data,
+    batch_size=g.batch_size,
+    steps=g.steps,
+    optim=common.optim_config(g, g.steps),
+    seed=ctx.config.seed + 2,
+    init_params=init,
+  )
   held_out = human_comparisons(ctx, g.eval_comparisons, ctx.config.seed + 3, "eval")
   metrics = evaluate(common.reward_fn(ctx, model_cfg, params), held_out)
-  return {"kind": "trained", "size": g.size, "heldout_loss": metrics["loss"],
-          "heldout_accuracy": metrics["accuracy"]}
+  return {
+    "kind": "trained",
+    "size": g.size,
+    "heldout_loss": metrics["loss"],
+    "heldout_accuracy": metrics["accuracy"],
+  }

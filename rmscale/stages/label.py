@@ -3,6 +3,7 @@
 Labels are deterministic (higher gold score wins, as in Gao et al.), with optional label noise
 (flip probability ``label.noise``, seeded). The last ``label.val_fraction`` of rows is validation.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -32,14 +33,23 @@ def run(ctx: common.Context) -> dict:
   arrays = comparison_arrays(prompts["ids"], prompts["mask"], a, b, labels)
   n_val = int(round(c.val_fraction * len(labels)))
   split = np.zeros(len(labels), np.int8)
-  split[len(labels) - n_val:] = 1
+  split[len(labels) - n_val :] = 1
   decided = ua != ub
-  results.write_npz(ctx.path(*PATH), split=split, gold_chosen=np.where(labels, ga, gb),
-                    gold_rejected=np.where(labels, gb, ga), **arrays)
-  return {"num_train": int((split == 0).sum()), "num_val": n_val, "label_noise": c.noise,
-          # How often the gold label agrees with the human utility on policy samples (ties excluded).
-          "gold_utility_agreement": float(np.mean((ga >= gb)[decided] == (ua > ub)[decided])),
-          "mean_response_tokens": float(np.concatenate([a["mask"], b["mask"]]).sum(1).mean())}
+  results.write_npz(
+    ctx.path(*PATH),
+    split=split,
+    gold_chosen=np.where(labels, ga, gb),
+    gold_rejected=np.where(labels, gb, ga),
+    **arrays,
+  )
+  return {
+    "num_train": int((split == 0).sum()),
+    "num_val": n_val,
+    "label_noise": c.noise,
+    # How often the gold label agrees with the human utility on policy samples (ties excluded).
+    "gold_utility_agreement": float(np.mean((ga >= gb)[decided] == (ua > ub)[decided])),
+    "mean_response_tokens": float(np.concatenate([a["mask"], b["mask"]]).sum(1).mean()),
+  }
 
 
 def load(ctx: common.Context) -> tuple[dict, dict]:

@@ -1,4 +1,5 @@
 """Stage ``policy_init``: supervised finetuning of the initial policy on the human writer's corpus."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -9,10 +10,11 @@ from rmscale.train import sft
 
 def sft_corpus(ctx: common.Context, n: int, seed: int) -> dict[str, np.ndarray]:
   ex = ctx.world.sft_examples(np.random.default_rng(seed), n, split="train")
-  tokens, mask = common.sequences(ex["prompt_ids"], ex["prompt_mask"], ex["response_ids"],
-                                  ex["response_mask"])
+  tokens, mask = common.sequences(
+    ex["prompt_ids"], ex["prompt_mask"], ex["response_ids"], ex["response_mask"]
+  )
   loss_mask = np.zeros_like(mask)
-  loss_mask[:, ctx.prompt_len:] = ex["response_mask"]
+  loss_mask[:, ctx.prompt_len :] = ex["response_mask"]
   return {"tokens": tokens, "mask": mask, "loss_mask": loss_mask}
 
 
@@ -21,8 +23,16 @@ def train_lm(ctx: common.Context, name: str, size: str, section) -> tuple:
   model_cfg = common.model_config(ctx, size, "policy")
   data = sft_corpus(ctx, section.num_examples, ctx.config.seed + 1)
   params, history = common.train(
-      ctx, name, model_cfg, sft.make_sft_loss(model_cfg), data, batch_size=section.batch_size,
-      steps=section.steps, optim=common.optim_config(section, section.steps), seed=ctx.config.seed)
+    ctx,
+    name,
+    model_cfg,
+    sft.make_sft_loss(model_cfg),
+    data,
+    batch_size=section.batch_size,
+    steps=section.steps,
+    optim=common.optim_config(section, section.steps),
+    seed=ctx.config.seed,
+  )
   return params, history
 
 
@@ -33,7 +43,9 @@ def pretrained_lm(ctx: common.Context, size: str):
   ``pretrained/<size>`` with ``config.pretrain`` and shared by every RM of that size.
   """
   if size == ctx.config.policy.size:
-    return common.load_params(ctx, ctx.path("policy_init", "params"), common.model_config(ctx, size, "policy"))
+    return common.load_params(
+      ctx, ctx.path("policy_init", "params"), common.model_config(ctx, size, "policy")
+    )
   params, _ = train_lm(ctx, f"pretrained/{size}", size, ctx.config.pretrain)
   return params
 

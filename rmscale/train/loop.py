@@ -3,6 +3,7 @@
 Batches are a pure function of the step (``batch_fn(step)``), so the data position is the step and a
 run killed at any point resumes from its last checkpoint to the same final parameters.
 """
+
 from __future__ import annotations
 
 import logging
@@ -15,10 +16,20 @@ from rmscale.checkpoint import Checkpointer, abstract_like
 from rmscale.train.state import State, check_finite
 
 
-def train_loop(state: State, state_shardings, step_fn: Callable, batch_fn: Callable[[int], dict],
-               num_steps: int, *, ckpt_dir: str | None = None, save_every: int = 0,
-               log_every: int = 50, writer=None, desc: str = "train",
-               on_log: Callable[[int, dict], None] | None = None) -> tuple[State, list[dict]]:
+def train_loop(
+  state: State,
+  state_shardings,
+  step_fn: Callable,
+  batch_fn: Callable[[int], dict],
+  num_steps: int,
+  *,
+  ckpt_dir: str | None = None,
+  save_every: int = 0,
+  log_every: int = 50,
+  writer=None,
+  desc: str = "train",
+  on_log: Callable[[int, dict], None] | None = None,
+) -> tuple[State, list[dict]]:
   """Runs ``step_fn`` until ``state['step'] == num_steps``; returns the state and logged metrics.
 
   With ``ckpt_dir``, the latest checkpoint there (if any) replaces ``state`` before training and a
@@ -32,8 +43,15 @@ def train_loop(state: State, state_shardings, step_fn: Callable, batch_fn: Calla
       history = list(meta.get("history", []))
       logging.info("%s: resumed at step %d from %s", desc, int(state["step"]), ckpt_dir)
     start = int(jax.device_get(state["step"]))
-    bar = tqdm(range(start, num_steps), desc=desc, initial=start, total=num_steps,
-               disable=jax.process_index() != 0, leave=False, mininterval=2.0)
+    bar = tqdm(
+      range(start, num_steps),
+      desc=desc,
+      initial=start,
+      total=num_steps,
+      disable=jax.process_index() != 0,
+      leave=False,
+      mininterval=2.0,
+    )
     for step in bar:
       state, metrics = step_fn(state, batch_fn(step))
       last = step + 1 == num_steps

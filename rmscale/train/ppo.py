@@ -17,6 +17,7 @@ The train state is a plain dict of arrays (checkpointable by ``rmscale.checkpoin
 ``critic_params`` and ``critic_opt_state`` (``critic='separate'`` only), ``step`` (iterations done),
 ``rng`` (key data) and ``kl_coef`` (the KL controller's state).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -63,7 +64,9 @@ class PPOConfig:
   vf_coef: float = 0.1  # Value-loss weight; small so a shared trunk is not dominated by the critic.
   gamma: float = 1.0  # Discount: episodes are short and the reward sits at the end.
   gae_lambda: float = 0.95  # GAE's bias-variance trade-off.
-  kl_coef: float = 0.0  # KL penalty per token (the initial value under 'adaptive'); 0 = Gao's default.
+  kl_coef: float = (
+    0.0  # KL penalty per token (the initial value under 'adaptive'); 0 = Gao's default.
+  )
   kl_mode: str = "fixed"  # 'fixed' | 'adaptive' (Ziegler et al. 2019 proportional controller).
   kl_target: float = 6.0  # 'adaptive': KL(pi || pi_ref) per sequence (nats) the controller aims at.
   kl_horizon: int = 10000  # 'adaptive': sequences over which the coefficient may change by ~e^0.2.
@@ -71,7 +74,9 @@ class PPOConfig:
   entropy_coef: float = 0.0  # Entropy bonus weight in the policy loss.
   whiten_advantages: bool = True  # Normalise advantages over the rollout's response tokens.
   critic: str = "shared"  # 'shared': value head on the policy trunk; 'separate': own model.
-  temperature: float = 1.0  # Sampling temperature; log-probs and KL are those of the tempered policy.
+  temperature: float = (
+    1.0  # Sampling temperature; log-probs and KL are those of the tempered policy.
+  )
   max_new_tokens: int = 32  # Response length limit (the rollout's time axis).
   eos_id: int | None = None  # The tokenizer's EOS (ends a response); None: fixed-length responses.
   pad_id: int = 0  # The tokenizer's pad id, written after EOS.
@@ -81,8 +86,10 @@ class PPOConfig:
       if int(getattr(self, name)) <= 0:
         raise ValueError(f"ppo.{name} must be positive, got {getattr(self, name)}")
     if self.rollout_batch_size % self.minibatch_size:
-      raise ValueError(f"ppo.minibatch_size={self.minibatch_size} does not divide "
-                       f"ppo.rollout_batch_size={self.rollout_batch_size}")
+      raise ValueError(
+        f"ppo.minibatch_size={self.minibatch_size} does not divide "
+        f"ppo.rollout_batch_size={self.rollout_batch_size}"
+      )
     if self.clip_eps <= 0:
       raise ValueError(f"ppo.clip_eps must be positive, got {self.clip_eps}")
     if self.value_clip < 0:
@@ -96,14 +103,20 @@ class PPOConfig:
     if self.kl_mode not in KL_MODES:
       raise ValueError(f"ppo.kl_mode={self.kl_mode!r} is not one of {KL_MODES}")
     if self.kl_mode == "adaptive" and (self.kl_coef <= 0 or self.kl_target <= 0):
-      raise ValueError("ppo.kl_mode='adaptive' needs ppo.kl_coef > 0 (the starting coefficient) and "
-                       f"ppo.kl_target > 0, got kl_coef={self.kl_coef}, kl_target={self.kl_target}")
+      raise ValueError(
+        "ppo.kl_mode='adaptive' needs ppo.kl_coef > 0 (the starting coefficient) and "
+        f"ppo.kl_target > 0, got kl_coef={self.kl_coef}, kl_target={self.kl_target}"
+      )
     if self.kl_estimator not in rl_losses.KL_ESTIMATORS:
-      raise ValueError(f"ppo.kl_estimator={self.kl_estimator!r} is not one of {rl_losses.KL_ESTIMATORS}")
+      raise ValueError(
+        f"ppo.kl_estimator={self.kl_estimator!r} is not one of {rl_losses.KL_ESTIMATORS}"
+      )
     if self.critic not in CRITICS:
       raise ValueError(f"ppo.critic={self.critic!r} is not one of {CRITICS}")
     if self.temperature <= 0:
-      raise ValueError(f"ppo.temperature must be > 0 (PPO needs a stochastic policy), got {self.temperature}")
+      raise ValueError(
+        f"ppo.temperature must be > 0 (PPO needs a stochastic policy), got {self.temperature}"
+      )
 
   @property
   def num_minibatches(self) -> int:
@@ -115,8 +128,12 @@ class PPOConfig:
     return self.epochs * self.num_minibatches
 
   def sampling_config(self) -> SamplingConfig:
-    return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                          eos_id=self.eos_id, pad_id=self.pad_id)
+    return SamplingConfig(
+      max_new_tokens=self.max_new_tokens,
+      temperature=self.temperature,
+      eos_id=self.eos_id,
+      pad_id=self.pad_id,
+    )
 
 
 # -- models ------------------------------------------------------------------------------------
@@ -142,7 +159,9 @@ def rm_reward_fn(rm_cfg: TransformerConfig) -> RewardFn:
   model = Transformer(rm_cfg)
 
   def score(params, tokens_BxL, mask_BxL):
-    return model.apply({"params": params}, tokens_BxL, mask_BxL, method=Transformer.forward)["reward"]
+    return model.apply({"params": params}, tokens_BxL, mask_BxL, method=Transformer.forward)[
+      "reward"
+    ]
 
   return score
 
@@ -153,28 +172,47 @@ def model_param_shardings(model_cfg: TransformerConfig, mesh, rules=mesh_lib.DEF
   return mesh_lib.logical_shardings(shapes, specs, mesh, rules)
 
 
-def _check_models(cfg: PPOConfig, policy_cfg: TransformerConfig, critic_cfg: TransformerConfig | None):
+def _check_models(
+  cfg: PPOConfig, policy_cfg: TransformerConfig, critic_cfg: TransformerConfig | None
+):
   if not policy_cfg.lm_head:
     raise ValueError("the PPO policy needs an LM head (model.lm_head=True)")
   if cfg.critic == "shared":
     if not policy_cfg.value_head:
-      raise ValueError("ppo.critic='shared' puts the value head on the policy: pass "
-                       "policy_cfg.replace(value_head=True)")
+      raise ValueError(
+        "ppo.critic='shared' puts the value head on the policy: pass "
+        "policy_cfg.replace(value_head=True)"
+      )
     if critic_cfg is not None:
-      raise ValueError("ppo.critic='shared' takes no critic_cfg (the policy's value head is the critic)")
+      raise ValueError(
+        "ppo.critic='shared' takes no critic_cfg (the policy's value head is the critic)"
+      )
   else:
     if critic_cfg is None or not critic_cfg.value_head:
-      raise ValueError("ppo.critic='separate' needs a critic_cfg with value_head=True "
-                       "(e.g. ppo.critic_config(policy_cfg) or ppo.critic_config(rm_cfg))")
+      raise ValueError(
+        "ppo.critic='separate' needs a critic_cfg with value_head=True "
+        "(e.g. ppo.critic_config(policy_cfg) or ppo.critic_config(rm_cfg))"
+      )
     if policy_cfg.value_head:
-      raise ValueError("ppo.critic='separate' trains its own critic: pass a policy_cfg without "
-                       "value_head (its value head would be dead weight)")
+      raise ValueError(
+        "ppo.critic='separate' trains its own critic: pass a policy_cfg without "
+        "value_head (its value head would be dead weight)"
+      )
 
 
-def init_ppo_state(cfg: PPOConfig, policy_cfg: TransformerConfig, policy_params,
-                   tx: optax.GradientTransformation, rng: jax.Array, mesh, rules=mesh_lib.DEFAULT_RULES, *,
-                   critic_cfg: TransformerConfig | None = None, critic_params=None,
-                   critic_tx: optax.GradientTransformation | None = None) -> tuple[State, dict]:
+def init_ppo_state(
+  cfg: PPOConfig,
+  policy_cfg: TransformerConfig,
+  policy_params,
+  tx: optax.GradientTransformation,
+  rng: jax.Array,
+  mesh,
+  rules=mesh_lib.DEFAULT_RULES,
+  *,
+  critic_cfg: TransformerConfig | None = None,
+  critic_params=None,
+  critic_tx: optax.GradientTransformation | None = None,
+) -> tuple[State, dict]:
   """The sharded PPO train state and its shardings.
 
   ``policy_params`` (e.g. the SFT policy, possibly without a value head) seeds the policy; heads it
@@ -186,11 +224,13 @@ def init_ppo_state(cfg: PPOConfig, policy_cfg: TransformerConfig, policy_params,
   key = jax.random.wrap_key_data(rng) if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
   state, shardings = init_state(policy_cfg, tx, key, mesh, rules, params=policy_params)
   if cfg.critic == "separate":
-    critic, critic_shardings = init_state(critic_cfg, critic_tx or tx, jax.random.fold_in(key, 1),
-                                          mesh, rules, params=critic_params)
+    critic, critic_shardings = init_state(
+      critic_cfg, critic_tx or tx, jax.random.fold_in(key, 1), mesh, rules, params=critic_params
+    )
     state.update(critic_params=critic["params"], critic_opt_state=critic["opt_state"])
-    shardings.update(critic_params=critic_shardings["params"],
-                     critic_opt_state=critic_shardings["opt_state"])
+    shardings.update(
+      critic_params=critic_shardings["params"], critic_opt_state=critic_shardings["opt_state"]
+    )
   rep = mesh_lib.replicated(mesh)
   state["kl_coef"] = jax.device_put(jnp.asarray(cfg.kl_coef, jnp.float32), rep)
   shardings["kl_coef"] = rep
@@ -223,40 +263,56 @@ def _map_minibatches(fn, arrays: dict, n: int) -> dict:
 
 
 def _forward(model_cfg: TransformerConfig, params, tokens_BxL, mask_BxL) -> dict:
-  return Transformer(model_cfg).apply({"params": params}, tokens_BxL, mask_BxL,
-                                      method=Transformer.forward)
+  return Transformer(model_cfg).apply(
+    {"params": params}, tokens_BxL, mask_BxL, method=Transformer.forward
+  )
 
 
 def _response_logits(out: dict, P: int, temperature: float):
   """Tempered logits predicting each response token and the one after the last: [B, N+1, V]."""
-  return out["logits"][:, P - 1:] / temperature
+  return out["logits"][:, P - 1 :] / temperature
 
 
 def _response_values(out: dict, P: int):
   """V(state before response token j) for each j: [B, N]."""
-  return out["value"][:, P - 1:-1]
+  return out["value"][:, P - 1 : -1]
 
 
 def _score(reward_fn: RewardFn, reward_params, tokens_BxL, mask_BxL):
   score = reward_fn(reward_params, tokens_BxL, mask_BxL)
   if score.shape != (tokens_BxL.shape[0],):
-    raise ValueError(f"reward_fn must return one score per sequence, shape ({tokens_BxL.shape[0]},); "
-                     f"got {score.shape}")
+    raise ValueError(
+      f"reward_fn must return one score per sequence, shape ({tokens_BxL.shape[0]},); "
+      f"got {score.shape}"
+    )
   return score.astype(jnp.float32)
 
 
-def rollout(params, prompt_BxP, prompt_mask_BxP, rng, *, cfg: PPOConfig, policy_cfg: TransformerConfig):
+def rollout(
+  params, prompt_BxP, prompt_mask_BxP, rng, *, cfg: PPOConfig, policy_cfg: TransformerConfig
+):
   """Samples one response per prompt; returns full ``tokens``/``mask`` [B, P+N] and ``response_mask``."""
-  out = sample(params, prompt_BxP, prompt_mask_BxP, rng, model_cfg=policy_cfg, scfg=cfg.sampling_config())
+  out = sample(
+    params, prompt_BxP, prompt_mask_BxP, rng, model_cfg=policy_cfg, scfg=cfg.sampling_config()
+  )
   tokens = jnp.concatenate([prompt_BxP.astype(jnp.int32), out["tokens"]], 1)
   mask = jnp.concatenate([prompt_mask_BxP.astype(bool), out["mask"]], 1)
   return {"tokens": tokens, "mask": mask, "response_mask": out["mask"]}
 
 
-def ppo_iteration(state: State, ref_params, reward_params, batch: dict, *, cfg: PPOConfig,
-                  policy_cfg: TransformerConfig, reward_fn: RewardFn, tx: optax.GradientTransformation,
-                  critic_cfg: TransformerConfig | None = None,
-                  critic_tx: optax.GradientTransformation | None = None) -> tuple[State, dict]:
+def ppo_iteration(
+  state: State,
+  ref_params,
+  reward_params,
+  batch: dict,
+  *,
+  cfg: PPOConfig,
+  policy_cfg: TransformerConfig,
+  reward_fn: RewardFn,
+  tx: optax.GradientTransformation,
+  critic_cfg: TransformerConfig | None = None,
+  critic_tx: optax.GradientTransformation | None = None,
+) -> tuple[State, dict]:
   """One PPO iteration on ``batch = {'ids': prompt_BxP, 'mask': prompt_mask_BxP}`` (left-padded).
 
   Pure and jittable; the iteration's randomness is ``fold_in(rng, step)``, so a resumed run repeats
@@ -271,18 +327,23 @@ def ppo_iteration(state: State, ref_params, reward_params, batch: dict, *, cfg: 
   sample_rng, shuffle_rng = jax.random.split(key)
 
   # Rollout and its scoring under the current (old) policy.
-  roll = rollout(state["params"], batch["ids"], batch["mask"], sample_rng, cfg=cfg, policy_cfg=policy_cfg)
+  roll = rollout(
+    state["params"], batch["ids"], batch["mask"], sample_rng, cfg=cfg, policy_cfg=policy_cfg
+  )
   rmask_BxN = roll["response_mask"]
 
   def score_minibatch(mb):
     tok, m = mb["tokens"], mb["mask"]
     pol = _forward(policy_cfg, state["params"], tok, m)
     logits = _response_logits(pol, P, T)
-    out = {"logp": token_logprobs(logits, tok[:, P - 1:]),
-           "entropy": rl_losses.token_entropy(logits[:, :-1]),
-           "logp_ref": token_logprobs(_response_logits(_forward(ref_cfg, ref_params, tok, m), P, T),
-                                      tok[:, P - 1:]),
-           "score": _score(reward_fn, reward_params, tok, m)}
+    out = {
+      "logp": token_logprobs(logits, tok[:, P - 1 :]),
+      "entropy": rl_losses.token_entropy(logits[:, :-1]),
+      "logp_ref": token_logprobs(
+        _response_logits(_forward(ref_cfg, ref_params, tok, m), P, T), tok[:, P - 1 :]
+      ),
+      "score": _score(reward_fn, reward_params, tok, m),
+    }
     critic_out = _forward(critic_cfg, state["critic_params"], tok, m) if separate else pol
     out["value"] = _response_values(critic_out, P)
     return out
@@ -291,22 +352,33 @@ def ppo_iteration(state: State, ref_params, reward_params, batch: dict, *, cfg: 
   values_BxN = jnp.where(rmask_BxN, exp["value"], 0.0)
   N = rmask_BxN.shape[1]
   kl_coef = state["kl_coef"]
-  kl_tok_BxN = jnp.where(rmask_BxN, kl_per_token(exp["logp"], exp["logp_ref"], cfg.kl_estimator), 0.0)
+  kl_tok_BxN = jnp.where(
+    rmask_BxN, kl_per_token(exp["logp"], exp["logp_ref"], cfg.kl_estimator), 0.0
+  )
   at_last_BxN = jnp.arange(N)[None, :] == last_token_index(rmask_BxN)[:, None]
-  rewards_BxN = -kl_coef * kl_tok_BxN + jnp.where(at_last_BxN & rmask_BxN, exp["score"][:, None], 0.0)
+  rewards_BxN = -kl_coef * kl_tok_BxN + jnp.where(
+    at_last_BxN & rmask_BxN, exp["score"][:, None], 0.0
+  )
   adv_BxN, returns_BxN = gae(rewards_BxN, values_BxN, rmask_BxN, cfg.gamma, cfg.gae_lambda)
   if cfg.whiten_advantages:
     adv_BxN = whiten(adv_BxN, rmask_BxN)
 
-  data = {"tokens": roll["tokens"], "mask": roll["mask"], "response_mask": rmask_BxN,
-          "logp": exp["logp"], "value": values_BxN, "adv": adv_BxN, "ret": returns_BxN}
+  data = {
+    "tokens": roll["tokens"],
+    "mask": roll["mask"],
+    "response_mask": rmask_BxN,
+    "logp": exp["logp"],
+    "value": values_BxN,
+    "adv": adv_BxN,
+    "ret": returns_BxN,
+  }
 
   def loss_fn(trainable, mb):
     params, critic_params = trainable
     tok, m, rmask = mb["tokens"], mb["mask"], mb["response_mask"]
     pol = _forward(policy_cfg, params, tok, m)
     logits = _response_logits(pol, P, T)
-    logp = token_logprobs(logits, tok[:, P - 1:])
+    logp = token_logprobs(logits, tok[:, P - 1 :])
     values = _response_values(_forward(critic_cfg, critic_params, tok, m) if separate else pol, P)
     pg, pg_metrics = policy_loss(logp, mb["logp"], mb["adv"], rmask, cfg.clip_eps)
     vf, vf_metrics = value_loss(values, mb["value"], mb["ret"], rmask, cfg.value_clip)
@@ -320,7 +392,8 @@ def ppo_iteration(state: State, ref_params, reward_params, batch: dict, *, cfg: 
   def minibatch_step(carry, mb):
     params, opt_state, critic_params, critic_opt_state = carry
     (_, metrics), (grads, critic_grads) = jax.value_and_grad(loss_fn, has_aux=True)(
-        (params, critic_params), mb)
+      (params, critic_params), mb
+    )
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     metrics["grad_norm"] = optax.tree.norm(grads)
@@ -335,7 +408,12 @@ def ppo_iteration(state: State, ref_params, reward_params, batch: dict, *, cfg: 
     minibatches = jax.tree.map(lambda x: _to_minibatches(x[perm], M), data)
     return jax.lax.scan(minibatch_step, carry, minibatches)
 
-  carry = (state["params"], state["opt_state"], state.get("critic_params"), state.get("critic_opt_state"))
+  carry = (
+    state["params"],
+    state["opt_state"],
+    state.get("critic_params"),
+    state.get("critic_opt_state"),
+  )
   carry, upd_ExM = jax.lax.scan(epoch, carry, jax.random.split(shuffle_rng, cfg.epochs))
   params, opt_state, critic_params, critic_opt_state = carry
 
@@ -347,8 +425,13 @@ def ppo_iteration(state: State, ref_params, reward_params, batch: dict, *, cfg: 
     err = jnp.clip(kl_mean / cfg.kl_target - 1.0, -0.2, 0.2)
     new_coef = kl_coef * (1.0 + err * cfg.rollout_batch_size / cfg.kl_horizon)
 
-  new_state = {**state, "params": params, "opt_state": opt_state, "step": state["step"] + 1,
-               "kl_coef": new_coef}
+  new_state = {
+    **state,
+    "params": params,
+    "opt_state": opt_state,
+    "step": state["step"] + 1,
+    "kl_coef": new_coef,
+  }
   if separate:
     new_state.update(critic_params=critic_params, critic_opt_state=critic_opt_state)
 
@@ -358,19 +441,35 @@ def ppo_iteration(state: State, ref_params, reward_params, batch: dict, *, cfg: 
   # KL(pi_old || pi) measures how far this iteration moved the policy.
   metrics["approx_kl"] = upd_ExM["approx_kl"][-1].mean()
   metrics.update(
-      score_mean=exp["score"].mean(), score_std=exp["score"].std(), kl_mean=kl_mean, kl_se=kl_se,
-      kl_penalty=(kl_coef * kl_tok_BxN).sum(1).mean(), reward_mean=rewards_BxN.sum(1).mean(),
-      entropy=rl_losses.masked_mean(exp["entropy"], rmask_BxN), response_len=length_B.mean(),
-      value_mean=rl_losses.masked_mean(values_BxN, rmask_BxN),
-      return_mean=rl_losses.masked_mean(returns_BxN, rmask_BxN), kl_coef=kl_coef)
+    score_mean=exp["score"].mean(),
+    score_std=exp["score"].std(),
+    kl_mean=kl_mean,
+    kl_se=kl_se,
+    kl_penalty=(kl_coef * kl_tok_BxN).sum(1).mean(),
+    reward_mean=rewards_BxN.sum(1).mean(),
+    entropy=rl_losses.masked_mean(exp["entropy"], rmask_BxN),
+    response_len=length_B.mean(),
+    value_mean=rl_losses.masked_mean(values_BxN, rmask_BxN),
+    return_mean=rl_losses.masked_mean(returns_BxN, rmask_BxN),
+    kl_coef=kl_coef,
+  )
   return new_state, metrics
 
 
-def make_ppo_step(cfg: PPOConfig, policy_cfg: TransformerConfig, reward_fn: RewardFn,
-                  tx: optax.GradientTransformation, state_shardings: dict, mesh,
-                  rules=mesh_lib.DEFAULT_RULES, *, critic_cfg: TransformerConfig | None = None,
-                  critic_tx: optax.GradientTransformation | None = None, reward_shardings=None,
-                  compiler_options: dict | None = None):
+def make_ppo_step(
+  cfg: PPOConfig,
+  policy_cfg: TransformerConfig,
+  reward_fn: RewardFn,
+  tx: optax.GradientTransformation,
+  state_shardings: dict,
+  mesh,
+  rules=mesh_lib.DEFAULT_RULES,
+  *,
+  critic_cfg: TransformerConfig | None = None,
+  critic_tx: optax.GradientTransformation | None = None,
+  reward_shardings=None,
+  compiler_options: dict | None = None,
+):
   """``ppo_iteration`` jitted on ``mesh``: ``step(state, ref_params, reward_params, batch)``.
 
   The state is donated; prompts and every per-sequence array are sharded over the data axes;
@@ -385,21 +484,40 @@ def make_ppo_step(cfg: PPOConfig, policy_cfg: TransformerConfig, reward_fn: Rewa
   ref_shardings = model_param_shardings(ref_cfg, mesh, rules)
   ref_structure = jax.tree.structure(abstract_params(ref_cfg)[0])
   rep = mesh_lib.replicated(mesh)
-  fn = functools.partial(ppo_iteration, cfg=cfg, policy_cfg=policy_cfg, reward_fn=reward_fn, tx=tx,
-                         critic_cfg=critic_cfg, critic_tx=critic_tx)
-  jitted = jax.jit(fn, in_shardings=(state_shardings, ref_shardings, reward_shardings or rep,
-                                     mesh_lib.batch_sharding(mesh)),
-                   out_shardings=(state_shardings, rep), donate_argnums=0,
-                   compiler_options=compiler_options)
+  fn = functools.partial(
+    ppo_iteration,
+    cfg=cfg,
+    policy_cfg=policy_cfg,
+    reward_fn=reward_fn,
+    tx=tx,
+    critic_cfg=critic_cfg,
+    critic_tx=critic_tx,
+  )
+  jitted = jax.jit(
+    fn,
+    in_shardings=(
+      state_shardings,
+      ref_shardings,
+      reward_shardings or rep,
+      mesh_lib.batch_sharding(mesh),
+    ),
+    out_shardings=(state_shardings, rep),
+    donate_argnums=0,
+    compiler_options=compiler_options,
+  )
 
   def step(state, ref_params, reward_params, batch):
     if jax.tree.structure(ref_params) != ref_structure:
-      raise ValueError("ref_params do not match the reference model (the policy's architecture without "
-                       "a value head): pass the initial policy's parameters")
+      raise ValueError(
+        "ref_params do not match the reference model (the policy's architecture without "
+        "a value head): pass the initial policy's parameters"
+      )
     if set(batch) != {"ids", "mask"} or batch["ids"].shape[0] != cfg.rollout_batch_size:
-      raise ValueError(f"batch must be {{'ids', 'mask'}} of {cfg.rollout_batch_size} left-padded prompts "
-                       f"(ppo.rollout_batch_size); got keys {sorted(batch)} with "
-                       f"{batch['ids'].shape[0] if 'ids' in batch else '?'} rows")
+      raise ValueError(
+        f"batch must be {{'ids', 'mask'}} of {cfg.rollout_batch_size} left-padded prompts "
+        f"(ppo.rollout_batch_size); got keys {sorted(batch)} with "
+        f"{batch['ids'].shape[0] if 'ids' in batch else '?'} rows"
+      )
     with mesh_lib.sharding_context(mesh, rules):
       return jitted(state, ref_params, reward_params, batch)
 
@@ -409,8 +527,17 @@ def make_ppo_step(cfg: PPOConfig, policy_cfg: TransformerConfig, reward_fn: Rewa
 # -- evaluation --------------------------------------------------------------------------------
 
 
-def evaluate_batch(policy_params, init_params, reward_params, batch: dict, rng, *, cfg: PPOConfig,
-                   policy_cfg: TransformerConfig, reward_fn: RewardFn | None = None) -> dict:
+def evaluate_batch(
+  policy_params,
+  init_params,
+  reward_params,
+  batch: dict,
+  rng,
+  *,
+  cfg: PPOConfig,
+  policy_cfg: TransformerConfig,
+  reward_fn: RewardFn | None = None,
+) -> dict:
   """Fresh samples from the policy with KL(pi || pi_init) per sequence (and the reward, if given).
 
   Returns ``tokens``/``mask`` [B, P+N] ([prompt | response], for a gold RM), ``response_mask``,
@@ -423,32 +550,53 @@ def evaluate_batch(policy_params, init_params, reward_params, batch: dict, rng, 
 
   def per_minibatch(mb):
     tok, m = mb["tokens"], mb["mask"]
-    logp = token_logprobs(_response_logits(_forward(policy_cfg, policy_params, tok, m), P,
-                                           cfg.temperature), tok[:, P - 1:])
-    logp_init = token_logprobs(_response_logits(_forward(ref_cfg, init_params, tok, m), P,
-                                                cfg.temperature), tok[:, P - 1:])
+    logp = token_logprobs(
+      _response_logits(_forward(policy_cfg, policy_params, tok, m), P, cfg.temperature),
+      tok[:, P - 1 :],
+    )
+    logp_init = token_logprobs(
+      _response_logits(_forward(ref_cfg, init_params, tok, m), P, cfg.temperature), tok[:, P - 1 :]
+    )
     out = {"kl": rl_losses.sequence_kl(logp, logp_init, mb["response_mask"])}
     if reward_fn is not None:
       out["score"] = _score(reward_fn, reward_params, tok, m)
     return out
 
   B = batch["ids"].shape[0]
-  out = _map_minibatches(per_minibatch, roll, B // cfg.minibatch_size if B % cfg.minibatch_size == 0 else 1)
+  out = _map_minibatches(
+    per_minibatch, roll, B // cfg.minibatch_size if B % cfg.minibatch_size == 0 else 1
+  )
   return {**roll, **out, "length": roll["response_mask"].sum(1)}
 
 
-def make_evaluator(cfg: PPOConfig, policy_cfg: TransformerConfig, policy_shardings, mesh,
-                   rules=mesh_lib.DEFAULT_RULES, *, reward_fn: RewardFn | None = None,
-                   reward_shardings=None, compiler_options: dict | None = None):
+def make_evaluator(
+  cfg: PPOConfig,
+  policy_cfg: TransformerConfig,
+  policy_shardings,
+  mesh,
+  rules=mesh_lib.DEFAULT_RULES,
+  *,
+  reward_fn: RewardFn | None = None,
+  reward_shardings=None,
+  compiler_options: dict | None = None,
+):
   """``evaluate_batch`` jitted on ``mesh`` for batches of ``cfg.rollout_batch_size`` prompts:
   ``fn(policy_params, init_params, reward_params, batch, rng) -> dict`` (see ``evaluate``)."""
   mesh_lib.check_batch_divisible(cfg.rollout_batch_size, mesh, "ppo.rollout_batch_size")
   rep, data = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
   fn = functools.partial(evaluate_batch, cfg=cfg, policy_cfg=policy_cfg, reward_fn=reward_fn)
-  jitted = jax.jit(fn, in_shardings=(policy_shardings,
-                                     model_param_shardings(reference_config(policy_cfg), mesh, rules),
-                                     reward_shardings or rep, data, rep),
-                   out_shardings=data, compiler_options=compiler_options)
+  jitted = jax.jit(
+    fn,
+    in_shardings=(
+      policy_shardings,
+      model_param_shardings(reference_config(policy_cfg), mesh, rules),
+      reward_shardings or rep,
+      data,
+      rep,
+    ),
+    out_shardings=data,
+    compiler_options=compiler_options,
+  )
 
   def evaluator(policy_params, init_params, reward_params, batch, rng):
     with mesh_lib.sharding_context(mesh, rules):
@@ -458,8 +606,16 @@ def make_evaluator(cfg: PPOConfig, policy_cfg: TransformerConfig, policy_shardin
   return evaluator
 
 
-def evaluate(evaluator, policy_params, init_params, prompt_ids: np.ndarray, prompt_mask: np.ndarray,
-             rng: jax.Array, *, reward_params=None) -> dict:
+def evaluate(
+  evaluator,
+  policy_params,
+  init_params,
+  prompt_ids: np.ndarray,
+  prompt_mask: np.ndarray,
+  rng: jax.Array,
+  *,
+  reward_params=None,
+) -> dict:
   """KL(pi || pi_init) on fresh samples for every prompt row, in the evaluator's fixed batches.
 
   Returns host arrays ``tokens``, ``mask`` (full sequences, ready for a gold RM), ``response_mask``,
@@ -471,13 +627,18 @@ def evaluate(evaluator, policy_params, init_params, prompt_ids: np.ndarray, prom
     raise ValueError("evaluate needs at least one prompt")
   parts = []
   for i, start in enumerate(range(0, n, batch)):
-    ids, mask = prompt_ids[start:start + batch], prompt_mask[start:start + batch]
+    ids, mask = prompt_ids[start : start + batch], prompt_mask[start : start + batch]
     k = ids.shape[0]
     if k < batch:  # Pad with copies of the last prompt; their samples are dropped.
       ids = np.concatenate([ids, np.repeat(ids[-1:], batch - k, 0)])
       mask = np.concatenate([mask, np.repeat(mask[-1:], batch - k, 0)])
-    out = evaluator(policy_params, init_params, reward_params,
-                    {"ids": ids.astype(np.int32), "mask": mask.astype(bool)}, jax.random.fold_in(rng, i))
+    out = evaluator(
+      policy_params,
+      init_params,
+      reward_params,
+      {"ids": ids.astype(np.int32), "mask": mask.astype(bool)},
+      jax.random.fold_in(rng, i),
+    )
     parts.append({key: v[:k] for key, v in jax.device_get(out).items()})
   res = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
   res["kl_mean"] = float(res["kl"].mean())
@@ -488,12 +649,22 @@ def evaluate(evaluator, policy_params, init_params, prompt_ids: np.ndarray, prom
 # -- the loop ----------------------------------------------------------------------------------
 
 
-def train_ppo(state: State, state_shardings, step_fn: Callable[[State, dict], tuple[State, dict]],
-              prompt_fn: Callable[[int], dict], num_iterations: int, *, ckpt_dir: str | None = None,
-              save_every: int = 0, log_every: int = 1, eval_every: int = 0,
-              eval_fn: Callable[[State, int], dict] | None = None,
-              on_eval: Callable[[int, dict], dict | None] | None = None, writer=None,
-              desc: str = "ppo") -> tuple[State, list[dict], list[dict]]:
+def train_ppo(
+  state: State,
+  state_shardings,
+  step_fn: Callable[[State, dict], tuple[State, dict]],
+  prompt_fn: Callable[[int], dict],
+  num_iterations: int,
+  *,
+  ckpt_dir: str | None = None,
+  save_every: int = 0,
+  log_every: int = 1,
+  eval_every: int = 0,
+  eval_fn: Callable[[State, int], dict] | None = None,
+  on_eval: Callable[[int, dict], dict | None] | None = None,
+  writer=None,
+  desc: str = "ppo",
+) -> tuple[State, list[dict], list[dict]]:
   """Runs PPO iterations until ``state['step'] == num_iterations``; returns ``(state, history, evals)``.
 
   ``step_fn(state, prompt_fn(i))`` runs iteration i (e.g. ``make_ppo_step``'s step with the
@@ -528,8 +699,15 @@ def train_ppo(state: State, state_shardings, step_fn: Callable[[State, dict], tu
     start = int(jax.device_get(state["step"]))
     if eval_every and start == 0:
       run_eval(0)
-    bar = tqdm(range(start, num_iterations), desc=desc, initial=start, total=num_iterations,
-               disable=jax.process_index() != 0, leave=False, mininterval=2.0)
+    bar = tqdm(
+      range(start, num_iterations),
+      desc=desc,
+      initial=start,
+      total=num_iterations,
+      disable=jax.process_index() != 0,
+      leave=False,
+      mininterval=2.0,
+    )
     for it in bar:
       state, metrics = step_fn(state, prompt_fn(it))
       done = it + 1

@@ -1,4 +1,5 @@
 """Reward-model training (Bradley-Terry) and batched, jitted scoring."""
+
 from __future__ import annotations
 
 import functools
@@ -26,8 +27,14 @@ def make_rm_loss(model_cfg: TransformerConfig, score_l2: float = 0.0):
   def loss_fn(params, batch, rng):
     tokens = jnp.concatenate([batch["chosen"], batch["rejected"]], 0)
     mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]], 0)
-    out = model.apply({"params": params}, tokens, mask, method=Transformer.forward,
-                      deterministic=False, rngs={"dropout": rng})
+    out = model.apply(
+      {"params": params},
+      tokens,
+      mask,
+      method=Transformer.forward,
+      deterministic=False,
+      rngs={"dropout": rng},
+    )
     r_chosen, r_rejected = jnp.split(out["reward"], 2)
     loss, acc = losses.bradley_terry_loss(r_chosen, r_rejected, score_l2)
     return loss, {"accuracy": acc, "reward_mean": out["reward"].mean()}
@@ -36,16 +43,18 @@ def make_rm_loss(model_cfg: TransformerConfig, score_l2: float = 0.0):
 
 
 def _reward(params, tokens_BxL, mask_BxL, *, model_cfg):
-  return Transformer(model_cfg).apply({"params": params}, tokens_BxL, mask_BxL,
-                                      method=Transformer.forward)["reward"]
+  return Transformer(model_cfg).apply(
+    {"params": params}, tokens_BxL, mask_BxL, method=Transformer.forward
+  )["reward"]
 
 
 def make_scorer(model_cfg: TransformerConfig, mesh, param_shardings, rules=mesh_lib.DEFAULT_RULES):
   """jit(reward) with explicit shardings: ``fn(params, tokens_BxL, mask_BxL) -> float32[B]``."""
-  jitted = jax.jit(functools.partial(_reward, model_cfg=model_cfg),
-                   in_shardings=(param_shardings, mesh_lib.batch_sharding(mesh),
-                                 mesh_lib.batch_sharding(mesh)),
-                   out_shardings=mesh_lib.replicated(mesh))
+  jitted = jax.jit(
+    functools.partial(_reward, model_cfg=model_cfg),
+    in_shardings=(param_shardings, mesh_lib.batch_sharding(mesh), mesh_lib.batch_sharding(mesh)),
+    out_shardings=mesh_lib.replicated(mesh),
+  )
 
   def score(params, tokens, mask):
     with mesh_lib.sharding_context(mesh, rules):
@@ -54,16 +63,17 @@ def make_scorer(model_cfg: TransformerConfig, mesh, param_shardings, rules=mesh_
   return score
 
 
-def score_in_batches(score_fn, params, tokens_NxL: np.ndarray, mask_NxL: np.ndarray,
-                     batch_size: int) -> np.ndarray:
+def score_in_batches(
+  score_fn, params, tokens_NxL: np.ndarray, mask_NxL: np.ndarray, batch_size: int
+) -> np.ndarray:
   """Scores N sequences in fixed-size batches (the last one padded) so one compilation serves all."""
   n = tokens_NxL.shape[0]
   out = np.empty((n,), np.float32)
   for start in range(0, n, batch_size):
-    tok, m = tokens_NxL[start:start + batch_size], mask_NxL[start:start + batch_size]
+    tok, m = tokens_NxL[start : start + batch_size], mask_NxL[start : start + batch_size]
     k = tok.shape[0]
     if k < batch_size:
       tok = np.concatenate([tok, np.repeat(tok[-1:], batch_size - k, 0)])
       m = np.concatenate([m, np.repeat(m[-1:], batch_size - k, 0)])
-    out[start:start + k] = np.asarray(score_fn(params, tok, m))[:k]
+    out[start : start + k] = np.asarray(score_fn(params, tok, m))[:k]
   return out

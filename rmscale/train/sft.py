@@ -1,4 +1,5 @@
 """Supervised finetuning / LM pretraining loss: next-token NLL on the masked (response) tokens."""
+
 from __future__ import annotations
 
 from rmscale import losses

@@ -5,6 +5,7 @@ checkpoints like any array, plus ``'fp8_meta'`` (replicated amax histories and s
 has FP8 matmuls. Parameters and optimizer state are created already sharded:
 ``eval_shape`` of a boxed init -> logical specs -> NamedShardings -> ``jit(init, out_shardings=...)``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -55,8 +56,9 @@ class OptimConfig:
     if self.moments not in ("float32", "fp8"):
       raise ValueError(f"optim.moments={self.moments!r} is not one of float32, fp8")
     if self.master_dtype not in (None, "float32", "float16", "bfloat16"):
-      raise ValueError(f"optim.master_dtype={self.master_dtype!r} is not one of None, float32, "
-                       "float16, bfloat16")
+      raise ValueError(
+        f"optim.master_dtype={self.master_dtype!r} is not one of None, float32, float16, bfloat16"
+      )
     if self.learning_rate <= 0:
       raise ValueError(f"optim.learning_rate must be positive, got {self.learning_rate}")
 
@@ -72,15 +74,17 @@ def make_schedule(ocfg: OptimConfig) -> optax.Schedule:
     decay = optax.cosine_decay_schedule(lr, decay_steps, alpha=ocfg.end_lr_fraction)
   if not ocfg.warmup_steps:
     return decay
-  return optax.join_schedules([optax.linear_schedule(0.0, lr, ocfg.warmup_steps), decay],
-                              [ocfg.warmup_steps])
+  return optax.join_schedules(
+    [optax.linear_schedule(0.0, lr, ocfg.warmup_steps), decay], [ocfg.warmup_steps]
+  )
 
 
 def make_optimizer(ocfg: OptimConfig) -> optax.GradientTransformation:
   parts = [optax.clip_by_global_norm(ocfg.grad_clip)] if ocfg.grad_clip else []
   adamw = fp8_optim.fp8_adamw if ocfg.moments == "fp8" else optax.adamw
-  parts.append(adamw(make_schedule(ocfg), b1=ocfg.b1, b2=ocfg.b2, eps=ocfg.eps,
-                     weight_decay=ocfg.weight_decay))
+  parts.append(
+    adamw(make_schedule(ocfg), b1=ocfg.b1, b2=ocfg.b2, eps=ocfg.eps, weight_decay=ocfg.weight_decay)
+  )
   tx = optax.chain(*parts)
   return tx if ocfg.master_dtype is None else fp8_optim.with_master_weights(tx, ocfg.master_dtype)
 
@@ -102,14 +106,23 @@ def merge_params(boxed, loaded):
     if key in flat_in:
       value = flat_in[key]
       if tuple(value.shape) != tuple(nn.unbox(box).shape):
-        raise ValueError(f"parameter {'/'.join(key)}: loaded shape {tuple(value.shape)} does not match "
-                         f"the model's {tuple(nn.unbox(box).shape)}")
+        raise ValueError(
+          f"parameter {'/'.join(key)}: loaded shape {tuple(value.shape)} does not match "
+          f"the model's {tuple(nn.unbox(box).shape)}"
+        )
       flat_new[key] = box.replace_boxed(value) if isinstance(box, nn.Partitioned) else value
   return traverse_util.unflatten_dict(flat_new)
 
 
-def init_state(model_cfg: TransformerConfig, tx: optax.GradientTransformation, rng: jax.Array,
-               mesh, rules=mesh_lib.DEFAULT_RULES, params=None, seq_len: int = 8):
+def init_state(
+  model_cfg: TransformerConfig,
+  tx: optax.GradientTransformation,
+  rng: jax.Array,
+  mesh,
+  rules=mesh_lib.DEFAULT_RULES,
+  params=None,
+  seq_len: int = 8,
+):
   """A sharded train state and its shardings.
 
   ``params`` (optional, plain arrays, possibly a partial tree) replaces the random initialisation
@@ -124,16 +137,21 @@ def init_state(model_cfg: TransformerConfig, tx: optax.GradientTransformation, r
     boxed = variables["params"]
     if params_in is not None:
       boxed = merge_params(boxed, params_in)
-    state = {"params": boxed, "opt_state": tx.init(boxed), "step": jnp.zeros((), jnp.int32),
-             "rng": rng_data}
+    state = {
+      "params": boxed,
+      "opt_state": tx.init(boxed),
+      "step": jnp.zeros((), jnp.int32),
+      "rng": rng_data,
+    }
     if FP8_META_KEY in variables:  # Only models with FP8 matmuls have delayed-scaling state.
       state[FP8_META_KEY] = variables[FP8_META_KEY]
     return state
 
   rng_data = jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
   abstract = jax.eval_shape(make, rng_data, params)
-  shardings = mesh_lib.logical_shardings(nn.unbox(abstract), nn.get_partition_spec(abstract), mesh,
-                                         rules)
+  shardings = mesh_lib.logical_shardings(
+    nn.unbox(abstract), nn.get_partition_spec(abstract), mesh, rules
+  )
   # Traced outside the sharding context: flax's DenseGeneral initialises kernels flat, which cannot
   # carry their logical constraint; out_shardings alone lays the state out (XLA propagates it back).
   state = jax.jit(lambda r, p: nn.unbox(make(r, p)), out_shardings=shardings)(rng_data, params)
@@ -157,32 +175,49 @@ def loss_and_grads(loss_fn: LossFn, params, fp8_meta, batch: dict, rng: jax.Arra
   return aux, grads, meta_grads
 
 
-def train_step(state: State, batch: dict, *, loss_fn: LossFn, tx: optax.GradientTransformation,
-               grads_fn: GradsFn = loss_and_grads):
+def train_step(
+  state: State,
+  batch: dict,
+  *,
+  loss_fn: LossFn,
+  tx: optax.GradientTransformation,
+  grads_fn: GradsFn = loss_and_grads,
+):
   """One optimizer step; the step's RNG is ``fold_in(rng, step)`` so a resumed run repeats it.
 
   ``grads_fn`` computes the gradients (e.g. ``rmscale.ops.fp8_collectives.fp8_data_parallel`` for
   FP8-LM O1: an FP8 all-reduce across the data axis); FP8 meta, if any, is replaced by its update.
   """
   rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-  (loss, metrics), grads, meta_grads = grads_fn(loss_fn, state["params"], state.get(FP8_META_KEY),
-                                                batch, rng)
+  (loss, metrics), grads, meta_grads = grads_fn(
+    loss_fn, state["params"], state.get(FP8_META_KEY), batch, rng
+  )
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
   metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
   new_state = {**state, "params": params, "opt_state": opt_state, "step": state["step"] + 1}
   if meta_grads is not None:
     new_state[FP8_META_KEY] = fp8.apply_fp8_meta_update(
-        {FP8_META_KEY: state[FP8_META_KEY]}, {FP8_META_KEY: meta_grads})[FP8_META_KEY]
+      {FP8_META_KEY: state[FP8_META_KEY]}, {FP8_META_KEY: meta_grads}
+    )[FP8_META_KEY]
   return new_state, metrics
 
 
-def compile_train_step(loss_fn: LossFn, tx, state_shardings, mesh, rules=mesh_lib.DEFAULT_RULES,
-                       grads_fn: GradsFn = loss_and_grads):
+def compile_train_step(
+  loss_fn: LossFn,
+  tx,
+  state_shardings,
+  mesh,
+  rules=mesh_lib.DEFAULT_RULES,
+  grads_fn: GradsFn = loss_and_grads,
+):
   """``train_step`` jitted with explicit shardings and the state donated."""
-  jitted = jax.jit(functools.partial(train_step, loss_fn=loss_fn, tx=tx, grads_fn=grads_fn),
-                   in_shardings=(state_shardings, mesh_lib.batch_sharding(mesh)),
-                   out_shardings=(state_shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
+  jitted = jax.jit(
+    functools.partial(train_step, loss_fn=loss_fn, tx=tx, grads_fn=grads_fn),
+    in_shardings=(state_shardings, mesh_lib.batch_sharding(mesh)),
+    out_shardings=(state_shardings, mesh_lib.replicated(mesh)),
+    donate_argnums=0,
+  )
 
   def step(state, batch):
     with mesh_lib.sharding_context(mesh, rules):

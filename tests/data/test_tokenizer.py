@@ -1,4 +1,5 @@
 """Tokenizers: hand-computed ids, padding and truncation policy, and a real local HF tokenizer."""
+
 import numpy as np
 import pytest
 
@@ -59,12 +60,14 @@ def test_word_tokenizer_closed_vocabulary():
 def _save_hf_tokenizer(path, pad: bool):
   from tokenizers import Tokenizer, models, pre_tokenizers
   from transformers import PreTrainedTokenizerFast
+
   words = ["<unk>", "<s>", "</s>", "hello", "world", "the", "cat"] + (["<pad>"] if pad else [])
   tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
   tk.pre_tokenizer = pre_tokenizers.Whitespace()
   extra = dict(pad_token="<pad>") if pad else {}
-  PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                          **extra).save_pretrained(str(path))
+  PreTrainedTokenizerFast(
+    tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>", **extra
+  ).save_pretrained(str(path))
   return str(path)
 
 
@@ -91,7 +94,9 @@ def test_load_tokenizer_specs():
   assert isinstance(load_tokenizer("bytes"), ByteTokenizer)
   world = load_tokenizer("world")
   assert isinstance(world, WordTokenizer) and world.vocab_size == 291
-  assert world.decode(world.encode("write about ocean using bright in 8 words")) == \
-      "write about ocean using bright in 8 words"
+  assert (
+    world.decode(world.encode("write about ocean using bright in 8 words"))
+    == "write about ocean using bright in 8 words"
+  )
   with pytest.raises(ValueError, match="tokenizer spec"):
     load_tokenizer("no/such/dir")

@@ -1,5 +1,6 @@
 """The offline world: determinism, prompt count, hand-computed utilities, token/text parity, and the
 property the whole experiment rests on: a shortcut proxy is over-optimised by best-of-n."""
+
 import jax
 import numpy as np
 import pytest
@@ -33,7 +34,9 @@ def _utility(world, prompt, response):
   return float(world.utility(p, r, m)[0])
 
 
-@pytest.mark.parametrize("response, expected", [
+@pytest.mark.parametrize(
+  "response, expected",
+  [
     ("wave tide bright shore . <eos>", 1 + 1 + 2 + 0.5),  # The perfect answer.
     ("wave tide bright shore .", 1 + 1 + 2),  # Never emitted EOS: cut off, so not well formed.
     ("wave desk bright the . <eos>", 0.5 + 1 + 2 + 0.5),  # One of two content words off topic.
@@ -43,7 +46,8 @@ def _utility(world, prompt, response):
     ("<eos> wave tide bright shore .", 0.0),  # Empty: nothing before EOS.
     ("write wave bright shore . <eos> wave wave", 2 / 3 + 1 + 2 + 0.5),  # Prompt word is junk;
     #                                                   text after EOS is ignored.
-])
+  ],
+)
 def test_hand_computed_utilities(world, response, expected):
   assert world.utility_text(PROMPT, response) == pytest.approx(expected, abs=1e-12)
   assert _utility(world, PROMPT, response) == pytest.approx(expected, abs=1e-6)
@@ -51,9 +55,11 @@ def test_hand_computed_utilities(world, response, expected):
 
 def test_length_is_non_monotonic_and_keyword_repetition_hurts(world):
   ocean = world.topics[0]
+
   def answer(n_words, keywords=1):
     words = ["bright"] * keywords + list(ocean[1:]) + ["the"] * 20
     return " ".join(words[:n_words]) + " . <eos>"
+
   prompt = "write about ocean using bright in 8 words"
   by_length = [world.utility_text(prompt, answer(n)) for n in range(1, 21)]
   assert np.all(np.diff(by_length[:8]) > 0)  # Up to the request, each word helps ...
@@ -113,12 +119,16 @@ def test_token_and_text_utility_agree(world, sft):
   junk_ids[rng.random((B, R)) < 0.1] = 2
   junk_mask = rng.random((B, R)) < 0.9
   prompts = world.sample_prompts(rng, B)["ids"]
-  cases = [(sft["prompt_ids"][:B], sft["response_ids"][:B], sft["response_mask"][:B]),
-           (np.pad(prompts, ((0, 0), (3, 0))), junk_ids, junk_mask)]
+  cases = [
+    (sft["prompt_ids"][:B], sft["response_ids"][:B], sft["response_mask"][:B]),
+    (np.pad(prompts, ((0, 0), (3, 0))), junk_ids, junk_mask),
+  ]
   for prompt_ids, response_ids, response_mask in cases:
     u = world.utility(prompt_ids, response_ids, response_mask)
-    feats = {k: np.asarray(v) for k, v in
-             token_features(world.tables, prompt_ids, response_ids, response_mask).items()}
+    feats = {
+      k: np.asarray(v)
+      for k, v in token_features(world.tables, prompt_ids, response_ids, response_mask).items()
+    }
     for b, (p, r) in enumerate(world.texts(prompt_ids, response_ids, response_mask)):
       expected = world.text_features(p, r)
       assert {k: int(v[b]) for k, v in feats.items()} == expected, (p, r)
@@ -141,8 +151,9 @@ def test_malformed_prompts(world):
 
 def test_writer_samples_are_readable_and_well_shaped(world, sft):
   vocab_words = set(world.tokenizer.vocab[3:])
-  for prompt, response in world.texts(sft["prompt_ids"][:300], sft["response_ids"][:300],
-                                      sft["response_mask"][:300]):
+  for prompt, response in world.texts(
+    sft["prompt_ids"][:300], sft["response_ids"][:300], sft["response_mask"][:300]
+  ):
     assert PROMPT_RE.match(prompt)
     words = response.split()
     assert words[-1] == "<eos>" and set(words[:-1]) <= vocab_words
@@ -168,8 +179,14 @@ def _expected_best_of_n(score_PxN, gold_PxN, n):
   N = score_PxN.shape[1]
   gold_sorted = np.take_along_axis(gold_PxN, np.argsort(score_PxN, axis=1), axis=1)
   i = np.arange(1, N + 1)
-  log_w = (gammaln(np.maximum(i, n)) - gammaln(n) - gammaln(np.maximum(i - n + 1, 1))
-           - gammaln(N + 1) + gammaln(n + 1) + gammaln(N - n + 1))
+  log_w = (
+    gammaln(np.maximum(i, n))
+    - gammaln(n)
+    - gammaln(np.maximum(i - n + 1, 1))
+    - gammaln(N + 1)
+    + gammaln(n + 1)
+    + gammaln(N - n + 1)
+  )
   return float((gold_sorted @ np.where(i >= n, np.exp(log_w), 0.0)).mean())
 
 
@@ -178,10 +195,12 @@ def test_shortcut_proxy_is_overoptimised_by_best_of_n(world):
   true utility at small n, then loses it (below the n=1 level by n=1000); best-of-n by the utility
   itself keeps rising. This is the Goodhart effect the quickstart must reproduce with real RMs."""
   rng = np.random.default_rng(0)
+
   def features(prompts, responses):
     f = token_features(world.tables, prompts["ids"], responses["ids"], responses["mask"])
     x = np.stack([np.asarray(f["words"]), np.asarray(f["keyword_count"])], 1).astype(float)
     return x, world.utility(prompts["ids"], responses["ids"], responses["mask"])
+
   prompts = world.sample_prompts(rng, 2000)
   xa, ua = features(prompts, world.sample_responses(rng, prompts["index"]))
   xb, ub = features(prompts, world.sample_responses(rng, prompts["index"]))

@@ -1,5 +1,6 @@
 """Cloud TPU and SLURM launchers: the exact commands and scripts their dry runs print, the
 preemption loop, and quoting that no config value can escape (checked by running the output in bash)."""
+
 import os
 import shlex
 import stat
@@ -14,40 +15,60 @@ MAIN_ARGS = ["--config=configs/overopt.py:rm=85m,data=90k", "--workdir=/mnt/shar
 
 
 def test_tpu_launch_dry_run_prints_the_exact_commands(capsys):
-  rc = tpu.main(["launch", "--name=overopt", "--zone=us-central2-b", "--accelerator=v4-32", "--project=my-proj",
-                 "--spot", "--delete_after", "--dry_run", "--", *MAIN_ARGS])
+  rc = tpu.main(
+    [
+      "launch",
+      "--name=overopt",
+      "--zone=us-central2-b",
+      "--accelerator=v4-32",
+      "--project=my-proj",
+      "--spot",
+      "--delete_after",
+      "--dry_run",
+      "--",
+      *MAIN_ARGS,
+    ]
+  )
   assert rc == 0
   where = "--zone=us-central2-b --project=my-proj"
   assert capsys.readouterr().out.splitlines() == [
-      f"# launch overopt on overopt: state = `gcloud compute tpus tpu-vm describe overopt {where} "
-      "'--format=value(state)'`",
-      f"# if the pod is NOT_FOUND (or PREEMPTED/TERMINATED: first gcloud compute tpus tpu-vm delete overopt "
-      f"{where} --quiet):",
-      f"gcloud compute tpus tpu-vm create overopt {where} --accelerator-type=v4-32 "
-      "--version=tpu-ubuntu2204-base --spot",
-      "# on every new pod (and on the first pass):",
-      f"git -C {REPO} archive --format=tar.gz --output=/tmp/rmscale-overopt.tar.gz HEAD",
-      f"gcloud compute tpus tpu-vm scp /tmp/rmscale-overopt.tar.gz overopt:rmscale.tar.gz {where} --worker=all",
-      f"gcloud compute tpus tpu-vm ssh overopt {where} --worker=all '--command=rm -rf rmscale && mkdir -p "
-      "rmscale && tar -xzf rmscale.tar.gz -C rmscale && cd rmscale && python3 -m pip install -q -e \".[tpu]\"'",
-      f"gcloud compute tpus tpu-vm ssh overopt {where} --worker=all '--command=cd rmscale && python3 -m "
-      "rmscale.main --config=configs/overopt.py:rm=85m,data=90k --workdir=/mnt/shared/overopt/rm85m "
-      "--distributed=on'",
-      "# if the run fails and the pod was preempted: back to the top (at most 10 creations); the run resumes "
-      "from its checkpoint",
-      "# once the run succeeds:",
-      f"gcloud compute tpus tpu-vm delete overopt {where} --quiet",
+    f"# launch overopt on overopt: state = `gcloud compute tpus tpu-vm describe overopt {where} "
+    "'--format=value(state)'`",
+    f"# if the pod is NOT_FOUND (or PREEMPTED/TERMINATED: first gcloud compute tpus tpu-vm delete overopt "
+    f"{where} --quiet):",
+    f"gcloud compute tpus tpu-vm create overopt {where} --accelerator-type=v4-32 "
+    "--version=tpu-ubuntu2204-base --spot",
+    "# on every new pod (and on the first pass):",
+    f"git -C {REPO} archive --format=tar.gz --output=/tmp/rmscale-overopt.tar.gz HEAD",
+    f"gcloud compute tpus tpu-vm scp /tmp/rmscale-overopt.tar.gz overopt:rmscale.tar.gz {where} --worker=all",
+    f"gcloud compute tpus tpu-vm ssh overopt {where} --worker=all '--command=rm -rf rmscale && mkdir -p "
+    "rmscale && tar -xzf rmscale.tar.gz -C rmscale && cd rmscale && python3 -m pip install -q -e \".[tpu]\"'",
+    f"gcloud compute tpus tpu-vm ssh overopt {where} --worker=all '--command=cd rmscale && python3 -m "
+    "rmscale.main --config=configs/overopt.py:rm=85m,data=90k --workdir=/mnt/shared/overopt/rm85m "
+    "--distributed=on'",
+    "# if the run fails and the pod was preempted: back to the top (at most 10 creations); the run resumes "
+    "from its checkpoint",
+    "# once the run succeeds:",
+    f"gcloud compute tpus tpu-vm delete overopt {where} --quiet",
   ]
 
 
-@pytest.mark.parametrize("command,expected", [
-    ("create", "gcloud compute tpus tpu-vm create p1 --zone=z --accelerator-type=v5litepod-16 "
-               "--version=tpu-ubuntu2204-base"),
+@pytest.mark.parametrize(
+  "command,expected",
+  [
+    (
+      "create",
+      "gcloud compute tpus tpu-vm create p1 --zone=z --accelerator-type=v5litepod-16 "
+      "--version=tpu-ubuntu2204-base",
+    ),
     ("delete", "gcloud compute tpus tpu-vm delete p1 --zone=z --quiet"),
     ("state", "gcloud compute tpus tpu-vm describe p1 --zone=z '--format=value(state)'"),
-])
+  ],
+)
 def test_tpu_single_commands(capsys, command, expected):
-  assert tpu.main([command, "--name=p1", "--zone=z", "--accelerator=v5litepod-16", "--dry_run"]) == 0
+  assert (
+    tpu.main([command, "--name=p1", "--zone=z", "--accelerator=v5litepod-16", "--dry_run"]) == 0
+  )
   assert capsys.readouterr().out == expected + "\n"
 
 
@@ -75,11 +96,21 @@ def test_tpu_launch_recreates_the_pod_after_a_preemption():
   pod = tpu.Pod("p1", "z", "v4-32", spot=True)
   job = tpu.main_job("p1", "python3", MAIN_ARGS)
   # Missing -> created -> READY; the run dies with the pod (PREEMPTED) -> delete, create, install, run.
-  calls, call, state = _scripted(["NOT_FOUND", "READY", "PREEMPTED", "PREEMPTED", "READY"], {"ssh": [0, 255, 0, 0]})
+  calls, call, state = _scripted(
+    ["NOT_FOUND", "READY", "PREEMPTED", "PREEMPTED", "READY"], {"ssh": [0, 255, 0, 0]}
+  )
   logs = []
   assert tpu.launch(pod, job, call=call, state=state, sleep=lambda s: None, log=logs.append) == 0
   install = pod.install()
-  assert calls == [pod.create(), *install, pod.run(job), pod.delete(), pod.create(), *install, pod.run(job)]
+  assert calls == [
+    pod.create(),
+    *install,
+    pod.run(job),
+    pod.delete(),
+    pod.create(),
+    *install,
+    pod.run(job),
+  ]
   assert any("resumes from its checkpoint" in line for line in logs)
 
 
@@ -91,20 +122,37 @@ def test_tpu_launch_returns_a_programs_own_failure():
   assert calls[-1] == pod.run(job) and pod.create() not in calls  # Not retried: the pod is fine.
   # Capacity that never comes: bounded.
   calls, call, state = _scripted(["NOT_FOUND"] * 3, {"create": [1, 1]})
-  assert tpu.launch(pod, job, max_attempts=2, call=call, state=state, sleep=lambda s: None, log=lambda m: None) == 1
+  assert (
+    tpu.launch(
+      pod, job, max_attempts=2, call=call, state=state, sleep=lambda s: None, log=lambda m: None
+    )
+    == 1
+  )
   assert calls == [pod.create(), pod.create()]
 
 
 def test_tpu_pod_state_tells_missing_from_broken():
   pod = tpu.Pod("p1", "z", "v4-8")
   assert tpu.pod_state(pod, lambda a: (0, "READY\n", "")) == "READY"
-  assert tpu.pod_state(pod, lambda a: (1, "", "ERROR: (gcloud) NOT_FOUND: Resource p1 not found")) == "NOT_FOUND"
+  assert (
+    tpu.pod_state(pod, lambda a: (1, "", "ERROR: (gcloud) NOT_FOUND: Resource p1 not found"))
+    == "NOT_FOUND"
+  )
   with pytest.raises(RuntimeError, match="exit 1.*permission denied"):
     tpu.pod_state(pod, lambda a: (1, "", "permission denied"))
 
 
-SLURM_ARGS = ["--name=rm85m", "--nodes=2", "--gpus_per_node=4", "--partition=gpu", "--time=24:00:00",
-              "--slurm_setup=source ~/venv/bin/activate", "--dry_run", "--", *MAIN_ARGS]
+SLURM_ARGS = [
+  "--name=rm85m",
+  "--nodes=2",
+  "--gpus_per_node=4",
+  "--partition=gpu",
+  "--time=24:00:00",
+  "--slurm_setup=source ~/venv/bin/activate",
+  "--dry_run",
+  "--",
+  *MAIN_ARGS,
+]
 
 
 @pytest.mark.parametrize("per", ["gpu", "node"])
@@ -112,24 +160,27 @@ def test_slurm_dry_run_prints_the_exact_script(capsys, per):
   assert slurm.main([f"--per={per}", *SLURM_ARGS]) == 0
   tasks = "4" if per == "gpu" else "1"
   expected = [
-      "#!/bin/bash",
-      "#SBATCH --job-name=rm85m",
-      "#SBATCH --nodes=2",
-      f"#SBATCH --ntasks-per-node={tasks}",
-      "#SBATCH --gpus-per-node=4",
-      "#SBATCH --output=/mnt/shared/overopt/rm85m/slurm/%x-%j.out",
-      f"#SBATCH --chdir={REPO}",
-      "#SBATCH --open-mode=append",
-      "#SBATCH --requeue",
-      "#SBATCH --partition=gpu",
-      "#SBATCH --time=24:00:00",
-      "",
-      "set -euo pipefail",
-      "source ~/venv/bin/activate",
-      *(["export RMSCALE_LOCAL_DEVICE_IDS=0,1,2,3  # one process drives all GPUs of its node"]
-        if per == "node" else []),
-      "srun --kill-on-bad-exit=1 python -m rmscale.main --config=configs/overopt.py:rm=85m,data=90k "
-      "--workdir=/mnt/shared/overopt/rm85m --distributed=on",
+    "#!/bin/bash",
+    "#SBATCH --job-name=rm85m",
+    "#SBATCH --nodes=2",
+    f"#SBATCH --ntasks-per-node={tasks}",
+    "#SBATCH --gpus-per-node=4",
+    "#SBATCH --output=/mnt/shared/overopt/rm85m/slurm/%x-%j.out",
+    f"#SBATCH --chdir={REPO}",
+    "#SBATCH --open-mode=append",
+    "#SBATCH --requeue",
+    "#SBATCH --partition=gpu",
+    "#SBATCH --time=24:00:00",
+    "",
+    "set -euo pipefail",
+    "source ~/venv/bin/activate",
+    *(
+      ["export RMSCALE_LOCAL_DEVICE_IDS=0,1,2,3  # one process drives all GPUs of its node"]
+      if per == "node"
+      else []
+    ),
+    "srun --kill-on-bad-exit=1 python -m rmscale.main --config=configs/overopt.py:rm=85m,data=90k "
+    "--workdir=/mnt/shared/overopt/rm85m --distributed=on",
   ]
   assert capsys.readouterr().out.splitlines() == expected
 
@@ -138,13 +189,21 @@ def test_slurm_bad_options_are_named():
   with pytest.raises(ValueError, match="per='socket' must be 'gpu' or 'node'"):
     slurm.SlurmOptions(per="socket")
   with pytest.raises(ValueError, match="line breaks"):
-    slurm.render(common.Job("j", ("python",)), slurm.SlurmOptions(partition="gpu\nrm -rf /"), "/tmp")
+    slurm.render(
+      common.Job("j", ("python",)), slurm.SlurmOptions(partition="gpu\nrm -rf /"), "/tmp"
+    )
 
 
 # -- quoting: run what the launchers emit, with recording stand-ins for python/srun -----------------
 
-EVIL = ["x'; touch {canary}; echo '", "$(touch {canary})", "`touch {canary}`", "a b\"c\\d", "semi;colon && |",
-        "new\nline"]
+EVIL = [
+  "x'; touch {canary}; echo '",
+  "$(touch {canary})",
+  "`touch {canary}`",
+  "a b\"c\\d",
+  "semi;colon && |",
+  "new\nline",
+]
 
 
 def _recorder_bin(tmp_path):
@@ -204,6 +263,14 @@ def test_no_config_value_can_inject_a_command(tmp_path):
   # Local sweep dry run: each printed line is one command.
   run = sweep.Run("r", "configs/overopt.py:rm=85m", (("gold.kind", values[0]),), "/abs/w", ("fit",))
   _run_bash(shlex.join(run.argv("python")), tmp_path, bin_dir)
-  assert _recorded(out) == [["python", "-m", "rmscale.main", "--config=configs/overopt.py:rm=85m",
-                             "--workdir=/abs/w", f"--config.gold.kind={values[0]}"]]
+  assert _recorded(out) == [
+    [
+      "python",
+      "-m",
+      "rmscale.main",
+      "--config=configs/overopt.py:rm=85m",
+      "--workdir=/abs/w",
+      f"--config.gold.kind={values[0]}",
+    ]
+  ]
   assert not canary.exists()

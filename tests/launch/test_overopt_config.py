@@ -1,4 +1,5 @@
 """configs/overopt.py: the paper's protocol from get_config arguments, valid at pod scale and on CPU."""
+
 import importlib.util
 import os
 
@@ -8,14 +9,21 @@ from rmscale import pipeline
 from rmscale.models import sizes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-_spec = importlib.util.spec_from_file_location("overopt", os.path.join(ROOT, "configs", "overopt.py"))
+_spec = importlib.util.spec_from_file_location(
+  "overopt", os.path.join(ROOT, "configs", "overopt.py")
+)
 overopt = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(overopt)
 
 
 def test_defaults_follow_gao_et_al():
   c = overopt.get_config("rm=85m,data=90k")
-  assert (c.policy.size, c.gold.size, c.proxies.sizes, c.proxies.data_sizes) == ("1.2b", "pythia-6.9b", ("85m",), (90_000,))
+  assert (c.policy.size, c.gold.size, c.proxies.sizes, c.proxies.data_sizes) == (
+    "1.2b",
+    "pythia-6.9b",
+    ("85m",),
+    (90_000,),
+  )
   assert (c.label.num_comparisons, c.label.val_fraction, c.label.noise) == (100_000, 0.1, 0.0)
   assert (c.proxies.batch_size, c.proxies.init, c.bon.n_samples) == (64, "pretrained", 10_000)
   # The ladder's names are its non-embedding parameter counts; the gold RM is ~6.9B like Gao's 6B.
@@ -40,7 +48,13 @@ def test_arguments_select_sizes_data_and_seeds():
 
 def test_runlocal_is_the_same_protocol_at_cpu_size():
   c = overopt.get_config("rm=all,data=all,runlocal")
-  assert c.proxies.sizes == ("100k", "200k", "400k", "800k", "1.6m")  # Distinct: no duplicate proxies.
+  assert c.proxies.sizes == (
+    "100k",
+    "200k",
+    "400k",
+    "800k",
+    "1.6m",
+  )  # Distinct: no duplicate proxies.
   assert c.proxies.data_sizes == (20, 40, 80, 160, 320, 640, 900)
   assert c.stages == overopt.get_config().stages
   pipeline.validate(c, 8)

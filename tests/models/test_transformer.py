@@ -1,4 +1,5 @@
 """Model invariants for each architecture family: causality, padding, cache parity, reward head."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -89,13 +90,16 @@ def test_kv_cache_decoding_matches_full_forward(lm):
   mask = jnp.ones((B, P + N), bool).at[0, :2].set(False)
   full = fwd(params, tok, mask)["logits"]
   positions = default_positions(mask)
-  apply = jax.jit(lambda p, t, m, pos, c: model.apply({"params": p}, t, m, pos, cache=c,
-                                                      method=Transformer.forward))
+  apply = jax.jit(
+    lambda p, t, m, pos, c: model.apply(
+      {"params": p}, t, m, pos, cache=c, method=Transformer.forward
+    )
+  )
   out = apply(params, tok[:, :P], mask[:, :P], positions[:, :P], init_cache(cfg, B, P + N))
   steps = [out["logits"]]
   cache = out["cache"]
   for t in range(P, P + N):
-    out = apply(params, tok[:, t:t + 1], mask[:, t:t + 1], positions[:, t:t + 1], cache)
+    out = apply(params, tok[:, t : t + 1], mask[:, t : t + 1], positions[:, t : t + 1], cache)
     cache = out["cache"]
     steps.append(out["logits"])
   cached = jnp.concatenate(steps, 1)
@@ -121,7 +125,8 @@ def test_logical_axis_names_on_every_parameter():
   for (path, p), spec in zip(flat_p, flat_s):
     assert len(spec) == p.ndim, jax.tree_util.keystr(path)
   assert specs["layers_0"]["attn"]["query"]["kernel"] == jax.sharding.PartitionSpec(
-      "embed", "heads", "head_dim")
+    "embed", "heads", "head_dim"
+  )
 
 
 def test_grm_model_carries_lm_and_reward_heads():
@@ -131,12 +136,15 @@ def test_grm_model_carries_lm_and_reward_heads():
   assert out["logits"].shape == (3, 10, V) and out["reward"].shape == (3,)
 
 
-@pytest.mark.parametrize("field,value,msg", [
+@pytest.mark.parametrize(
+  "field,value,msg",
+  [
     ("d_model", 30, "not divisible by model.n_heads"),
     ("n_kv_heads", 3, "not divisible by model.n_kv_heads"),
     ("norm", "batchnorm", "model.norm"),
     ("rotary_pct", 0.375, "odd rotary dimension"),
-])
+  ],
+)
 def test_config_validation_names_the_field(field, value, msg):
   with pytest.raises(ValueError, match=msg):
     tiny("neox", **{field: value})

@@ -10,6 +10,7 @@ Hence for a dot product with operands quantised as a' = a(1+e_a) + f_a, elementw
 which ``_dot_error_bound`` evaluates; the tests assert it elementwise, so they are exact
 consequences of the formats, not tuned tolerances.
 """
+
 import functools
 
 import flax.linen as nn
@@ -24,9 +25,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from rmscale.ops import fp8
 
 FORMATS = {
-    # dtype: (max, max relative rounding error of normals, half subnormal spacing)
-    fp8.E4M3: (448.0, 2.0 ** -4, 2.0 ** -10),
-    fp8.E5M2: (57344.0, 2.0 ** -3, 2.0 ** -17),
+  # dtype: (max, max relative rounding error of normals, half subnormal spacing)
+  fp8.E4M3: (448.0, 2.0**-4, 2.0**-10),
+  fp8.E5M2: (57344.0, 2.0**-3, 2.0**-17),
 }
 DN_MATMUL = (((1,), (0,)), ((), ()))
 
@@ -211,9 +212,9 @@ def test_fp8_matmul_forward_and_gradients_within_derived_bounds():
   out, d_a, d_b = fwd_bwd(a, b, g)
   a, b, g = (np.asarray(v, np.float64) for v in (a, b, g))
   checks = [
-      (out, a @ b, _dot_error_bound(a, fp8.E4M3, sa, b, fp8.E4M3, sb)),
-      (d_a, g @ b.T, _dot_error_bound(g, fp8.E5M2, sg, b.T, fp8.E4M3, sb)),
-      (d_b, a.T @ g, _dot_error_bound(a.T, fp8.E4M3, sa, g, fp8.E5M2, sg)),
+    (out, a @ b, _dot_error_bound(a, fp8.E4M3, sa, b, fp8.E4M3, sb)),
+    (d_a, g @ b.T, _dot_error_bound(g, fp8.E5M2, sg, b.T, fp8.E4M3, sb)),
+    (d_b, a.T @ g, _dot_error_bound(a.T, fp8.E4M3, sa, g, fp8.E5M2, sg)),
   ]
   for got, ref, bound in checks:
     err = np.abs(np.asarray(got, np.float64) - ref)
@@ -241,9 +242,9 @@ def test_batched_dimension_numbers_within_derived_bounds():
   out, d_l, d_r = fwd_bwd(lhs, rhs, g)
   lhs, rhs, g = (np.asarray(v, np.float64) for v in (lhs, rhs, g))
   checks = [
-      (out, f"{l_spec},{r_spec}->{out_spec}", (lhs, fp8.E4M3, sl, rhs, fp8.E4M3, sr)),
-      (d_l, f"{out_spec},{r_spec}->{l_spec}", (g, fp8.E5M2, sg, rhs, fp8.E4M3, sr)),
-      (d_r, f"{l_spec},{out_spec}->{r_spec}", (lhs, fp8.E4M3, sl, g, fp8.E5M2, sg)),
+    (out, f"{l_spec},{r_spec}->{out_spec}", (lhs, fp8.E4M3, sl, rhs, fp8.E4M3, sr)),
+    (d_l, f"{out_spec},{r_spec}->{l_spec}", (g, fp8.E5M2, sg, rhs, fp8.E4M3, sr)),
+    (d_r, f"{l_spec},{out_spec}->{r_spec}", (lhs, fp8.E4M3, sl, g, fp8.E5M2, sg)),
   ]
   for got, spec, (a, a_dt, a_s, b, b_dt, b_s) in checks:
     ref = np.einsum(spec, a, b)
@@ -281,23 +282,30 @@ def test_vmap_quantize_matches_loop():
   x = _randn(0, (3, 5, 4))
   scales = jnp.array([1.0, 10.0, 200.0])
   loop = jnp.stack([fp8.quantize(x[:, :, i], 7.0) for i in range(4)], axis=-1)
-  np.testing.assert_array_equal(np.asarray(jax.vmap(fp8.quantize, (2, None), 2)(x, 7.0), np.float32),
-                                np.asarray(loop, np.float32))
+  np.testing.assert_array_equal(
+    np.asarray(jax.vmap(fp8.quantize, (2, None), 2)(x, 7.0), np.float32),
+    np.asarray(loop, np.float32),
+  )
   loop = jnp.stack([fp8.quantize(x[i], scales[i]) for i in range(3)])
-  np.testing.assert_array_equal(np.asarray(jax.vmap(fp8.quantize)(x, scales), np.float32),
-                                np.asarray(loop, np.float32))
+  np.testing.assert_array_equal(
+    np.asarray(jax.vmap(fp8.quantize)(x, scales), np.float32), np.asarray(loop, np.float32)
+  )
 
 
 @pytest.mark.parametrize("in_axes", [(0, None), (None, 1), (2, 0)])
 def test_vmap_fp8_dot_matches_loop(in_axes):
   lhs, rhs = _randn(0, (3, 4, 6)), _randn(1, (3, 6, 5))
   sl, sr = 448.0 / 3.0, 448.0 / 2.0
-  dot = jax.jit(lambda l, r: fp8.fp8_dot(fp8.quantize(l, sl), fp8.quantize(r, sr), sl, sr, DN_MATMUL))
+  dot = jax.jit(
+    lambda l, r: fp8.fp8_dot(fp8.quantize(l, sl), fp8.quantize(r, sr), sl, sr, DN_MATMUL)
+  )
   args = [lhs if in_axes[0] is not None else lhs[0], rhs if in_axes[1] is not None else rhs[0]]
   args = [jnp.moveaxis(a, 0, ax) if ax is not None else a for a, ax in zip(args, in_axes)]
   got = jax.vmap(dot, in_axes=in_axes)(*args)
   take = lambda a, ax, i: jnp.take(a, i, axis=ax) if ax is not None else a
-  loop = jnp.stack([dot(take(args[0], in_axes[0], i), take(args[1], in_axes[1], i)) for i in range(3)])
+  loop = jnp.stack(
+    [dot(take(args[0], in_axes[0], i), take(args[1], in_axes[1], i)) for i in range(3)]
+  )
   np.testing.assert_allclose(np.asarray(got), np.asarray(loop), rtol=1e-6)
   # Unbatched scales keep the primitive (rather than a fallback) in the batched program.
   assert "fp8_dot[" in str(jax.make_jaxpr(jax.vmap(dot, in_axes=in_axes))(*args))
@@ -308,8 +316,10 @@ def test_vmap_over_independent_models_grad_matches_loop():
   n = 3
   x = _randn(0, (n, 4, 6))
   w = _randn(1, (n, 6, 5)) * jnp.array([1.0, 10.0, 0.1])[:, None, None]
-  metas = tuple(fp8.Fp8Meta(jnp.stack([_meta(a).amax_history for a in amaxes]), jnp.ones(n))
-                for amaxes in ([3.0, 3.0, 3.0], [2.0, 20.0, 0.2], [1.0, 1.0, 1.0]))
+  metas = tuple(
+    fp8.Fp8Meta(jnp.stack([_meta(a).amax_history for a in amaxes]), jnp.ones(n))
+    for amaxes in ([3.0, 3.0, 3.0], [2.0, 20.0, 0.2], [1.0, 1.0, 1.0])
+  )
   loss = lambda x, w, m: jnp.sum(jnp.tanh(fp8.fp8_dot_general(x, w, DN_MATMUL, *m)))
   got = jax.jit(jax.vmap(jax.grad(loss, (1, 2))))(x, w, metas)
   grad_one = jax.jit(jax.grad(loss, (1, 2)))
@@ -327,8 +337,14 @@ def test_sharded_jit_on_fake_device_mesh_matches_single_device():
   loss = lambda x, w, m: jnp.mean(fp8.fp8_dot_general(x, w, DN_MATMUL, *m) ** 2)
   step = jax.value_and_grad(loss, (1, 2))
   replicated = NamedSharding(mesh, P())
-  sharded = jax.jit(step, in_shardings=(NamedSharding(mesh, P("data", None)),
-                                        NamedSharding(mesh, P(None, "model")), replicated))
+  sharded = jax.jit(
+    step,
+    in_shardings=(
+      NamedSharding(mesh, P("data", None)),
+      NamedSharding(mesh, P(None, "model")),
+      replicated,
+    ),
+  )
   got, ref = sharded(x, w, metas), jax.jit(step)(x, w, metas)
   # The pushed amaxes are global maxima even though every device sees a shard.
   np.testing.assert_allclose(float(got[1][1][0].amax_history[0]), float(jnp.abs(x).max()))
@@ -347,8 +363,11 @@ def test_shard_map_data_parallel_grad_with_pmax_meta():
     d_w, d_m = jax.grad(loss, (1, 2))(x, w, m)
     return jax.lax.psum(d_w, "data"), jax.lax.pmax(d_m, "data")
 
-  sharded = jax.jit(jax.shard_map(per_shard, mesh=mesh, in_specs=(P("data"), P(), P()),
-                                  out_specs=P(), check_vma=False))
+  sharded = jax.jit(
+    jax.shard_map(
+      per_shard, mesh=mesh, in_specs=(P("data"), P(), P()), out_specs=P(), check_vma=False
+    )
+  )
   got = sharded(x, w, metas)
   ref = jax.jit(jax.grad(loss, (1, 2)))(x, w, metas)
   np.testing.assert_allclose(np.asarray(got[0]), np.asarray(ref[0]), rtol=1e-5, atol=1e-6)
@@ -380,13 +399,18 @@ def test_bfloat16_compute_dtype_flows_through():
   assert grads["params"]["kernel"].dtype == jnp.float32  # param_dtype, via Dense's cast
   assert np.all(np.isfinite(np.asarray(grads["params"]["kernel"])))
   assert float(grads[fp8.FP8_META_COLLECTION]["Fp8DotGeneral_0"]["input_amax_history"][0]) == (
-      pytest.approx(float(jnp.abs(x).max()), rel=1e-2))
+    pytest.approx(float(jnp.abs(x).max()), rel=1e-2)
+  )
 
 
-@pytest.mark.parametrize("make_layer", [
+@pytest.mark.parametrize(
+  "make_layer",
+  [
     lambda cls: nn.Dense(6, dot_general_cls=cls),
     lambda cls: nn.DenseGeneral((2, 3), axis=(-2, -1), dot_general_cls=cls),
-], ids=["Dense", "DenseGeneral"])
+  ],
+  ids=["Dense", "DenseGeneral"],
+)
 def test_fp8_layer_gradients_close_to_fp32(make_layer):
   x = _randn(0, (16, 3, 4))
   layer8, layer32 = make_layer(fp8.Fp8DotGeneral), make_layer(None)
@@ -411,12 +435,20 @@ def test_fp8_layer_gradients_close_to_fp32(make_layer):
 
 
 def test_apply_fp8_meta_update_overwrites_guards_and_validates():
-  old = {"params": {"w": jnp.ones(2)}, fp8.FP8_META_COLLECTION: {
+  old = {
+    "params": {"w": jnp.ones(2)},
+    fp8.FP8_META_COLLECTION: {
       "a": {"input_scale": jnp.array(3.0), "input_amax_history": jnp.array([1.0, 2.0])},
-      "b": {"input_scale": jnp.array(4.0), "input_amax_history": jnp.array([5.0, 6.0])}}}
-  grads = {"params": {"w": jnp.full(2, 7.0)}, fp8.FP8_META_COLLECTION: {
+      "b": {"input_scale": jnp.array(4.0), "input_amax_history": jnp.array([5.0, 6.0])},
+    },
+  }
+  grads = {
+    "params": {"w": jnp.full(2, 7.0)},
+    fp8.FP8_META_COLLECTION: {
       "a": {"input_scale": jnp.array(9.0), "input_amax_history": jnp.array([8.0, 1.0])},
-      "b": {"input_scale": jnp.array(0.0), "input_amax_history": jnp.array([0.0, 0.0])}}}
+      "b": {"input_scale": jnp.array(0.0), "input_amax_history": jnp.array([0.0, 0.0])},
+    },
+  }
   new = fp8.apply_fp8_meta_update(old, grads)
   meta = new[fp8.FP8_META_COLLECTION]
   assert float(meta["a"]["input_scale"]) == 9.0
@@ -459,8 +491,9 @@ def _train_mlp(dot_general_cls, steps=50):
   @jax.jit
   def train():
     variables = model.init(jax.random.key(1), x)
-    (variables, _), losses = jax.lax.scan(step, (variables, tx.init(variables["params"])),
-                                          length=steps)
+    (variables, _), losses = jax.lax.scan(
+      step, (variables, tx.init(variables["params"])), length=steps
+    )
     return losses, variables
 
   losses, variables = train()

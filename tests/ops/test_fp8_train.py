@@ -3,6 +3,7 @@
 Error bounds are those of tests/ops/test_fp8.py: a value quantised with scale s has error at most
 u |x| + d / s (u = 2^-4 for E4M3, 2^-3 for E5M2; d = half the subnormal spacing in scaled units).
 """
+
 import functools
 import sys
 from pathlib import Path
@@ -29,13 +30,18 @@ if _ROOT not in sys.path:
   sys.path.insert(0, _ROOT)
 from benchmarks import fp8 as bench  # noqa: E402
 
-FORMATS = {fp8.E4M3: (448.0, 2.0 ** -4, 2.0 ** -10), fp8.E5M2: (57344.0, 2.0 ** -3, 2.0 ** -17)}
+FORMATS = {fp8.E4M3: (448.0, 2.0**-4, 2.0**-10), fp8.E5M2: (57344.0, 2.0**-3, 2.0**-17)}
 V, L = 48, 12
 # One layer keeps compilation (most of these tests' time) short; layers are independent for FP8.
-CFG = sizes.model_config("100k", vocab_size=V, reward_head="linear", n_layers=1, d_ff=128, max_len=32)
+CFG = sizes.model_config(
+  "100k", vocab_size=V, reward_head="linear", n_layers=1, d_ff=128, max_len=32
+)
 FP8_CFG = CFG.replace(matmul="fp8")
-FP8_LAYERS = {f"layers_{i}/{m}" for i in range(CFG.n_layers)
-              for m in ("attn/query", "attn/key", "attn/value", "attn/out", "mlp/up", "mlp/down")}
+FP8_LAYERS = {
+  f"layers_{i}/{m}"
+  for i in range(CFG.n_layers)
+  for m in ("attn/query", "attn/key", "attn/value", "attn/out", "mlp/up", "mlp/down")
+}
 
 
 def _tokens(seed, b=4, length=L):
@@ -47,7 +53,12 @@ def _rm_batch(seed, pairs):
   tok = rng.integers(1, V, (2, pairs, L)).astype(np.int32)
   mask = np.ones((pairs, L), bool)
   mask[::3, :3] = False
-  return {"chosen": tok[0], "chosen_mask": mask, "rejected": tok[1], "rejected_mask": mask[::-1].copy()}
+  return {
+    "chosen": tok[0],
+    "chosen_mask": mask,
+    "rejected": tok[1],
+    "rejected_mask": mask[::-1].copy(),
+  }
 
 
 @functools.cache
@@ -72,7 +83,9 @@ def test_fp8_model_meta_layers_and_apply_paths():
   variables = _fp8_variables()
   assert set(variables) == {"params", FP8_META_KEY} and FP8_META_KEY == fp8.FP8_META_COLLECTION
   layers = {"/".join(path[:-2]) for path in traverse_util.flatten_dict(variables[FP8_META_KEY])}
-  assert layers == FP8_LAYERS  # Attention and MLP only: LM head and reward head stay high precision.
+  assert (
+    layers == FP8_LAYERS
+  )  # Attention and MLP only: LM head and reward head stay high precision.
 
   model, tok = Transformer(FP8_CFG), _tokens(2)
   apply = jax.jit(lambda variables: model.apply(variables, tok))
@@ -93,7 +106,7 @@ def test_fp8_model_meta_layers_and_apply_paths():
     # Stated tolerance: E4M3 rounds each operand by <= 2^-4 relative; products and sums of many
     # terms average it down, so the logits' relative error stays well under that.
     rel = float(jnp.linalg.norm(out - exact) / jnp.linalg.norm(exact))
-    assert 0 < rel < 2.0 ** -4
+    assert 0 < rel < 2.0**-4
 
 
 def test_fp8_sampler_matches_teacher_forcing_with_fixed_scales():
@@ -103,8 +116,11 @@ def test_fp8_sampler_matches_teacher_forcing_with_fixed_scales():
   params = {**variables["params"], FP8_META_KEY: variables[FP8_META_KEY]}
   prompt = _tokens(3, b=4, length=5)
   scfg = SamplingConfig(max_new_tokens=6, temperature=0.0)
-  out = jax.jit(lambda p, x: sample(p, x, jnp.ones_like(x, bool), jax.random.key(0),
-                                    model_cfg=FP8_CFG, scfg=scfg))(params, prompt)
+  out = jax.jit(
+    lambda p, x: sample(
+      p, x, jnp.ones_like(x, bool), jax.random.key(0), model_cfg=FP8_CFG, scfg=scfg
+    )
+  )(params, prompt)
   seq = jnp.concatenate([prompt, out["tokens"]], 1)
   logits = Transformer(FP8_CFG).apply({"params": params}, seq)[:, 4:-1]
   teacher = jnp.take_along_axis(jax.nn.log_softmax(logits), out["tokens"][..., None], -1)[..., 0]
@@ -133,7 +149,9 @@ def test_train_step_carries_meta_and_matches_hand_written_step():
   assert set(plain) == {"params", "opt_state", "step", "rng"}  # Non-FP8 state layout unchanged.
   state, shardings = init_state(FP8_CFG, tx, jax.random.key(0), mesh)
   assert set(state) == set(plain) | {FP8_META_KEY}
-  assert all(s.spec == jax.sharding.PartitionSpec() for s in jax.tree.leaves(shardings[FP8_META_KEY]))
+  assert all(
+    s.spec == jax.sharding.PartitionSpec() for s in jax.tree.leaves(shardings[FP8_META_KEY])
+  )
 
   batch = _rm_batch(0, 8)
   loss_fn = rm.make_rm_loss(FP8_CFG)
@@ -159,10 +177,16 @@ def test_train_step_carries_meta_and_matches_hand_written_step():
     params = jax.tree.map(lambda p, g: p - 0.1 * g, variables["params"], grads["params"])
     variables = {**fp8.apply_fp8_meta_update(variables, grads), "params": params}
   np.testing.assert_allclose(float(metrics["loss"]), float(loss), rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-               jax.device_get(state["params"]), variables["params"])
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5),
-               jax.device_get(state[FP8_META_KEY]), variables[FP8_META_KEY])
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+    jax.device_get(state["params"]),
+    variables["params"],
+  )
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5),
+    jax.device_get(state[FP8_META_KEY]),
+    variables[FP8_META_KEY],
+  )
   query = state[FP8_META_KEY]["layers_0"]["attn"]["query"]["Fp8DotGeneral_0"]
   assert np.all(np.asarray(query["kernel_amax_history"][:2]) > 0)  # Two steps pushed.
   assert float(query["kernel_scale"]) != 1.0  # The second step used a real delayed scale.
@@ -190,10 +214,18 @@ def test_fp8_all_reduce_within_format_bound_on_8_devices(dtype):
   scale_R = 10.0 ** np.linspace(-2, 2, 8)
   g = np.random.default_rng(0).standard_normal((8, 13, 7)) * scale_R[:, None, None]
   g = g.astype(np.float32)
-  fn = jax.jit(jax.shard_map(
-      lambda x: (fp8_collectives.fp8_all_reduce_sum(x[0], axes, dtype)[None], jax.lax.psum(x[0], axes)),
-      mesh=mesh, in_specs=jax.sharding.PartitionSpec(axes),
-      out_specs=(jax.sharding.PartitionSpec(axes), jax.sharding.PartitionSpec()), check_vma=False))
+  fn = jax.jit(
+    jax.shard_map(
+      lambda x: (
+        fp8_collectives.fp8_all_reduce_sum(x[0], axes, dtype)[None],
+        jax.lax.psum(x[0], axes),
+      ),
+      mesh=mesh,
+      in_specs=jax.sharding.PartitionSpec(axes),
+      out_specs=(jax.sharding.PartitionSpec(axes), jax.sharding.PartitionSpec()),
+      check_vma=False,
+    )
+  )
   per_rank, psum = fn(jnp.asarray(g))
   per_rank = np.asarray(per_rank)
   for r in range(1, 8):
@@ -214,8 +246,11 @@ def test_o1_grads_match_per_rank_reference_and_global_meta():
 
   # Reference: each rank's shard (2 pairs) differentiated alone on one device.
   local = jax.jit(loss_and_grads, static_argnums=0)
-  shards = [{k: v[2 * r:2 * r + 2] for k, v in batch.items()} for r in range(8)]
-  ref = [local(loss_fn, params, meta, shard, jax.random.fold_in(rng, r)) for r, shard in enumerate(shards)]
+  shards = [{k: v[2 * r : 2 * r + 2] for k, v in batch.items()} for r in range(8)]
+  ref = [
+    local(loss_fn, params, meta, shard, jax.random.fold_in(rng, r))
+    for r, shard in enumerate(shards)
+  ]
   np.testing.assert_allclose(float(loss), np.mean([float(r[0][0]) for r in ref]), rtol=1e-5)
   mask = traverse_util.flatten_dict(fp8_collectives.fp8_gemm_kernel_mask(params, meta))
   assert sum(mask.values()) == len(FP8_LAYERS)
@@ -232,7 +267,9 @@ def test_o1_grads_match_per_rank_reference_and_global_meta():
   # Meta: the max over the ranks' amaxes (those of a global-batch step); scales come from the
   # history before this step, so every rank computed the same ones.
   want = jax.tree.map(lambda *m: np.max(np.stack(m), 0), *[r[2] for r in ref])
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), jax.device_get(meta_grads), want)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), jax.device_get(meta_grads), want
+  )
 
 
 def test_o1_rejects_tensor_parallel_mesh_and_non_fp8_model():
@@ -240,7 +277,9 @@ def test_o1_rejects_tensor_parallel_mesh_and_non_fp8_model():
     fp8_collectives.fp8_data_parallel(loss_and_grads, mesh_lib.make_mesh(dict(data=4, tensor=2)))
   mesh = mesh_lib.make_mesh(dict(data=8))
   params, _ = abstract_params(CFG)
-  o1 = functools.partial(fp8_collectives.fp8_data_parallel(loss_and_grads, mesh), rm.make_rm_loss(CFG))
+  o1 = functools.partial(
+    fp8_collectives.fp8_data_parallel(loss_and_grads, mesh), rm.make_rm_loss(CFG)
+  )
   with pytest.raises(ValueError, match="need a model with FP8 matmuls"):
     jax.eval_shape(o1, params, None, _rm_batch(0, 8), jax.random.key(0))  # Fails while tracing.
 
@@ -250,8 +289,9 @@ def test_o1_rejects_tensor_parallel_mesh_and_non_fp8_model():
 
 def _grads(seed, shapes=((6, 5), (7,))):
   keys = jax.random.split(jax.random.key(seed), len(shapes))
-  return {f"w{i}": 10.0 ** (i - 2) * jax.random.normal(k, s)
-          for i, (k, s) in enumerate(zip(keys, shapes))}
+  return {
+    f"w{i}": 10.0 ** (i - 2) * jax.random.normal(k, s) for i, (k, s) in enumerate(zip(keys, shapes))
+  }
 
 
 def test_adam_fp8_with_float32_storage_is_optax_adam():
@@ -273,13 +313,17 @@ def test_adam_fp8_moments_stored_narrow_within_format_bounds():
   assert {x.dtype for x in jax.tree.leaves(state.nu.data)} == {jnp.dtype(jnp.float16)}
   leaves = jax.tree.leaves(g)
   # After one step mu = (1 - b1) g and nu = (1 - b2) g^2, each tensor scaled to its format's max.
-  for i, (mu, nu) in enumerate(zip(fp8_optim.decode_leaves(state.mu), fp8_optim.decode_leaves(state.nu))):
+  for i, (mu, nu) in enumerate(
+    zip(fp8_optim.decode_leaves(state.mu), fp8_optim.decode_leaves(state.nu))
+  ):
     g64 = np.asarray(leaves[i], np.float64)
-    want_mu, want_nu = 0.1 * g64, 0.05 * g64 ** 2
+    want_mu, want_nu = 0.1 * g64, 0.05 * g64**2
     s_mu = 448.0 / np.abs(want_mu).max()
-    assert np.all(np.abs(np.asarray(mu) - want_mu) <= 2 ** -4 * np.abs(want_mu) + 2 ** -10 / s_mu + 1e-12)
+    assert np.all(
+      np.abs(np.asarray(mu) - want_mu) <= 2**-4 * np.abs(want_mu) + 2**-10 / s_mu + 1e-12
+    )
     s_nu = 65504.0 / want_nu.max()  # float16: 10 mantissa bits, subnormal spacing 2^-24.
-    assert np.all(np.abs(np.asarray(nu) - want_nu) <= 2 ** -11 * want_nu + 2 ** -25 / s_nu + 1e-15)
+    assert np.all(np.abs(np.asarray(nu) - want_nu) <= 2**-11 * want_nu + 2**-25 / s_nu + 1e-15)
   # The 1e-2-scale gradients' squared moments survive, which unscaled float16 (< 6e-8: 0) loses.
   want_nu = 0.05 * np.asarray(leaves[0], np.float32) ** 2
   assert np.all(np.asarray(fp8_optim.decode_leaves(state.nu)[0]) > 0)
@@ -338,8 +382,10 @@ def test_tiny_rm_fp8_accuracy_within_one_point_of_fp32():
   world = bench.small_world()
   kw = dict(steps=250, batch=32, n_train=4000, n_eval=4000, d_model=32, n_heads=2, d_ff=128)
   base, ours = bench.train_rm(world, "default", **kw), bench.train_rm(world, "fp8", **kw)
-  print(f"RM held-out accuracy: fp32 {base['accuracy']:.4f}, fp8 {ours['accuracy']:.4f} "
-        f"(with trained scales {ours['accuracy_with_meta']:.4f})")
+  print(
+    f"RM held-out accuracy: fp32 {base['accuracy']:.4f}, fp8 {ours['accuracy']:.4f} "
+    f"(with trained scales {ours['accuracy_with_meta']:.4f})"
+  )
   assert base["accuracy"] > 0.6  # The task is learnt, so the comparison means something.
   assert abs(ours["accuracy"] - base["accuracy"]) <= 0.01
   assert abs(ours["accuracy_with_meta"] - base["accuracy"]) <= 0.01
@@ -351,7 +397,9 @@ def test_tiny_sft_fp8_loss_curve_within_two_percent_of_fp32():
   kw = dict(steps=100, batch=16, d_model=32, n_heads=2, d_ff=128)
   base, ours = bench.train_sft(world, "default", **kw), bench.train_sft(world, "fp8", **kw)
   dev = bench.curve_deviation(base["losses"], ours["losses"], window=10)
-  print(f"SFT loss: fp32 {base['losses'][0]:.3f} -> {np.mean(base['losses'][-10:]):.4f}, fp8 -> "
-        f"{np.mean(ours['losses'][-10:]):.4f}; deviation {dev}")
+  print(
+    f"SFT loss: fp32 {base['losses'][0]:.3f} -> {np.mean(base['losses'][-10:]):.4f}, fp8 -> "
+    f"{np.mean(ours['losses'][-10:]):.4f}; deviation {dev}"
+  )
   assert np.mean(base["losses"][-10:]) < 0.8 * base["losses"][0]  # It trains.
   assert dev["max_window_rel_dev"] <= 0.02

@@ -11,6 +11,7 @@ scoring and sampling do), and writes losses, scores and the gathered parameters 
     RMSCALE_COORDINATOR=localhost:PORT RMSCALE_NUM_PROCESSES=2 RMSCALE_PROCESS_ID=0 \
         python tests/parallel/_dist_worker.py OUT_DIR
 """
+
 from __future__ import annotations
 
 import os
@@ -33,7 +34,12 @@ def dataset() -> dict[str, np.ndarray]:
   chosen[:, -1], rejected[:, -1] = 7, 8  # A learnable preference: the reward reads the last token.
   mask = np.ones((n, L), bool)
   mask[::3, :4] = False  # Some left padding.
-  return {"chosen": chosen, "chosen_mask": mask, "rejected": rejected, "rejected_mask": mask[::-1].copy()}
+  return {
+    "chosen": chosen,
+    "chosen_mask": mask,
+    "rejected": rejected,
+    "rejected_mask": mask[::-1].copy(),
+  }
 
 
 def score(params, axes: dict, devices) -> np.ndarray:
@@ -55,8 +61,13 @@ def score(params, axes: dict, devices) -> np.ndarray:
     return scorer(p, distributed.global_array(tokens, data), distributed.global_array(mask, data))
 
   d = dataset()
-  return rm.score_in_batches(global_scorer, params, np.concatenate([d["chosen"], d["rejected"]]),
-                             np.concatenate([d["chosen_mask"], d["rejected_mask"]]), 16)
+  return rm.score_in_batches(
+    global_scorer,
+    params,
+    np.concatenate([d["chosen"], d["rejected"]]),
+    np.concatenate([d["chosen_mask"], d["rejected_mask"]]),
+    16,
+  )
 
 
 def train(axes: dict, devices, ckpt_dir: str | None = None):
@@ -90,13 +101,18 @@ def train(axes: dict, devices, ckpt_dir: str | None = None):
 
 def flatten(tree) -> dict[str, np.ndarray]:
   import jax
-  return {jax.tree_util.keystr(path): np.asarray(v) for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+  return {
+    jax.tree_util.keystr(path): np.asarray(v)
+    for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 def main(out_dir: str) -> None:
   os.environ["JAX_PLATFORMS"] = "cpu"
   os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
   import jax
+
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.config.update("jax_default_matmul_precision", "highest")  # As tests/conftest.py.
 
@@ -116,12 +132,21 @@ def main(out_dir: str) -> None:
   scores = score(state["params"], MESH, jax.devices())
   # A batch-sharded array that spans both hosts comes back whole on each.
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("rows",))
-  rows = distributed.to_host(distributed.global_array(np.arange(8.0), jax.sharding.NamedSharding(
-      mesh, jax.sharding.PartitionSpec("rows"))))
-  np.savez(os.path.join(out_dir, f"p{pid}.npz"), losses=losses, scores=scores, rows=rows,
-           agree=np.asarray(distributed.agree(pid == 0)),
-           fully_addressable=np.asarray(kernel.is_fully_addressable),
-           addressable_rows=np.asarray(addressable_rows), **flatten(params))
+  rows = distributed.to_host(
+    distributed.global_array(
+      np.arange(8.0), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("rows"))
+    )
+  )
+  np.savez(
+    os.path.join(out_dir, f"p{pid}.npz"),
+    losses=losses,
+    scores=scores,
+    rows=rows,
+    agree=np.asarray(distributed.agree(pid == 0)),
+    fully_addressable=np.asarray(kernel.is_fully_addressable),
+    addressable_rows=np.asarray(addressable_rows),
+    **flatten(params),
+  )
   distributed.barrier("worker done")
 
 

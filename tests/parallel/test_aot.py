@@ -1,4 +1,5 @@
 """Ahead-of-time compilation: per-device byte counts that add up, the same program as the trainer's."""
+
 import importlib.util
 import math
 import os
@@ -18,30 +19,35 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def _overopt(arg):
-  spec = importlib.util.spec_from_file_location("overopt", os.path.join(ROOT, "configs", "overopt.py"))
+  spec = importlib.util.spec_from_file_location(
+    "overopt", os.path.join(ROOT, "configs", "overopt.py")
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
 
 
 def _shard_bytes(tree) -> int:
-  return sum(math.prod(a.sharding.shard_shape(a.shape)) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree))
+  return sum(
+    math.prod(a.sharding.shard_shape(a.shape)) * np.dtype(a.dtype).itemsize
+    for a in jax.tree.leaves(tree)
+  )
 
 
 def test_plan_covers_every_step_of_the_real_scale_config():
   cfg = _overopt("rm=85m+3b,data=90k")
   assert [(k, label, size, batch) for k, label, size, batch, _ in aot.plan_steps(cfg)] == [
-      ("sft", "sft policy", "1.2b", 256),
-      ("pretrain", "sft gold-LM", "pythia-6.9b", 256),
-      ("rm", "rm gold", "pythia-6.9b", 128),
-      ("pretrain", "sft proxy-LM", "85m", 256),
-      ("rm", "rm proxy", "85m", 64),
-      ("pretrain", "sft proxy-LM", "3b", 256),
-      ("rm", "rm proxy", "3b", 64),
-      ("sampler", "sample policy", "1.2b", 1024),
-      ("score", "score gold", "pythia-6.9b", 1024),
-      ("score", "score proxy", "85m", 1024),
-      ("score", "score proxy", "3b", 1024),
+    ("sft", "sft policy", "1.2b", 256),
+    ("pretrain", "sft gold-LM", "pythia-6.9b", 256),
+    ("rm", "rm gold", "pythia-6.9b", 128),
+    ("pretrain", "sft proxy-LM", "85m", 256),
+    ("rm", "rm proxy", "85m", 64),
+    ("pretrain", "sft proxy-LM", "3b", 256),
+    ("rm", "rm proxy", "3b", 64),
+    ("sampler", "sample policy", "1.2b", 1024),
+    ("score", "score gold", "pythia-6.9b", 1024),
+    ("score", "score proxy", "85m", 1024),
+    ("score", "score proxy", "3b", 1024),
   ]
   cfg.gold.kind = "oracle"
   assert not [s for s in aot.plan_steps(cfg) if "gold" in s[1]]
@@ -51,13 +57,20 @@ def test_rm_step_memory_adds_up_and_is_the_trainers_program():
   cfg = _overopt("runlocal,rm=3m")
   cfg.mesh = dict(data=2, fsdp=2, tensor=2)
   cfg.stages = "proxies"  # Just the proxy RM's steps.
-  ((label, size, batch_size, compiled),) = list(aot.compile_steps(cfg, jax.devices(), kinds=("rm",)))
+  ((label, size, batch_size, compiled),) = list(
+    aot.compile_steps(cfg, jax.devices(), kinds=("rm",))
+  )
   assert (label, size, batch_size) == ("rm proxy", "100k", 32)
   report = aot.report(label, size, batch_size, compiled)
 
   mesh = mesh_lib.make_mesh(dict(cfg.mesh))
-  ctx = common.Context(config=cfg, workdir="", mesh=mesh, rules=mesh_lib.rules_from_config(cfg.rules),
-                       world=World(WorldConfig(**cfg.world)))
+  ctx = common.Context(
+    config=cfg,
+    workdir="",
+    mesh=mesh,
+    rules=mesh_lib.rules_from_config(cfg.rules),
+    world=World(WorldConfig(**cfg.world)),
+  )
   model_cfg = common.model_config(ctx, "100k", "rm")
   tx = make_optimizer(common.optim_config(cfg.proxies, 1000))
   abstract, shardings = aot.abstract_train_state(model_cfg, tx, mesh, ctx.rules)
@@ -67,27 +80,46 @@ def test_rm_step_memory_adds_up_and_is_the_trainers_program():
   assert report.argument_bytes == state_bytes + batch_bytes
   assert report.alias_bytes == state_bytes  # The donated state is updated in place.
   assert report.output_bytes >= state_bytes and report.temp_bytes > 0
-  assert report.peak_bytes == report.argument_bytes + report.output_bytes - state_bytes + report.temp_bytes
+  assert (
+    report.peak_bytes
+    == report.argument_bytes + report.output_bytes - state_bytes + report.temp_bytes
+  )
   # FSDP x tensor sharding: the 4-way split parameters and moments take well under a replica's bytes.
   replica = sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(abstract))
   assert state_bytes < 0.5 * replica
 
   # The AOT executable is the trainer's step: same updated state and metrics on real inputs.
-  data = {k: np.random.default_rng(0).integers(1, 50, (32, 33)).astype(np.int32) if not k.endswith("mask")
-          else np.ones((32, 33), bool) for k in rm.BATCH_KEYS}
+  data = {
+    k: np.random.default_rng(0).integers(1, 50, (32, 33)).astype(np.int32)
+    if not k.endswith("mask")
+    else np.ones((32, 33), bool)
+    for k in rm.BATCH_KEYS
+  }
   batch = mesh_lib.put_batch(data, mesh)
   state, _ = init_state(model_cfg, tx, jax.random.key(0), mesh, ctx.rules)
   host = jax.device_get(state)  # Both steps donate their input state: each gets its own copy.
   aot_state, aot_metrics = compiled(jax.device_put(host, shardings), batch)
-  ref_step = compile_train_step(rm.make_rm_loss(model_cfg, cfg.proxies.score_l2), tx, shardings, mesh, ctx.rules)
+  ref_step = compile_train_step(
+    rm.make_rm_loss(model_cfg, cfg.proxies.score_l2), tx, shardings, mesh, ctx.rules
+  )
   ref_state, ref_metrics = ref_step(jax.device_put(host, shardings), batch)
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(aot_metrics), jax.device_get(ref_metrics))
+  jax.tree.map(
+    np.testing.assert_array_equal, jax.device_get(aot_metrics), jax.device_get(ref_metrics)
+  )
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(aot_state), jax.device_get(ref_state))
 
 
 def test_oom_verdict_and_topology_errors():
-  r = aot.StepReport("rm gold", "3b", 64, argument_bytes=10 * 2**30, output_bytes=10 * 2**30, temp_bytes=7 * 2**30,
-                     alias_bytes=10 * 2**30, code_bytes=0)
+  r = aot.StepReport(
+    "rm gold",
+    "3b",
+    64,
+    argument_bytes=10 * 2**30,
+    output_bytes=10 * 2**30,
+    temp_bytes=7 * 2**30,
+    alias_bytes=10 * 2**30,
+    code_bytes=0,
+  )
   assert r.peak_bytes == 17 * 2**30
   table = aot.format_table([r], 16 * 2**30, 256, "TPU v5 lite")
   assert "17.00 GiB" in table and table.splitlines()[-1].endswith("OOM")

@@ -1,4 +1,5 @@
 """Multi-host start-up: the decision logic, and a real 2-process jax.distributed run on localhost CPU."""
+
 import importlib.util
 import os
 import socket
@@ -21,11 +22,18 @@ _spec = importlib.util.spec_from_file_location("_dist_worker", WORKER)
 _worker = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_worker)
 
-SLURM = {"SLURM_JOB_ID": "77", "SLURM_STEP_NODELIST": "gpu[01-02]", "SLURM_NTASKS": "16",
-         "SLURM_PROCID": "3", "SLURM_LOCALID": "3"}
+SLURM = {
+  "SLURM_JOB_ID": "77",
+  "SLURM_STEP_NODELIST": "gpu[01-02]",
+  "SLURM_NTASKS": "16",
+  "SLURM_PROCID": "3",
+  "SLURM_LOCALID": "3",
+}
 
 
-@pytest.mark.parametrize("env,kwargs,kind", [
+@pytest.mark.parametrize(
+  "env,kwargs,kind",
+  [
     ({}, {}, "single"),
     # A one-task SLURM job or a one-worker TPU VM is a single host: nothing to join.
     ({**SLURM, "SLURM_NTASKS": "1"}, {}, "single"),
@@ -36,41 +44,73 @@ SLURM = {"SLURM_JOB_ID": "77", "SLURM_STEP_NODELIST": "gpu[01-02]", "SLURM_NTASK
     ({}, {"mode": "on"}, "auto-detected"),
     ({"RMSCALE_DISTRIBUTED": "on"}, {}, "auto-detected"),
     (SLURM, {"mode": "off"}, "single"),
-    ({"RMSCALE_COORDINATOR": "h:1", "RMSCALE_NUM_PROCESSES": "1", "RMSCALE_PROCESS_ID": "0"}, {}, "single"),
-])
+    (
+      {"RMSCALE_COORDINATOR": "h:1", "RMSCALE_NUM_PROCESSES": "1", "RMSCALE_PROCESS_ID": "0"},
+      {},
+      "single",
+    ),
+  ],
+)
 def test_plan_detects_the_job(env, kwargs, kind):
   assert distributed.plan(env=env, **kwargs).kind == kind
 
 
 def test_plan_explicit_settings_flags_override_env():
-  env = {"RMSCALE_COORDINATOR": "10.1.1.1:1234", "RMSCALE_NUM_PROCESSES": "4", "RMSCALE_PROCESS_ID": "2",
-         "RMSCALE_LOCAL_DEVICE_IDS": "0,1", **SLURM}
+  env = {
+    "RMSCALE_COORDINATOR": "10.1.1.1:1234",
+    "RMSCALE_NUM_PROCESSES": "4",
+    "RMSCALE_PROCESS_ID": "2",
+    "RMSCALE_LOCAL_DEVICE_IDS": "0,1",
+    **SLURM,
+  }
   p = distributed.plan(env=env)
-  assert (p.kind, p.coordinator_address, p.num_processes, p.process_id, p.local_device_ids) == \
-      ("explicit", "10.1.1.1:1234", 4, 2, (0, 1))
+  assert (p.kind, p.coordinator_address, p.num_processes, p.process_id, p.local_device_ids) == (
+    "explicit",
+    "10.1.1.1:1234",
+    4,
+    2,
+    (0, 1),
+  )
   p = distributed.plan(process_id=3, env=env)
   assert p.process_id == 3
   # One GPU-node task driving all 8 GPUs (SLURM 'per node' mode) passes its device ids on.
-  assert distributed.plan(env={**SLURM, "RMSCALE_LOCAL_DEVICE_IDS": "0,1,2,3,4,5,6,7"}).local_device_ids == \
-      tuple(range(8))
+  assert distributed.plan(
+    env={**SLURM, "RMSCALE_LOCAL_DEVICE_IDS": "0,1,2,3,4,5,6,7"}
+  ).local_device_ids == tuple(range(8))
 
 
-@pytest.mark.parametrize("kwargs,match", [
+@pytest.mark.parametrize(
+  "kwargs,match",
+  [
     (dict(coordinator_address="h:1", num_processes=2), r"missing \['process_id'\]"),
-    (dict(coordinator_address="h:1", num_processes=2, process_id=2), r"process_id=2 must be in \[0, "),
+    (
+      dict(coordinator_address="h:1", num_processes=2, process_id=2),
+      r"process_id=2 must be in \[0, ",
+    ),
     (dict(coordinator_address="h", num_processes=2, process_id=0), "must be host:port"),
-    (dict(coordinator_address="h:1", num_processes=0, process_id=0), "num_processes=0 must be >= 1"),
+    (
+      dict(coordinator_address="h:1", num_processes=0, process_id=0),
+      "num_processes=0 must be >= 1",
+    ),
     (dict(mode="maybe"), "distributed mode 'maybe' is not one of"),
     (dict(local_device_ids="0,0"), "distinct non-negative"),
-])
+  ],
+)
 def test_plan_bad_settings_are_named(kwargs, match):
   with pytest.raises(ValueError, match=match):
     distributed.plan(env={}, **kwargs)
 
 
 def test_initialize_is_a_no_op_on_one_host(monkeypatch):
-  for var in [*SLURM, "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "RMSCALE_DISTRIBUTED",
-              "RMSCALE_COORDINATOR", "RMSCALE_NUM_PROCESSES", "RMSCALE_PROCESS_ID"]:
+  for var in [
+    *SLURM,
+    "OMPI_COMM_WORLD_SIZE",
+    "TPU_WORKER_HOSTNAMES",
+    "RMSCALE_DISTRIBUTED",
+    "RMSCALE_COORDINATOR",
+    "RMSCALE_NUM_PROCESSES",
+    "RMSCALE_PROCESS_ID",
+  ]:
     monkeypatch.delenv(var, raising=False)
   assert distributed.initialize().kind == "single"
   assert distributed.initialize(mode="off").kind == "single"
@@ -89,10 +129,21 @@ def test_two_process_rm_training_matches_single_process(tmp_path):
   port = _free_port()
   procs = []
   for pid in range(2):
-    env = {**os.environ, "RMSCALE_COORDINATOR": f"localhost:{port}", "RMSCALE_NUM_PROCESSES": "2",
-           "RMSCALE_PROCESS_ID": str(pid)}
-    procs.append(subprocess.Popen([sys.executable, WORKER, str(tmp_path)], env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True))
+    env = {
+      **os.environ,
+      "RMSCALE_COORDINATOR": f"localhost:{port}",
+      "RMSCALE_NUM_PROCESSES": "2",
+      "RMSCALE_PROCESS_ID": str(pid),
+    }
+    procs.append(
+      subprocess.Popen(
+        [sys.executable, WORKER, str(tmp_path)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+      )
+    )
   for p in procs:
     out, _ = p.communicate(timeout=240)
     assert p.returncode == 0, out[-3000:]

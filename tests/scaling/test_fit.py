@@ -1,4 +1,5 @@
 """Scaling-law fits: planted-coefficient recovery, parity with scipy, peaks, bootstrap coverage."""
+
 import math
 
 import numpy as np
@@ -10,12 +11,12 @@ from rmscale.scaling import fit
 
 # Third-party readings of Gao et al. Fig. 3 (algorithms.md section 1).
 RM_PARAMS = np.array([3e6, 12e6, 25e6, 42e6, 85e6, 300e6, 680e6, 1.2e9, 3e9])
-ALPHA_BON = np.array([.490, .513, .558, .548, .599, .633, .649, .653, .662])
-BETA_BON = np.array([.120, .120, .115, .111, .106, .0995, .098, .0965, .090])
-BETA_RL = np.array([.175, .167, .152, .146, .137, .124, .119, .122, .118])
+ALPHA_BON = np.array([0.490, 0.513, 0.558, 0.548, 0.599, 0.633, 0.649, 0.653, 0.662])
+BETA_BON = np.array([0.120, 0.120, 0.115, 0.111, 0.106, 0.0995, 0.098, 0.0965, 0.090])
+BETA_RL = np.array([0.175, 0.167, 0.152, 0.146, 0.137, 0.124, 0.119, 0.122, 0.118])
 
 D_BON = np.sqrt(bon.kl_bon(bon.geometric_ns(1000, 20)))  # n <= 1000, as the paper fitted.
-D_RL = np.linspace(0.0, 10.0, 41)                          # RL runs reach ~100 nats.
+D_RL = np.linspace(0.0, 10.0, 41)  # RL runs reach ~100 nats.
 
 
 @pytest.mark.parametrize("form,d,alpha,beta", [("bon", D_BON, 0.6, 0.1), ("rl", D_RL, 0.5, 0.15)])
@@ -58,10 +59,14 @@ def test_weighted_fit_matches_scipy_curve_fit(form, absolute_sigma):
   sigma = rng.uniform(0.01, 0.1, size=d.shape)
   r = fit.predict(form, 0.55, 0.12, d) + sigma * rng.normal(size=d.shape)
   f = fit.fit_curve(form, d, r, sigma=sigma, absolute_sigma=absolute_sigma)
-  model = ((lambda x, a, b: x * (a - b * x)) if form == "bon"
-           else (lambda x, a, b: x * (a - b * np.log(x))))
-  popt, pcov = optimize.curve_fit(model, d, r, p0=[0.5, 0.1], sigma=sigma,
-                                  absolute_sigma=absolute_sigma)
+  model = (
+    (lambda x, a, b: x * (a - b * x))
+    if form == "bon"
+    else (lambda x, a, b: x * (a - b * np.log(x)))
+  )
+  popt, pcov = optimize.curve_fit(
+    model, d, r, p0=[0.5, 0.1], sigma=sigma, absolute_sigma=absolute_sigma
+  )
   np.testing.assert_allclose([f.alpha, f.beta], popt, rtol=1e-6)
   np.testing.assert_allclose([f.alpha_se, f.beta_se], np.sqrt(np.diag(pcov)), rtol=1e-4)
 
@@ -76,8 +81,9 @@ def test_integer_weights_equal_repeated_points():
   assert weighted.beta == pytest.approx(repeated.beta, abs=1e-12)
 
 
-@pytest.mark.parametrize("form,alpha,beta", [("bon", 0.6, 0.1), ("bon", 0.49, 0.12),
-                                             ("rl", 0.5, 0.15), ("rl", 0.3, 0.2)])
+@pytest.mark.parametrize(
+  "form,alpha,beta", [("bon", 0.6, 0.1), ("bon", 0.49, 0.12), ("rl", 0.5, 0.15), ("rl", 0.3, 0.2)]
+)
 def test_peak_matches_formula_and_dense_grid(form, alpha, beta):
   d_star, r_star = fit.peak(form, alpha, beta)
   if form == "bon":
@@ -96,9 +102,9 @@ def test_peak_matches_formula_and_dense_grid(form, alpha, beta):
 def test_peak_degenerate_cases():
   inf = float("inf")
   for form in ("bon", "rl"):
-    assert fit.peak(form, 0.5, -0.1) == (inf, inf)   # Convex: no over-optimisation in range.
-    assert fit.peak(form, 0.5, 0.0) == (inf, inf)    # Straight line up.
-    assert fit.peak(form, -0.5, 0.0) == (0.0, 0.0)   # Straight line down: best is not to move.
+    assert fit.peak(form, 0.5, -0.1) == (inf, inf)  # Convex: no over-optimisation in range.
+    assert fit.peak(form, 0.5, 0.0) == (inf, inf)  # Straight line up.
+    assert fit.peak(form, -0.5, 0.0) == (0.0, 0.0)  # Straight line down: best is not to move.
   assert fit.peak("bon", -0.2, 0.1) == (0.0, 0.0)
   d_star, r_star = fit.peak("rl", -0.2, 0.1)  # RL still rises first: -beta d log d > 0 near 0.
   assert d_star == pytest.approx(math.exp(-3)) and r_star > 0
@@ -139,8 +145,12 @@ def test_bootstrap_result_contents_and_reproducibility():
   a = fit.bootstrap_fit("rl", d_UxP, r, 300, np.random.default_rng(7))
   b = fit.bootstrap_fit("rl", d_UxP, r, 300, np.random.default_rng(7))
   assert a.intervals == b.intervals
-  for name, truth in (("alpha", 0.5), ("beta", 0.15), ("d_star", math.exp(0.5 / 0.15 - 1)),
-                      ("r_star", 0.15 * math.exp(0.5 / 0.15 - 1))):
+  for name, truth in (
+    ("alpha", 0.5),
+    ("beta", 0.15),
+    ("d_star", math.exp(0.5 / 0.15 - 1)),
+    ("r_star", 0.15 * math.exp(0.5 / 0.15 - 1)),
+  ):
     assert a.samples[name].shape == (300,)
     lo, hi = a.intervals[name]
     assert lo <= truth <= hi, name
@@ -160,8 +170,11 @@ def test_coefficient_trend_on_published_table():
   trend = fit.coefficient_trend(RM_PARAMS, BETA_RL)
   assert trend.slope < -3 * trend.slope_se and trend.r2 > 0.8
   exact = fit.coefficient_trend(np.exp([1.0, 2.0, 3.0]), [1.0, 3.0, 5.0])
-  assert (exact.slope, exact.intercept, exact.r2) == (pytest.approx(2.0), pytest.approx(-1.0),
-                                                      pytest.approx(1.0))
+  assert (exact.slope, exact.intercept, exact.r2) == (
+    pytest.approx(2.0),
+    pytest.approx(-1.0),
+    pytest.approx(1.0),
+  )
   assert exact.predict(math.exp(4.0)) == pytest.approx(7.0)
   with pytest.raises(ValueError, match="two distinct sizes"):
     fit.coefficient_trend([1e6, 1e6], [0.1, 0.2])
@@ -190,7 +203,7 @@ def test_multiplicative_law_extrapolates_and_huber_resists_outliers():
   rng = np.random.default_rng(5)
   noisy = L * np.exp(0.001 * rng.normal(size=L.shape))
   noisy[[3, 17]] *= 1.3  # Two diverged runs.
-  train = X < 16e9       # Hold out the largest model, as Zhang et al. do.
+  train = X < 16e9  # Hold out the largest model, as Zhang et al. do.
   robust = fit.fit_multiplicative_law(X[train], D[train], noisy[train])
   squared = fit.fit_multiplicative_law(X[train], D[train], noisy[train], huber_delta=10.0)
   robust_err = robust.heldout_error(X[~train], D[~train], L[~train])

@@ -1,4 +1,5 @@
 """Each figure renders a real, non-blank PNG atomically, and refuses input it cannot draw."""
+
 import os
 
 import numpy as np
@@ -9,7 +10,7 @@ from rmscale import bon
 from rmscale.scaling import fit, plots
 
 _SIZES = {"3m": 3e6, "85m": 85e6, "1.2b": 1.2e9}
-_TABLE = {"3m": (.490, .120, .175), "85m": (.599, .106, .137), "1.2b": (.653, .0965, .122)}
+_TABLE = {"3m": (0.490, 0.120, 0.175), "85m": (0.599, 0.106, 0.137), "1.2b": (0.653, 0.0965, 0.122)}
 
 
 @pytest.fixture(scope="module")
@@ -22,14 +23,33 @@ def records():
     for seed in range(2):
       for kl in kl_bon:
         gold = fit.predict("bon", a_bon, b_bon, np.sqrt(kl)) + 0.01 * rng.normal()
-        recs.append(dict(method="bon", rm_size=size, rm_params=int(_SIZES[size]),
-                         data_size=90_000, seed=seed, kl=float(kl), gold=float(gold),
-                         gold_se=0.01, proxy=float(0.8 * np.sqrt(kl))))
+        recs.append(
+          dict(
+            method="bon",
+            rm_size=size,
+            rm_params=int(_SIZES[size]),
+            data_size=90_000,
+            seed=seed,
+            kl=float(kl),
+            gold=float(gold),
+            gold_se=0.01,
+            proxy=float(0.8 * np.sqrt(kl)),
+          )
+        )
       for kl in np.linspace(0.0, 60.0, 15) * (1 + 0.05 * seed):
         gold = fit.predict("rl", 0.5, b_rl, np.sqrt(kl))
-        recs.append(dict(method="rl", rm_size=size, rm_params=int(_SIZES[size]),
-                         data_size=90_000, seed=seed, kl=float(kl), gold=float(gold),
-                         proxy=float(0.5 * np.sqrt(kl))))
+        recs.append(
+          dict(
+            method="rl",
+            rm_size=size,
+            rm_params=int(_SIZES[size]),
+            data_size=90_000,
+            seed=seed,
+            kl=float(kl),
+            gold=float(gold),
+            proxy=float(0.5 * np.sqrt(kl)),
+          )
+        )
   return recs
 
 
@@ -61,8 +81,9 @@ def _assert_png(path, width_in, height_in):
 def test_score_vs_sqrt_kl(tmp_path, records, fit_table):
   path = plots.plot_score_vs_sqrt_kl(records, fit_table, tmp_path / "sub" / "score.png")
   _assert_png(path, 10.0, 4.0)
-  one_panel = plots.plot_score_vs_sqrt_kl([r for r in records if r["method"] == "rl"], None,
-                                          tmp_path / "rl.png")
+  one_panel = plots.plot_score_vs_sqrt_kl(
+    [r for r in records if r["method"] == "rl"], None, tmp_path / "rl.png"
+  )
   _assert_png(one_panel, 5.0, 4.0)
 
 
@@ -81,10 +102,18 @@ def test_coefficients_vs_size(tmp_path, fit_table):
 
 
 def test_rm_validation(tmp_path):
-  recs = [dict(rm_params=p, data_size=n, seed=s,
-               val_loss=0.69 - 0.01 * np.log10(p) * np.log10(n) / 5 + 0.003 * s,
-               val_accuracy=0.5 + 0.02 * np.log10(p) * np.log10(n) / 5)
-          for p in (3e6, 12e6, 85e6) for n in (2_000, 8_000, 90_000) for s in range(3)]
+  recs = [
+    dict(
+      rm_params=p,
+      data_size=n,
+      seed=s,
+      val_loss=0.69 - 0.01 * np.log10(p) * np.log10(n) / 5 + 0.003 * s,
+      val_accuracy=0.5 + 0.02 * np.log10(p) * np.log10(n) / 5,
+    )
+    for p in (3e6, 12e6, 85e6)
+    for n in (2_000, 8_000, 90_000)
+    for s in range(3)
+  ]
   _assert_png(plots.plot_rm_validation(recs, tmp_path / "val.png"), 9.6, 4.0)
   only_loss = [{k: v for k, v in r.items() if k != "val_accuracy"} for r in recs]
   _assert_png(plots.plot_rm_validation(only_loss, tmp_path / "loss.png"), 4.8, 4.0)
@@ -98,10 +127,12 @@ def test_gold_vs_proxy(tmp_path, records):
 
 def test_bad_input_raises_and_writes_nothing(tmp_path, records):
   out = tmp_path / "bad.png"
-  for call in (lambda: plots.plot_score_vs_sqrt_kl([], None, out),
-               lambda: plots.plot_coefficients_vs_size([], out),
-               lambda: plots.plot_rm_validation([], out),
-               lambda: plots.plot_gold_vs_proxy([], out)):
+  for call in (
+    lambda: plots.plot_score_vs_sqrt_kl([], None, out),
+    lambda: plots.plot_coefficients_vs_size([], out),
+    lambda: plots.plot_rm_validation([], out),
+    lambda: plots.plot_gold_vs_proxy([], out),
+  ):
     with pytest.raises(ValueError, match="no records"):
       call()
   no_gold = [{k: v for k, v in r.items() if k != "gold"} for r in records]
@@ -118,8 +149,13 @@ def test_bad_input_raises_and_writes_nothing(tmp_path, records):
 
 def test_kl_coefficient_colours_include_zero(tmp_path):
   # The KL-penalty study colours curves by kl_coef, whose baseline is 0 (no log scale possible).
-  recs = [dict(method="rl", kl_coef=c, rm_params=1e5, data_size=100, seed=0, kl=k, proxy=k, gold=k - k * k)
-          for c in (0.0, 0.05, 0.2) for k in (0.0, 0.5, 1.0)]
+  recs = [
+    dict(
+      method="rl", kl_coef=c, rm_params=1e5, data_size=100, seed=0, kl=k, proxy=k, gold=k - k * k
+    )
+    for c in (0.0, 0.05, 0.2)
+    for k in (0.0, 0.5, 1.0)
+  ]
   path = plots.plot_score_vs_sqrt_kl(recs, None, tmp_path / "kl.png", colour_by="kl_coef")
   assert os.path.getsize(path) > 1000
   colours = plots._colours([0.0, 0.05, 0.2])

@@ -1,4 +1,5 @@
 """train_loop: a run stopped after any step resumes from its checkpoint to the same parameters."""
+
 import jax
 import numpy as np
 import pytest
@@ -20,7 +21,11 @@ def _setup():
   step = compile_train_step(sft.make_sft_loss(CFG), tx, shardings, mesh)
   rng = np.random.default_rng(0)
   tokens = rng.integers(3, 32, (40, 16)).astype(np.int32)
-  data = {"tokens": tokens, "mask": np.ones_like(tokens, bool), "loss_mask": np.ones_like(tokens, bool)}
+  data = {
+    "tokens": tokens,
+    "mask": np.ones_like(tokens, bool),
+    "loss_mask": np.ones_like(tokens, bool),
+  }
   batch_fn = make_batch_fn(data, 8, seed=1)
   return state, shardings, step, lambda s: mesh_lib.put_batch(batch_fn(s), mesh)
 
@@ -32,11 +37,20 @@ def test_resume_matches_uninterrupted(tmp_path):
 
   state, shardings, step, batches = _setup()
   ckpt = str(tmp_path / "ckpt")
-  train_loop(state, shardings, step, batches, 7, ckpt_dir=ckpt, save_every=3, log_every=4)  # "killed" at 7
+  train_loop(
+    state, shardings, step, batches, 7, ckpt_dir=ckpt, save_every=3, log_every=4
+  )  # "killed" at 7
   state, shardings, step, batches = _setup()  # A fresh process: new random state, same config.
-  resumed, history = train_loop(state, shardings, step, batches, 12, ckpt_dir=ckpt, save_every=3, log_every=4)
+  resumed, history = train_loop(
+    state, shardings, step, batches, 12, ckpt_dir=ckpt, save_every=3, log_every=4
+  )
   assert int(resumed["step"]) == 12
-  assert [h["step"] for h in history] == [4, 7, 8, 12]  # History continues from the checkpoint's meta.
+  assert [h["step"] for h in history] == [
+    4,
+    7,
+    8,
+    12,
+  ]  # History continues from the checkpoint's meta.
   jax.tree.map(np.testing.assert_array_equal, full["params"], resumed["params"])
 
 

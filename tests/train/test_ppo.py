@@ -3,6 +3,7 @@
 The jitted iterations are compiled once per configuration and mesh (module-level caches) and
 reused across tests, since compiling is most of this file's time on a CPU.
 """
+
 import functools
 import math
 
@@ -21,11 +22,25 @@ from rmscale.train.state import OptimConfig, make_optimizer
 V, P, N, TARGET, EOS = 16, 4, 8, 7, 1
 POLICY = sizes.model_config("100k", vocab_size=V, max_len=P + N)
 # A: the default shared critic, no KL penalty (Gao et al.'s setting).
-CFG_A = ppo.PPOConfig(rollout_batch_size=32, minibatch_size=8, epochs=2, max_new_tokens=N, eos_id=EOS)
+CFG_A = ppo.PPOConfig(
+  rollout_batch_size=32, minibatch_size=8, epochs=2, max_new_tokens=N, eos_id=EOS
+)
 # B: separate critic, adaptive KL penalty with the k3 estimator, entropy bonus, no value clipping.
-CFG_B = ppo.PPOConfig(rollout_batch_size=32, minibatch_size=8, epochs=2, max_new_tokens=N, eos_id=EOS,
-                      critic="separate", kl_mode="adaptive", kl_coef=0.05, kl_target=1.0, kl_horizon=64,
-                      kl_estimator="k3", entropy_coef=0.01, value_clip=0.0)
+CFG_B = ppo.PPOConfig(
+  rollout_batch_size=32,
+  minibatch_size=8,
+  epochs=2,
+  max_new_tokens=N,
+  eos_id=EOS,
+  critic="separate",
+  kl_mode="adaptive",
+  kl_coef=0.05,
+  kl_target=1.0,
+  kl_horizon=64,
+  kl_estimator="k3",
+  entropy_coef=0.01,
+  value_clip=0.0,
+)
 TX = make_optimizer(OptimConfig(learning_rate=3e-3, total_steps=20 * CFG_A.updates_per_iteration))
 # Unoptimised CPU code generation halves compile time, which is most of this file's time.
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
@@ -61,10 +76,26 @@ def _compiled(cfg, n_devices):
   """The mesh, a host copy of the initial state, its shardings and the jitted step."""
   mesh = mesh_lib.make_mesh({"data": n_devices}, jax.devices()[:n_devices])
   policy_cfg, critic_cfg = _models(cfg)
-  state, shardings = ppo.init_ppo_state(cfg, policy_cfg, init_policy(), TX, jax.random.key(1), mesh,
-                                        critic_cfg=critic_cfg, critic_params=init_policy())
-  step = ppo.make_ppo_step(cfg, policy_cfg, toy_reward, TX, shardings, mesh, critic_cfg=critic_cfg,
-                           compiler_options=FAST_COMPILE)
+  state, shardings = ppo.init_ppo_state(
+    cfg,
+    policy_cfg,
+    init_policy(),
+    TX,
+    jax.random.key(1),
+    mesh,
+    critic_cfg=critic_cfg,
+    critic_params=init_policy(),
+  )
+  step = ppo.make_ppo_step(
+    cfg,
+    policy_cfg,
+    toy_reward,
+    TX,
+    shardings,
+    mesh,
+    critic_cfg=critic_cfg,
+    compiler_options=FAST_COMPILE,
+  )
   return mesh, jax.device_get(state), shardings, step
 
 
@@ -72,7 +103,12 @@ def setup(cfg, n_devices=1):
   """A fresh initial state (what a new process builds) and the cached compiled step for its mesh."""
   mesh, host_state, shardings, step = _compiled(cfg, n_devices)
   ref = init_policy()
-  return mesh, jax.device_put(host_state, shardings), shardings, lambda s, batch: step(s, ref, None, batch)
+  return (
+    mesh,
+    jax.device_put(host_state, shardings),
+    shardings,
+    lambda s, batch: step(s, ref, None, batch),
+  )
 
 
 def put(batch, mesh):
@@ -106,19 +142,28 @@ def test_gae_matches_python_loop(gamma, lam):
   mask = np.arange(T)[None] < lengths[:, None]
   mask[5] = rng.random(T) < 0.6  # And one row with holes.
   adv, ret = rl_losses.gae(jnp.asarray(rewards), jnp.asarray(values), jnp.asarray(mask), gamma, lam)
-  ref_adv, ref_ret = gae_loop(rewards.astype(np.float64), values.astype(np.float64), mask, gamma, lam)
+  ref_adv, ref_ret = gae_loop(
+    rewards.astype(np.float64), values.astype(np.float64), mask, gamma, lam
+  )
   np.testing.assert_allclose(adv, ref_adv, atol=1e-5)
   np.testing.assert_allclose(ret, ref_ret, atol=1e-5)
   # Whatever sits in masked slots is ignored.
   noisy = np.where(mask, rewards, 1e3), np.where(mask, values, -1e3)
-  adv2, _ = rl_losses.gae(jnp.asarray(noisy[0]), jnp.asarray(noisy[1]), jnp.asarray(mask), gamma, lam)
+  adv2, _ = rl_losses.gae(
+    jnp.asarray(noisy[0]), jnp.asarray(noisy[1]), jnp.asarray(mask), gamma, lam
+  )
   np.testing.assert_allclose(adv2, adv, atol=1e-5)
 
 
 def test_gae_by_hand():
   # Two tokens then EOS-padding; gamma=1, lam=0.5: delta_1 = 1 - 0.5, delta_0 = 0 + 0.5 - 0.25.
-  adv, ret = rl_losses.gae(jnp.array([[0.0, 1.0, 9.0]]), jnp.array([[0.25, 0.5, 9.0]]),
-                           jnp.array([[True, True, False]]), 1.0, 0.5)
+  adv, ret = rl_losses.gae(
+    jnp.array([[0.0, 1.0, 9.0]]),
+    jnp.array([[0.25, 0.5, 9.0]]),
+    jnp.array([[True, True, False]]),
+    1.0,
+    0.5,
+  )
   np.testing.assert_allclose(adv, [[0.25 + 0.5 * 0.5, 0.5, 0.0]])
   np.testing.assert_allclose(ret, [[0.75, 1.0, 0.0]])
 
@@ -146,7 +191,9 @@ def test_policy_loss_by_hand():
   np.testing.assert_allclose(loss, (-1.2 - 0.5 + 1.1 + 0.8) / 4, rtol=1e-5)
   np.testing.assert_allclose(m["clip_frac"], 0.5)
   # (r - 1) - log r for each real token: 0.0945349, 0.1931472, 0.0046898, 0.0566749.
-  np.testing.assert_allclose(m["approx_kl"], (0.0945349 + 0.1931472 + 0.0046898 + 0.0566749) / 4, rtol=1e-5)
+  np.testing.assert_allclose(
+    m["approx_kl"], (0.0945349 + 0.1931472 + 0.0046898 + 0.0566749) / 4, rtol=1e-5
+  )
 
 
 def test_value_loss_by_hand():
@@ -176,7 +223,9 @@ def test_kl_estimators_zero_on_equal_policies_and_match_exact_kl():
     assert float(est.mean()) > 0.0
     if kind != "k1":
       assert float(est.min()) >= 0.0
-  assert float(rl_losses.kl_per_token(lp, lq, "k1").min()) < 0  # Unbiased k1 is positive only on average.
+  assert (
+    float(rl_losses.kl_per_token(lp, lq, "k1").min()) < 0
+  )  # Unbiased k1 is positive only on average.
   for kind in ("k1", "k3"):  # The unbiased estimators, within ~5 standard errors.
     np.testing.assert_allclose(float(rl_losses.kl_per_token(lp, lq, kind).mean()), exact, atol=0.01)
   seq = rl_losses.sequence_kl(lp.reshape(-1, 4), lq.reshape(-1, 4), jnp.ones((50_000, 4), bool))
@@ -205,8 +254,14 @@ def test_config_and_model_errors_name_the_problem():
     ppo.init_ppo_state(CFG_B, POLICY, init_policy(), TX, jax.random.key(0), mesh)
   mesh8 = mesh_lib.make_mesh({"data": 8})
   with pytest.raises(ValueError, match="minibatch_size=4 is not divisible by the 8"):
-    ppo.make_ppo_step(ppo.PPOConfig(rollout_batch_size=32, minibatch_size=4), POLICY.replace(value_head=True),
-                      toy_reward, TX, {}, mesh8)
+    ppo.make_ppo_step(
+      ppo.PPOConfig(rollout_batch_size=32, minibatch_size=4),
+      POLICY.replace(value_head=True),
+      toy_reward,
+      TX,
+      {},
+      mesh8,
+    )
 
 
 # -- the jitted iteration ----------------------------------------------------------------------
@@ -216,13 +271,25 @@ def test_ppo_learns_toy_reward_and_kl_grows():
   """Shared critic, no KL penalty: 'emit token 7' goes from chance (1/16) to > 0.5 in 20 iterations."""
   mesh, state, shardings, step = setup(CFG_A)
   policy_cfg, _ = _models(CFG_A)
-  evaluator = ppo.make_evaluator(CFG_A, policy_cfg, shardings["params"], mesh, reward_fn=toy_reward,
-                                 compiler_options=FAST_COMPILE)
+  evaluator = ppo.make_evaluator(
+    CFG_A,
+    policy_cfg,
+    shardings["params"],
+    mesh,
+    reward_fn=toy_reward,
+    compiler_options=FAST_COMPILE,
+  )
   eval_prompts = prompts(10_000)
 
   def eval_fn(s, it):
-    return ppo.evaluate(evaluator, s["params"], init_policy(), eval_prompts["ids"], eval_prompts["mask"],
-                        jax.random.fold_in(jax.random.key(2), it))
+    return ppo.evaluate(
+      evaluator,
+      s["params"],
+      init_policy(),
+      eval_prompts["ids"],
+      eval_prompts["mask"],
+      jax.random.fold_in(jax.random.key(2), it),
+    )
 
   def on_eval(it, samples):  # A caller's "gold" scorer, on host arrays.
     gold = ((samples["tokens"][:, P:] == TARGET) & samples["mask"][:, P:]).sum(1) / N
@@ -230,8 +297,16 @@ def test_ppo_learns_toy_reward_and_kl_grows():
     assert samples["tokens"].shape == (32, P + N) and samples["kl"].shape == (32,)
     return {"kl": samples["kl_mean"], "kl_se": samples["kl_se"], "gold": float(gold.mean())}
 
-  state, history, evals = ppo.train_ppo(state, shardings, step, lambda i: put(prompts(i), mesh), 20,
-                                        eval_every=10, eval_fn=eval_fn, on_eval=on_eval)
+  state, history, evals = ppo.train_ppo(
+    state,
+    shardings,
+    step,
+    lambda i: put(prompts(i), mesh),
+    20,
+    eval_every=10,
+    eval_fn=eval_fn,
+    on_eval=on_eval,
+  )
   assert [e["iteration"] for e in evals] == [0, 10, 20]
   assert len(history) == 20 and int(state["step"]) == 20
   first, last = history[0], history[-1]
@@ -270,11 +345,21 @@ def test_data_parallel_iteration_matches_single_device():
 
 def test_resume_after_kill_matches_uninterrupted(tmp_path):
   """Separate critic + adaptive KL: every piece of state (critic, KL controller) survives a resume."""
+
   def run(num, ckpt_dir=None):
     mesh, state, shardings, step = setup(CFG_B)
-    return ppo.train_ppo(state, shardings, step, lambda i: put(prompts(i), mesh), num, ckpt_dir=ckpt_dir,
-                         save_every=2, eval_every=2, eval_fn=lambda s, it: jax.device_get(s["kl_coef"]),
-                         on_eval=lambda it, coef: {"kl_coef": float(coef)})
+    return ppo.train_ppo(
+      state,
+      shardings,
+      step,
+      lambda i: put(prompts(i), mesh),
+      num,
+      ckpt_dir=ckpt_dir,
+      save_every=2,
+      eval_every=2,
+      eval_fn=lambda s, it: jax.device_get(s["kl_coef"]),
+      on_eval=lambda it, coef: {"kl_coef": float(coef)},
+    )
 
   full, history, evals = run(6)
   ckpt = str(tmp_path / "ckpt")
@@ -284,7 +369,13 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(full), jax.device_get(resumed))
   assert [h["iteration"] for h in r_history] == list(range(1, 7))
   assert [h["kl_mean"] for h in r_history] == [h["kl_mean"] for h in history]
-  assert [e["iteration"] for e in r_evals] == [0, 2, 3, 4, 6]  # 3: the killed run's final evaluation.
+  assert [e["iteration"] for e in r_evals] == [
+    0,
+    2,
+    3,
+    4,
+    6,
+  ]  # 3: the killed run's final evaluation.
   assert [e for e in r_evals if e["iteration"] != 3] == evals
 
   # The controller followed Ziegler et al.'s rule from the measured KL, and the critic trained.
@@ -299,6 +390,8 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path):
   _, fresh, _, _ = setup(CFG_B)
   assert not np.allclose(head(full), head(fresh))
   trunk = lambda p: np.asarray(p["layers_0"]["mlp"]["up"]["kernel"])  # noqa: E731
-  np.testing.assert_array_equal(trunk(fresh["critic_params"]), trunk(init_policy()))  # The policy's trunk.
+  np.testing.assert_array_equal(
+    trunk(fresh["critic_params"]), trunk(init_policy())
+  )  # The policy's trunk.
   assert "lm_head" not in full["critic_params"] and "value_head" not in full["params"]
   assert history[-1]["score_mean"] > history[0]["score_mean"] + 0.1

@@ -1,4 +1,5 @@
 """Sharded SFT and RM steps: same numbers on 1 device and on several meshes; really sharded state."""
+
 import functools
 
 import jax
@@ -13,7 +14,12 @@ from rmscale.train.state import OptimConfig, compile_train_step, init_state, mak
 
 V, B, L = 48, 16, 12
 CFG = sizes.model_config("100k", vocab_size=V, reward_head="linear", d_ff=128)
-MESHES = [dict(data=1, fsdp=1, tensor=1), dict(data=8), dict(data=2, fsdp=4), dict(data=2, fsdp=2, tensor=2)]
+MESHES = [
+  dict(data=1, fsdp=1, tensor=1),
+  dict(data=8),
+  dict(data=2, fsdp=4),
+  dict(data=2, fsdp=2, tensor=2),
+]
 
 
 def _batch():
@@ -21,8 +27,15 @@ def _batch():
   tok = rng.integers(1, V, (B, L)).astype(np.int32)
   mask = np.ones((B, L), bool)
   mask[::3, :4] = False  # Some left padding.
-  return {"tokens": tok, "mask": mask, "loss_mask": mask & (np.arange(L) >= 6),
-          "chosen": tok, "chosen_mask": mask, "rejected": tok[::-1].copy(), "rejected_mask": mask[::-1].copy()}
+  return {
+    "tokens": tok,
+    "mask": mask,
+    "loss_mask": mask & (np.arange(L) >= 6),
+    "chosen": tok,
+    "chosen_mask": mask,
+    "rejected": tok[::-1].copy(),
+    "rejected_mask": mask[::-1].copy(),
+  }
 
 
 def _run(axes, loss_name, steps=3):
@@ -47,14 +60,20 @@ def _reference(loss_name):
   return _run(MESHES[0], loss_name)
 
 
-@pytest.mark.parametrize("loss_name,axes", [("sft", m) for m in MESHES[1:]] + [("rm", MESHES[-1])],
-                         ids=lambda a: "x".join(str(v) for v in a.values()) if isinstance(a, dict) else a)
+@pytest.mark.parametrize(
+  "loss_name,axes",
+  [("sft", m) for m in MESHES[1:]] + [("rm", MESHES[-1])],
+  ids=lambda a: "x".join(str(v) for v in a.values()) if isinstance(a, dict) else a,
+)
 def test_sharded_step_matches_single_device(loss_name, axes):
   ref_state, ref_losses = _reference(loss_name)
   state, losses = _run(axes, loss_name)
   np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)  # fp32 reduction order differs.
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4),
-               ref_state["params"], state["params"])
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4),
+    ref_state["params"],
+    state["params"],
+  )
   assert losses[-1] < losses[0]
   kernel = state["params"]["layers_0"]["mlp"]["up"]["kernel"]  # logical ('embed', 'mlp')
   spec = kernel.sharding.spec
