@@ -16,6 +16,28 @@ from rmscale.checkpoint import Checkpointer, abstract_like
 from rmscale.train.state import State, check_finite
 
 
+def restore_latest(ckpt: Checkpointer | None, state: State, state_shardings, desc: str):
+  """``(state, meta)`` from the latest checkpoint in ``ckpt`` if there is one, else ``(state, {})``."""
+  if ckpt is None or ckpt.latest_step() is None:
+    return state, {}
+  state, meta = ckpt.restore(target=abstract_like(state, state_shardings))
+  logging.info("%s: resumed at step %d from %s", desc, int(state["step"]), ckpt.directory)
+  return state, meta
+
+
+def progress_bar(start: int, total: int, desc: str):
+  """Steps ``start..total`` with a progress bar on process 0 only."""
+  return tqdm(
+    range(start, total),
+    desc=desc,
+    initial=start,
+    total=total,
+    disable=jax.process_index() != 0,
+    leave=False,
+    mininterval=2.0,
+  )
+
+
 def train_loop(
   state: State,
   state_shardings,
@@ -38,20 +60,10 @@ def train_loop(
   history: list[dict] = []
   ckpt = Checkpointer(ckpt_dir, max_to_keep=2) if ckpt_dir else None
   try:
-    if ckpt is not None and ckpt.latest_step() is not None:
-      state, meta = ckpt.restore(target=abstract_like(state, state_shardings))
-      history = list(meta.get("history", []))
-      logging.info("%s: resumed at step %d from %s", desc, int(state["step"]), ckpt_dir)
+    state, meta = restore_latest(ckpt, state, state_shardings, desc)
+    history = list(meta.get("history", []))
     start = int(jax.device_get(state["step"]))
-    bar = tqdm(
-      range(start, num_steps),
-      desc=desc,
-      initial=start,
-      total=num_steps,
-      disable=jax.process_index() != 0,
-      leave=False,
-      mininterval=2.0,
-    )
+    bar = progress_bar(start, num_steps, desc)
     for step in bar:
       state, metrics = step_fn(state, batch_fn(step))
       last = step + 1 == num_steps

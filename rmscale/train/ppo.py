@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -31,16 +30,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
 from rmscale import rl_losses
-from rmscale.checkpoint import Checkpointer, abstract_like
+from rmscale.checkpoint import Checkpointer
 from rmscale.losses import token_logprobs
 from rmscale.models.config import TransformerConfig
 from rmscale.models.transformer import Transformer, abstract_params, last_token_index
 from rmscale.parallel import mesh as mesh_lib
 from rmscale.rl_losses import gae, kl_per_token, policy_loss, value_loss, whiten
 from rmscale.sampling import SamplingConfig, sample
+from rmscale.train.loop import progress_bar, restore_latest
 from rmscale.train.state import State, check_finite, init_state
 
 # reward_fn(reward_params, tokens_BxL, mask_BxL) -> float32[B]: a pure, jittable scorer of full
@@ -692,22 +691,12 @@ def train_ppo(
             writer.add_scalar(f"{desc}_eval/{k}", v, iteration)
 
   try:
-    if ckpt is not None and ckpt.latest_step() is not None:
-      state, meta = ckpt.restore(target=abstract_like(state, state_shardings))
-      history, evals = list(meta.get("history", [])), list(meta.get("evals", []))
-      logging.info("%s: resumed at iteration %d from %s", desc, int(state["step"]), ckpt_dir)
+    state, meta = restore_latest(ckpt, state, state_shardings, desc)
+    history, evals = list(meta.get("history", [])), list(meta.get("evals", []))
     start = int(jax.device_get(state["step"]))
     if eval_every and start == 0:
       run_eval(0)
-    bar = tqdm(
-      range(start, num_iterations),
-      desc=desc,
-      initial=start,
-      total=num_iterations,
-      disable=jax.process_index() != 0,
-      leave=False,
-      mininterval=2.0,
-    )
+    bar = progress_bar(start, num_iterations, desc)
     for it in bar:
       state, metrics = step_fn(state, prompt_fn(it))
       done = it + 1
