@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from rmscale.models.config import TransformerConfig
 from rmscale.models.transformer import Transformer, default_positions, init_cache
+from rmscale.parallel import mesh as mesh_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +63,23 @@ def filter_logits(logits_BxV, scfg: SamplingConfig):
   return logits
 
 
+def draw_tokens(rng, logits_BxV):
+  """One token per row from ``softmax(logits)`` by inverting its CDF with a single uniform per row.
+
+  Exact in distribution like Gumbel-max (``jax.random.categorical``), but it draws B random numbers
+  instead of B x V: on CPU the random bits dominated the whole sampler's time. Tokens with zero
+  probability (filtered to -inf) are never drawn.
+  """
+  probs_BxV = jax.nn.softmax(logits_BxV.astype(jnp.float32), axis=-1)
+  cdf_BxV = jnp.cumsum(probs_BxV, axis=-1)
+  u_Bx1 = jax.random.uniform(rng, (logits_BxV.shape[0], 1)) * cdf_BxV[:, -1:]
+  tok_B = jnp.sum(cdf_BxV <= u_Bx1, axis=-1)
+  # Rounding can put u on the CDF's last plateau: fall back to the last token with mass.
+  V = logits_BxV.shape[-1]
+  last_B = V - 1 - jnp.argmax(probs_BxV[:, ::-1] > 0, axis=-1)
+  return jnp.minimum(tok_B, last_B).astype(jnp.int32)
+
+
 def sample(
   params, prompt_BxP, prompt_mask_BxP, rng, *, model_cfg: TransformerConfig, scfg: SamplingConfig
 ):
@@ -94,7 +112,7 @@ def sample(
     if scfg.greedy:
       tok_B = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     else:
-      tok_B = jax.random.categorical(jax.random.fold_in(rng, step), logits).astype(jnp.int32)
+      tok_B = draw_tokens(jax.random.fold_in(rng, step), logits)
     lp_B = jnp.take_along_axis(jax.nn.log_softmax(logits), tok_B[:, None], -1)[:, 0]
     live_B = ~done_B
     tok_B = jnp.where(live_B, tok_B, scfg.pad_id)
@@ -128,3 +146,33 @@ def make_sampler(
   if in_shardings is None:
     return jax.jit(fn)
   return jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings)
+
+
+def make_sharded_sampler(
+  model_cfg: TransformerConfig,
+  scfg: SamplingConfig,
+  mesh,
+  param_shardings,
+  rules=mesh_lib.DEFAULT_RULES,
+  compiler_options: dict | None = None,
+):
+  """``sample`` jitted on ``mesh``: ``fn(params, prompt_BxP, prompt_mask_BxP, rng) -> dict``.
+
+  Parameters are laid out by ``param_shardings``, prompts and every output split over the data axes,
+  the key replicated (so a row draws the same tokens on any mesh). Nothing is donated: the
+  parameters serve many batches and the KV cache lives inside the program. The model's activation
+  constraints resolve on ``mesh`` because every call traces inside its sharding context.
+  """
+  data = mesh_lib.batch_sharding(mesh)
+  jitted = jax.jit(
+    functools.partial(sample, model_cfg=model_cfg, scfg=scfg),
+    in_shardings=(param_shardings, data, data, mesh_lib.replicated(mesh)),
+    out_shardings=data,
+    compiler_options=compiler_options,
+  )
+
+  def sampler(params, prompt_BxP, prompt_mask_BxP, rng):
+    with mesh_lib.sharding_context(mesh, rules):
+      return jitted(params, prompt_BxP, prompt_mask_BxP, rng)
+
+  return sampler

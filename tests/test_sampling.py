@@ -8,7 +8,7 @@ import pytest
 from rmscale.models import sizes
 from rmscale.models.config import TransformerConfig
 from rmscale.models.transformer import Transformer, init_params
-from rmscale.sampling import SamplingConfig, filter_logits, make_sampler
+from rmscale.sampling import SamplingConfig, draw_tokens, filter_logits, make_sampler
 
 V, P, N = 37, 5, 7
 
@@ -113,3 +113,13 @@ def test_top_p_sampling_never_leaves_the_nucleus(setup):
 def test_bad_sampling_config_is_named():
   with pytest.raises(ValueError, match="top_p"):
     SamplingConfig(4, top_p=0.0)
+
+
+def test_draw_tokens_follows_the_softmax_and_never_draws_filtered_tokens():
+  logits = jnp.log(jnp.array([0.5, 0.3, 0.0, 0.2]))  # Token 2 is filtered (-inf).
+  rows = 200_000
+  tok = draw_tokens(jax.random.key(0), jnp.broadcast_to(logits, (rows, 4)))
+  freq = np.bincount(np.asarray(tok), minlength=4) / rows
+  # Binomial standard error at p=0.5 over 2e5 rows is ~0.0011: 5 sigma.
+  np.testing.assert_allclose(freq, [0.5, 0.3, 0.0, 0.2], atol=0.006)
+  assert freq[2] == 0.0
