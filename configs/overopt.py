@@ -24,15 +24,8 @@ from rmscale.configs import parse_arg
 from rmscale.parallel.mesh import DEFAULT_RULES
 
 LADDER = ("3m", "12m", "25m", "42m", "85m", "300m", "680m", "1.2b", "3b")  # Gao et al.'s proxies.
-DATA_LADDER = (
-  2_000,
-  4_000,
-  8_000,
-  16_000,
-  32_000,
-  64_000,
-  90_000,
-)  # Below ~2k, RMs are near chance.
+# Below ~2k comparisons, RMs are near chance.
+DATA_LADDER = (2_000, 4_000, 8_000, 16_000, 32_000, 64_000, 90_000)
 
 
 def _count(text: str) -> int:
@@ -83,9 +76,8 @@ def get_config(arg=None):
   c.world = dict(seed=0)
 
   c.model = ml_collections.ConfigDict()
-  c.model.family = (
-    "neox"  # Architecture preset for every model: neox | llama | gpt2 (Gao: GPT-style).
-  )
+  # Architecture preset for every model: neox | llama | gpt2 (Gao: GPT-style).
+  c.model.family = "neox"
   c.model.rotary_pct = 0.25  # Fraction of each head rotated (Pythia: 0.25).
   c.model.reward_head = "linear"  # Reward-head type of gold and proxy RMs: linear | mlp.
   c.model.dtype = "bfloat16"  # Compute dtype (softmax, norms and losses stay float32).
@@ -131,9 +123,8 @@ def get_config(arg=None):
   # Comparisons: two policy samples per prompt, the gold RM picks the winner (Gao: 100k, 10% held out).
   c.label = ml_collections.ConfigDict()
   c.label.num_comparisons = 100_000
-  c.label.val_fraction = (
-    0.1  # Held out for proxy validation loss/accuracy: 90k remain for training.
-  )
+  # Held out for proxy validation loss/accuracy: 90k remain for training.
+  c.label.val_fraction = 0.1
   c.label.noise = 0.0  # Probability of flipping a label (0: deterministic, as in the paper).
 
   # Proxy RMs: one per (size, data size, seed), each initialised from a pretrained LM of its size.
@@ -158,13 +149,11 @@ def get_config(arg=None):
 
   # PPO against every proxy (rmscale/train/ppo.py), gold-evaluated along the KL axis (Gao et al. Table 1).
   c.rl = ml_collections.ConfigDict()
-  c.rl.iterations = (
-    2000  # PPO iterations (one rollout each) per proxy; RL spends far more KL than BoN.
-  )
+  # PPO iterations (one rollout each) per proxy; RL spends far more KL than BoN.
+  c.rl.iterations = 2000
   c.rl.rollout_batch_size = 256  # Prompts per rollout (Gao: RL batch 256).
-  c.rl.minibatch_size = (
-    64  # Gao: 128 minibatches per epoch; 64 rows keep every data-parallel device busy.
-  )
+  # Gao: 128 minibatches per epoch; 64 rows keep every data-parallel device busy.
+  c.rl.minibatch_size = 64
   c.rl.epochs = 4  # Passes over each rollout.
   c.rl.lr = 3e-6
   c.rl.warmup_steps = 20
@@ -173,9 +162,8 @@ def get_config(arg=None):
   c.rl.vf_coef = 0.1
   c.rl.gae_lambda = 0.95  # Gao: 0.95.
   c.rl.entropy_coef = 0.0
-  c.rl.critic = (
-    "shared"  # shared (value head on the policy) | separate (own model from the policy).
-  )
+  # shared (value head on the policy) | separate (own model from the policy).
+  c.rl.critic = "shared"
   c.rl.kl_coef = 0.0  # KL penalty per token (Gao: 0 except in the KL-penalty study).
   c.rl.kl_mode = "fixed"  # fixed | adaptive (then kl_coef is the start and kl_target the aim).
   c.rl.kl_target = 6.0
@@ -184,9 +172,8 @@ def get_config(arg=None):
   c.rl.log_every = 10
   c.rl.save_every = 50  # Iterations between checkpoints.
   c.rl.proxies = ()  # Proxy names to optimise against; () means every proxy.
-  c.rl.kl_study_proxy = (
-    ""  # Proxy name for the KL-penalty study, e.g. "85m_d90000_s0" ("" skips it).
-  )
+  # Proxy name for the KL-penalty study, e.g. "85m_d90000_s0" ("" skips it).
+  c.rl.kl_study_proxy = ""
   c.rl.kl_study_coefs = (0.01, 0.05)  # Fixed KL coefficients compared with rl.kl_coef.
 
   c.sampling = ml_collections.ConfigDict()

@@ -23,21 +23,18 @@ def get_config(arg=None):
   c.sample_batch_size = 512  # Rows per jitted sampler call.
   c.score_batch_size = 1024  # Rows per jitted RM scoring call.
 
-  c.mesh = dict(
-    data=-1, fsdp=1, tensor=1
-  )  # Device mesh axis sizes; -1 takes the remaining devices.
-  c.rules = [
-    list(r) for r in DEFAULT_RULES
-  ]  # Logical axis -> mesh axes (see rmscale/parallel/mesh.py).
+  # Device mesh axis sizes; -1 takes the remaining devices.
+  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  # Logical axis -> mesh axes (see rmscale/parallel/mesh.py).
+  c.rules = [list(r) for r in DEFAULT_RULES]
 
   # The offline world (rmscale/data/world.py: WorldConfig fields may be overridden here).
   c.world = dict(seed=0)
 
   c.model = ml_collections.ConfigDict()
   c.model.family = "neox"  # Architecture preset for every model: neox | llama | gpt2.
-  c.model.rotary_pct = (
-    1.0  # Fraction of each head rotated (Pythia: 0.25; tiny heads need all of it).
-  )
+  # Fraction of each head rotated (Pythia: 0.25; tiny heads need all of it).
+  c.model.rotary_pct = 1.0
   c.model.reward_head = "linear"  # Reward-head type of gold and proxy RMs: linear | mlp.
   c.model.dtype = "float32"  # Compute dtype.
   c.model.param_dtype = "float32"  # Parameter storage dtype.
@@ -66,9 +63,8 @@ def get_config(arg=None):
   c.gold = ml_collections.ConfigDict()
   c.gold.kind = "oracle" if a.oracle else "trained"  # trained | oracle.
   c.gold.size = "200k"
-  c.gold.init = (
-    "pretrained"  # pretrained (from an LM of gold.size: the policy's own when equal) | scratch.
-  )
+  # pretrained (from an LM of gold.size: the policy's own when equal) | scratch.
+  c.gold.init = "pretrained"
   c.gold.num_comparisons = 40_000  # Human-utility comparisons to train on.
   c.gold.eval_comparisons = 4000  # Held-out comparisons for the accuracy report.
   c.gold.steps = 1500
@@ -118,9 +114,8 @@ def get_config(arg=None):
   c.rl.vf_coef = 0.1
   c.rl.gae_lambda = 0.95
   c.rl.entropy_coef = 0.0
-  c.rl.critic = (
-    "shared"  # shared (value head on the policy) | separate (own model from the policy).
-  )
+  # shared (value head on the policy) | separate (own model from the policy).
+  c.rl.critic = "shared"
   c.rl.kl_coef = 0.0  # KL penalty per token (0: Gao et al.'s default).
   c.rl.kl_mode = "fixed"  # fixed | adaptive (then kl_coef is the start and kl_target the aim).
   c.rl.kl_target = 6.0

@@ -111,7 +111,7 @@ class WorldConfig:
   p_keyword_extra: float = 0.02  # Given it is used, each of 3 chances to add another occurrence.
   focus_low: float = 0.6  # Per response, each content word is on-topic with prob ~ U(focus_low, 1).
   p_filler: float = 0.3  # A word slot holds a filler word.
-  p_repeat: float = 0.04  # An on-topic word repeats the previous one.
+  p_repeat: float = 0.04  # An on-topic word repeats an earlier one.
   p_comma: float = 0.08  # A comma follows a word (never the last).
   p_exclaim: float = 0.05  # Ends with "!" ...
   p_unterminated: float = 0.1  # ... or with no final punctuation at all.
@@ -409,10 +409,13 @@ class World:
     focus = cfg.focus_low + (1 - cfg.focus_low) * rng.random(N)
     on = rest & (rng.random((N, W)) < focus[:, None])
     off = rest & ~on
-    # On-topic words walk through a random order of the topic's words; a repeat re-uses the last.
+    # On-topic words walk through a random order of the topic's words; a repeat re-uses any earlier
+    # one, near or far, since a sampled policy repeats words anywhere and the gold must see both.
     order = np.argsort(rng.random((N, P)), axis=1)
     repeat = on & (rng.random((N, W)) < cfg.p_repeat) & (np.cumsum(on, axis=1) > 1)
-    step = np.maximum(np.cumsum(on & ~repeat, axis=1) - 1, 0) % P
+    fresh = np.cumsum(on & ~repeat, axis=1)  # Distinct walk steps so far (>= 1 before any repeat).
+    earlier = np.floor(rng.random((N, W)) * np.maximum(fresh, 1)).astype(np.int64)
+    step = np.where(repeat, earlier, np.maximum(fresh - 1, 0)) % P
     topic = at["topic"][:, None]
     on_ids = self._topic_word_ids[topic, np.take_along_axis(order, step, axis=1)]
     other = (topic + 1 + rng.integers(0, T - 1, (N, W))) % T
@@ -423,9 +426,8 @@ class World:
     # Commas after non-final words, as many as fit in the token budget.
     comma = (slot < n_words[:, None] - 1) & (rng.random((N, W)) < cfg.p_comma)
     comma &= np.cumsum(comma, axis=1) <= (W - n_words)[:, None]
-    e = rng.random(
-      N
-    )  # Below p_exclaim: "!"; then p_unterminated of no final punctuation; else ".".
+    # Below p_exclaim: "!"; then p_unterminated of no final punctuation; else ".".
+    e = rng.random(N)
     end_ids = np.where(e < cfg.p_exclaim, self._punct["!"], self._punct["."])
     has_end = (e < cfg.p_exclaim) | (e >= cfg.p_exclaim + cfg.p_unterminated)
     # Interleave [word, comma] slots, then final punctuation and EOS; compact the present tokens left.

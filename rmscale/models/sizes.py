@@ -66,6 +66,7 @@ class Size:
 
 SIZES: dict[str, Size] = {
   # Tiny sizes for CPU experiments (the quickstart ladder).
+  "25k": Size(32, 2, 4),
   "100k": Size(64, 2, 4),
   "200k": Size(64, 4, 4),
   "400k": Size(128, 2, 4),
