@@ -51,20 +51,27 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   dp = mesh_shape[0] * mesh_shape[1]
   world = WorldConfig(**config.world)  # Validates the world's fields.
   del world
+  validate_checkpoints(config)
+  # Sizes of models loaded from Hugging Face directories are names only (their shape is the file's).
+  from_hf = {
+    "policy.size": bool(config.policy.get("hf_dir")),
+    "gold.size": config.gold.kind == "hf",
+  }
   for key in ("policy.size", "gold.size"):
     section, field = key.split(".")
-    if config[section][field] not in sizes.SIZES:
+    if config[section][field] not in sizes.SIZES and not from_hf[key]:
       raise ValueError(
         f"config.{key}={config[section][field]!r} is not a known size; known: {list(sizes.SIZES)}"
       )
   for s in config.proxies.sizes:
-    if s not in sizes.SIZES:
+    if s not in sizes.SIZES and config.proxies.init != "hf":
       raise ValueError(f"config.proxies.sizes has unknown size {s!r}; known: {list(sizes.SIZES)}")
-  if config.gold.kind not in ("trained", "oracle"):
-    raise ValueError(f"config.gold.kind={config.gold.kind!r} must be 'trained' or 'oracle'")
+  if config.gold.kind not in ("trained", "oracle", "hf"):
+    raise ValueError(f"config.gold.kind={config.gold.kind!r} must be 'trained', 'oracle' or 'hf'")
   for key in ("proxies", "gold"):
-    if config[key].init not in ("scratch", "pretrained"):
-      raise ValueError(f"config.{key}.init={config[key].init!r} must be 'scratch' or 'pretrained'")
+    allowed = ("scratch", "pretrained", "hf") if key == "proxies" else ("scratch", "pretrained")
+    if config[key].init not in allowed:
+      raise ValueError(f"config.{key}.init={config[key].init!r} must be one of {allowed}")
   for key in (
     "policy.batch_size",
     "gold.batch_size",
@@ -126,6 +133,50 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
       raise ValueError(f"config.model.{m}={config.model[m]!r} is not float32, bfloat16 or float16")
 
 
+def data_kind(config) -> str:
+  """'world' (the offline world; configs without a data section) or 'preferences'."""
+  return config.get("data", {}).get("kind", "world")
+
+
+def validate_checkpoints(config) -> None:
+  """The data source and the Hugging Face checkpoint fields fit together (files are checked later,
+  where they are read, with the same config keys in the errors)."""
+  kind = data_kind(config)
+  if kind not in ("world", "preferences"):
+    raise ValueError(f"config.data.kind={kind!r} must be 'world' or 'preferences'")
+  if kind == "preferences":
+    from rmscale.data.preferences import DataConfig
+
+    DataConfig(**dict(config.data))  # Validates the data fields.
+    if config.gold.kind in ("trained", "oracle"):
+      raise ValueError(
+        f"config.gold.kind={config.gold.kind!r} needs the offline world's human utility; with "
+        "config.data.kind='preferences' use gold.kind='hf' (a local gold RM checkpoint)"
+      )
+  elif config.gold.kind == "hf" or config.policy.get("hf_dir") or config.proxies.init == "hf":
+    raise ValueError(
+      "Hugging Face checkpoints (policy.hf_dir, gold.kind='hf', proxies.init='hf') need a real "
+      "tokenizer and data: set config.data.kind='preferences'"
+    )
+  if config.gold.kind == "hf" and not config.gold.get("hf_dir"):
+    raise ValueError(
+      "config.gold.kind='hf' needs config.gold.hf_dir (a local checkpoint directory)"
+    )
+  if config.proxies.init == "hf" and "{size}" not in config.proxies.get("hf_dir_template", ""):
+    raise ValueError(
+      "config.proxies.init='hf' needs config.proxies.hf_dir_template with a '{size}' placeholder"
+    )
+
+
+def make_world(config):
+  """The prompt source: the offline world, or a real preference dataset (``config.data``)."""
+  if data_kind(config) == "preferences":
+    from rmscale.data import preferences
+
+    return preferences.from_config(config.data)
+  return World(WorldConfig(**config.world))
+
+
 def make_context(config, workdir: str) -> common.Context:
   mesh = mesh_lib.make_mesh(dict(config.mesh))
   writer = None
@@ -138,7 +189,7 @@ def make_context(config, workdir: str) -> common.Context:
     workdir=workdir,
     mesh=mesh,
     rules=mesh_lib.rules_from_config(config.rules),
-    world=World(WorldConfig(**config.world)),
+    world=make_world(config),
     writer=writer,
   )
 

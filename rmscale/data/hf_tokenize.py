@@ -181,22 +181,19 @@ def tokenize_comparisons(
 def decode_sequences(
   tok: HFTokenizer, tokens_NxL: np.ndarray, mask_NxL: np.ndarray, prompt_len: int
 ) -> list[tuple[str, str, bool]]:
-  """(prompt text, response text, finished) per row of the sequence layout; specials dropped, and
-  ``finished`` says whether the response holds EOS."""
+  """(prompt text, response text, finished) per row of the sequence layout; ``finished`` says
+  whether the response holds EOS. Only the layout's own specials (BOS, EOS, pad) are dropped: any
+  other special token is content (an <unk>, a chat marker) and stays in the text."""
+  layout = {tok.bos_id, tok.eos_id, tok.pad_id}
   out = []
   for t, m in zip(np.asarray(tokens_NxL), np.asarray(mask_NxL, bool)):
-    p = [int(x) for x in t[:prompt_len][m[:prompt_len]]]
+    p = [int(x) for x in t[:prompt_len][m[:prompt_len]] if int(x) not in layout]
     r = [int(x) for x in t[prompt_len:][m[prompt_len:]]]
     finished = tok.eos_id in r
     if finished:
       r = r[: r.index(tok.eos_id)]
-    out.append(
-      (
-        tok.tok.decode(p, skip_special_tokens=True),
-        tok.tok.decode(r, skip_special_tokens=True),
-        finished,
-      )
-    )
+    r = [x for x in r if x not in layout]
+    out.append((tok.tok.decode(p), tok.tok.decode(r), finished))
   return out
 
 
@@ -212,7 +209,8 @@ def retokenize(
   """Sequences of ``src``'s ids as ``dst``'s, through text (a gold RM with its own vocabulary).
 
   Prompts and responses are cut to the destination lengths on their padding side (never dropped:
-  every sample must get a score); a response that ended keeps its end as ``dst``'s EOS.
+  every sample must get a score); a response that ended keeps its end as ``dst``'s EOS. Ids that
+  ``src`` cannot decode (a checkpoint's vocabulary padding beyond the tokenizer's) vanish in the text.
   """
   texts = decode_sequences(src, tokens_NxL, mask_NxL, prompt_len)
   prompts = [_cut(p, dst_prompt_len, "left") for p in encode_prompts(dst, [t[0] for t in texts])]

@@ -30,7 +30,9 @@ def run(ctx: common.Context) -> dict:
   gold_raw = common.gold_fn(ctx)(tokens, mask).reshape(P, N)
   utility_raw = ctx.world.utility(prompt_ids, resp["ids"], resp["mask"]).reshape(P, N)
   gold = bon.recentre(gold_raw, gold_raw)
-  utility = bon.recentre(utility_raw, utility_raw)
+  # Real preference data has no hidden utility (NaN): its curves are then NaN, not estimated.
+  has_utility = bool(np.isfinite(utility_raw).all())
+  utility = bon.recentre(utility_raw, utility_raw) if has_utility else None
   ns = bon.geometric_ns(N, c.num_n)
 
   records, proxy_scores, curves = [], [], {}
@@ -40,9 +42,13 @@ def run(ctx: common.Context) -> dict:
     raw = common.reward_fn(ctx, cfg, params)(tokens, mask).reshape(P, N)
     proxy = bon.recentre(raw, raw, shift_only=True)
     curve = bon.unbiased_best_of_n(proxy, gold, ns)
-    true = bon.unbiased_best_of_n(proxy, utility, ns)
+    if has_utility:
+      true = bon.unbiased_best_of_n(proxy, utility, ns)
+      u_curve, u_se_curve = true.gold, true.gold_se
+    else:
+      u_curve = u_se_curve = np.full(len(ns), np.nan)
     meta = {k: rec[k] for k in ("rm_size", "rm_params", "data_size", "seed", "name")}
-    for r, u, u_se in zip(curve.records(**meta), true.gold, true.gold_se):
+    for r, u, u_se in zip(curve.records(**meta), u_curve, u_se_curve):
       records.append(
         {**r, "d": float(np.sqrt(r["kl"])), "utility": float(u), "utility_se": float(u_se)}
       )

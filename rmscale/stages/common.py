@@ -48,6 +48,11 @@ class Context:
 
 def model_config(ctx: Context, size: str, role: str) -> TransformerConfig:
   """The model of a role ('policy' or 'rm') at a named size, sized to the world's sequences."""
+  from rmscale.stages import pretrained  # Late: it imports this module.
+
+  hf_cfg = pretrained.model_config(ctx, size, role)  # A local Hugging Face checkpoint's shape.
+  if hf_cfg is not None:
+    return hf_cfg
   m = ctx.config.model
   common = dict(
     vocab_size=ctx.world.tokenizer.vocab_size,
@@ -157,6 +162,10 @@ def reward_fn(ctx: Context, model_cfg: TransformerConfig, params):
 
 def gold_fn(ctx: Context):
   """The gold scorer: the world's human utility ('oracle') or the trained gold RM."""
+  if ctx.config.gold.kind == "hf":  # A local sequence-classification checkpoint (pretrained.py).
+    from rmscale.stages import pretrained
+
+    return pretrained.gold_scorer(ctx)
   if ctx.config.gold.kind == "oracle":
     P = ctx.prompt_len
     return lambda tokens, mask: ctx.world.utility(tokens[:, :P], tokens[:, P:], mask[:, P:])

@@ -58,6 +58,17 @@ def evaluate(score, data: dict[str, np.ndarray]) -> dict[str, float]:
 
 def run(ctx: common.Context) -> dict:
   g = ctx.config.gold
+  if g.kind == "hf":  # A local checkpoint: nothing to train; measured on the data's own labels.
+    held_out, report = ctx.world.comparisons("eval", g.eval_comparisons)
+    metrics = evaluate(common.gold_fn(ctx), held_out)
+    return {
+      "kind": "hf",
+      "hf_dir": g.hf_dir,
+      "heldout_loss": metrics["loss"],
+      "heldout_accuracy": metrics["accuracy"],
+      "heldout_comparisons": len(report.kept),
+      "heldout_filter": report.summary(),
+    }
   if g.kind == "oracle":
     return {"kind": "oracle"}
   model_cfg = common.model_config(ctx, g.size, "rm")

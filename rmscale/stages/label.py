@@ -34,7 +34,7 @@ def run(ctx: common.Context) -> dict:
   n_val = int(round(c.val_fraction * len(labels)))
   split = np.zeros(len(labels), np.int8)
   split[len(labels) - n_val :] = 1
-  decided = ua != ub
+  decided = np.isfinite(ua) & np.isfinite(ub) & (ua != ub)  # Real data has no utility (NaN).
   results.write_npz(
     ctx.path(*PATH),
     split=split,
@@ -42,14 +42,16 @@ def run(ctx: common.Context) -> dict:
     gold_rejected=np.where(labels, gb, ga),
     **arrays,
   )
-  return {
+  out = {
     "num_train": int((split == 0).sum()),
     "num_val": n_val,
     "label_noise": c.noise,
-    # How often the gold label agrees with the human utility on policy samples (ties excluded).
-    "gold_utility_agreement": float(np.mean((ga >= gb)[decided] == (ua > ub)[decided])),
     "mean_response_tokens": float(np.concatenate([a["mask"], b["mask"]]).sum(1).mean()),
   }
+  if decided.any():
+    # How often the gold label agrees with the human utility on policy samples (ties excluded).
+    out["gold_utility_agreement"] = float(np.mean((ga >= gb)[decided] == (ua > ub)[decided]))
+  return out
 
 
 def load(ctx: common.Context) -> tuple[dict, dict]:

@@ -51,5 +51,9 @@ def pretrained_lm(ctx: common.Context, size: str):
 
 
 def run(ctx: common.Context) -> dict:
+  if ctx.config.policy.get("hf_dir"):  # A local Hugging Face LM (pretrained.py), SFT optional.
+    from rmscale.stages import pretrained
+
+    return pretrained.init_policy(ctx)
   _, history = train_lm(ctx, "policy_init", ctx.config.policy.size, ctx.config.policy)
   return {"final_loss": history[-1]["loss"]}

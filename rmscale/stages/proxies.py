@@ -12,7 +12,7 @@ import os
 
 from rmscale import results
 from rmscale.models.sizes import count_params
-from rmscale.stages import common, label, policy_init
+from rmscale.stages import common, label, policy_init, pretrained
 from rmscale.stages.gold import evaluate
 from rmscale.train import rm
 
@@ -48,6 +48,8 @@ def train_proxy(ctx: common.Context, spec: dict, train_data: dict, val_data: dic
   init = None
   if p.init == "pretrained":
     init = policy_init.pretrained_lm(ctx, spec["rm_size"])
+  elif p.init == "hf":  # The local Hugging Face LM of this size (pretrained.py).
+    init = pretrained.proxy_init(ctx, spec["rm_size"], ctx.config.seed + 100 * spec["seed"] + 11)
   subset = {k: v[: spec["data_size"]] for k, v in train_data.items() if k in rm.BATCH_KEYS}
   steps = max(1, math.ceil(p.epochs * spec["data_size"] / p.batch_size))
   params, history = common.train(
