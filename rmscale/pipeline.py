@@ -145,9 +145,9 @@ def validate_checkpoints(config) -> None:
   if kind not in ("world", "preferences"):
     raise ValueError(f"config.data.kind={kind!r} must be 'world' or 'preferences'")
   if kind == "preferences":
-    from rmscale.data.preferences import DataConfig
+    from rmscale.data.preferences import data_config
 
-    DataConfig(**dict(config.data))  # Validates the data fields.
+    data_config(config.data)  # Validates the data fields.
     if config.gold.kind in ("trained", "oracle"):
       raise ValueError(
         f"config.gold.kind={config.gold.kind!r} needs the offline world's human utility; with "

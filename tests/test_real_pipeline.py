@@ -254,6 +254,10 @@ def test_config_and_file_errors_name_the_key(real_root, tmp_path):
   c.data.dataset = "hh"
   with pytest.raises(ValueError, match=r"config.data.dataset='hh' is not one of"):
     pipeline.validate(c, 8)
+  c.data.dataset = "hh_rlhf"
+  c.data.prompt_length = 12
+  with pytest.raises(ValueError, match=r"config.data has unknown field\(s\) \['prompt_length'\]"):
+    pipeline.validate(c, 8)
 
   # Files are checked where they are read; the error names the config key and the file.
   c = overopt_pythia.get_config(f"root={root},{ARGS}")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+from absl import logging
 
 from rmscale.data import hf_tokenize
 from rmscale.data import preference_builders as builders
@@ -117,6 +118,7 @@ class PreferencePrompts:
     # Global prompt index: train prompts first, then eval prompts.
     both = [self._prompts["train"], self._prompts["eval"]]
     self._ids, self._mask = (np.concatenate([p[k] for p in both]) for k in ("ids", "mask"))
+    logging.info("preference prompts: %s", self.describe())
 
   # --- What the stages use.
   def prompt_batch(self, index) -> dict[str, np.ndarray]:
@@ -200,6 +202,15 @@ class PreferencePrompts:
     )
 
 
+def data_config(data) -> DataConfig:
+  """``config.data`` (a ConfigDict or dict) as a checked DataConfig; unknown keys are named."""
+  fields = {f.name for f in dataclasses.fields(DataConfig)}
+  unknown = sorted(set(dict(data)) - fields)
+  if unknown:
+    raise ValueError(f"config.data has unknown field(s) {unknown}; known: {sorted(fields)}")
+  return DataConfig(**dict(data))
+
+
 def from_config(data) -> PreferencePrompts:
-  """``PreferencePrompts`` from an experiment's ``config.data`` (a ConfigDict or dict)."""
-  return PreferencePrompts(DataConfig(**dict(data)))
+  """``PreferencePrompts`` from an experiment's ``config.data``."""
+  return PreferencePrompts(data_config(data))

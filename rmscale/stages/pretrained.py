@@ -127,9 +127,11 @@ def init_policy(ctx: common.Context) -> dict:
   p, path = ctx.config.policy, policy_dir(ctx.config)
   cfg = common.model_config(ctx, p.size, "policy")
   params = load(ctx, path, cfg, "policy", ctx.config.seed)
+  # How many prompts the length limits kept, for the record.
+  out = {"hf_dir": path, "prompt_filter": getattr(ctx.world, "filter_report", None)}
   if not p.get("sft", False):
     common.save_params(ctx.path("policy_init", "params"), params)
-    return {"hf_dir": path, "sft": False}
+    return {**out, "sft": False}
   params, history = common.train(
     ctx,
     "policy_init",
@@ -142,7 +144,7 @@ def init_policy(ctx: common.Context) -> dict:
     seed=ctx.config.seed,
     init_params=params,
   )
-  return {"hf_dir": path, "sft": True, "final_loss": history[-1]["loss"]}
+  return {**out, "sft": True, "final_loss": history[-1]["loss"]}
 
 
 def gold_retokenizes(ctx: common.Context) -> bool:

@@ -684,3 +684,47 @@ def test_rm_training_consumes_the_arrays(tok):
     score(batch["chosen"], batch["chosen_mask"]), score(batch["rejected"], batch["rejected_mask"])
   )
   np.testing.assert_allclose(float(loss), float(want), rtol=1e-5)
+
+
+def test_preference_prompts_source(built, tmp_path):
+  """The prompt source the stages use: distinct prompts that fit, SFT pairs, held-out labels."""
+  from rmscale.data.preferences import DataConfig, PreferencePrompts
+
+  tok_dir = word_tokenizer(tmp_path / "tok")
+  cfg = DataConfig(
+    dataset="hh_rlhf",
+    manual_dir=str(tmp_path / "unused"),  # Already built: the raw files are not read again.
+    data_dir=built,
+    tokenizer_dir=tok_dir,
+    prompt_len=12,
+    response_len=4,
+  )
+  src = PreferencePrompts(cfg)
+  tok = src.tokenizer
+  # Train prompts: the cat (9 tokens) and lock (11) prompts fit; the two-turn one (15) does not.
+  assert (src.num_train_prompts, src.num_eval_prompts) == (2, 1)
+  assert src.filter_report["train"]["dropped_prompt_too_long"] == 1
+  train = {r["prompt"]: r for r in EXPECTED["hh_rlhf"]["train"][:2]}
+  want, _ = hf_tokenize.tokenize_prompts(tok, sorted(train), 12)
+  got = src.prompt_batch(np.arange(2))
+  assert sorted(map(tuple, got["ids"])) == sorted(map(tuple, want["ids"]))
+  ev = src.sample_prompts(0, 5, "eval")
+  assert np.all(ev["index"] == 2)
+  np.testing.assert_array_equal(ev["ids"][0], [2] * 7 + _ids("Human : hi Assistant :"))
+  # SFT pairs: a prompt with the chosen response of its comparison, cut to 4 tokens (no EOS then).
+  ex = src.sft_examples(1, 6, "train")
+  for p_ids, r_ids, r_mask in zip(ex["prompt_ids"], ex["response_ids"], ex["response_mask"]):
+    (prompt,) = [
+      t
+      for t in train
+      if tuple(hf_tokenize.tokenize_prompts(tok, [t], 12)[0]["ids"][0]) == tuple(p_ids)
+    ]
+    chosen = hf_tokenize.encode_responses(tok, [train[prompt]["chosen"]])[0][:4]
+    assert list(r_ids[r_mask]) == chosen
+  # Held-out comparisons in the RM layout; real data has no hidden utility.
+  pairs, report = src.comparisons("eval", 10)
+  assert report.kept.tolist() == [0] and pairs["chosen"].shape == (1, 16)
+  np.testing.assert_array_equal(pairs["chosen"][0, 12:], _ids("hello there") + [0, 2])
+  assert np.isnan(src.utility(got["ids"], got["ids"], got["mask"])).all()
+  with pytest.raises(ValueError, match=r"split must be 'train', 'eval' or 'all'"):
+    src.sample_prompts(0, 1, "test")
