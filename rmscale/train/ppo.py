@@ -211,20 +211,29 @@ def init_ppo_state(
   critic_cfg: TransformerConfig | None = None,
   critic_params=None,
   critic_tx: optax.GradientTransformation | None = None,
+  compiler_options: dict | None = None,
 ) -> tuple[State, dict]:
   """The sharded PPO train state and its shardings.
 
   ``policy_params`` (e.g. the SFT policy, possibly without a value head) seeds the policy; heads it
   lacks are initialised fresh. Under ``critic='separate'``, ``critic_params`` (a policy's or a reward
   model's parameters; any extra heads are dropped) seeds the critic's trunk and ``critic_tx``
-  (default ``tx``) optimises it.
+  (default ``tx``) optimises it. ``compiler_options`` are XLA options for the init programs.
   """
   _check_models(cfg, policy_cfg, critic_cfg)
   key = jax.random.wrap_key_data(rng) if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
-  state, shardings = init_state(policy_cfg, tx, key, mesh, rules, params=policy_params)
+  state, shardings = init_state(
+    policy_cfg, tx, key, mesh, rules, params=policy_params, compiler_options=compiler_options
+  )
   if cfg.critic == "separate":
     critic, critic_shardings = init_state(
-      critic_cfg, critic_tx or tx, jax.random.fold_in(key, 1), mesh, rules, params=critic_params
+      critic_cfg,
+      critic_tx or tx,
+      jax.random.fold_in(key, 1),
+      mesh,
+      rules,
+      params=critic_params,
+      compiler_options=compiler_options,
     )
     state.update(critic_params=critic["params"], critic_opt_state=critic["opt_state"])
     shardings.update(

@@ -48,12 +48,22 @@ def _reward(params, tokens_BxL, mask_BxL, *, model_cfg):
   )["reward"]
 
 
-def make_scorer(model_cfg: TransformerConfig, mesh, param_shardings, rules=mesh_lib.DEFAULT_RULES):
-  """jit(reward) with explicit shardings: ``fn(params, tokens_BxL, mask_BxL) -> float32[B]``."""
+def make_scorer(
+  model_cfg: TransformerConfig,
+  mesh,
+  param_shardings,
+  rules=mesh_lib.DEFAULT_RULES,
+  compiler_options: dict | None = None,
+):
+  """jit(reward) with explicit shardings: ``fn(params, tokens_BxL, mask_BxL) -> float32[B]``.
+
+  Nothing is donated: the parameters score many batches. Scores come back replicated.
+  """
   jitted = jax.jit(
     functools.partial(_reward, model_cfg=model_cfg),
     in_shardings=(param_shardings, mesh_lib.batch_sharding(mesh), mesh_lib.batch_sharding(mesh)),
     out_shardings=mesh_lib.replicated(mesh),
+    compiler_options=compiler_options,
   )
 
   def score(params, tokens, mask):

@@ -122,12 +122,13 @@ def init_state(
   rules=mesh_lib.DEFAULT_RULES,
   params=None,
   seq_len: int = 8,
+  compiler_options: dict | None = None,
 ):
   """A sharded train state and its shardings.
 
   ``params`` (optional, plain arrays, possibly a partial tree) replaces the random initialisation
   where it has leaves (``merge_params``), e.g. to start a reward model from a pretrained trunk; it is
-  resharded onto the state's layout.
+  resharded onto the state's layout. ``compiler_options`` are XLA options for the init program.
   """
   boxed_init = _boxed_init(model_cfg, seq_len)
 
@@ -154,7 +155,9 @@ def init_state(
   )
   # Traced outside the sharding context: flax's DenseGeneral initialises kernels flat, which cannot
   # carry their logical constraint; out_shardings alone lays the state out (XLA propagates it back).
-  state = jax.jit(lambda r, p: nn.unbox(make(r, p)), out_shardings=shardings)(rng_data, params)
+  state = jax.jit(
+    lambda r, p: nn.unbox(make(r, p)), out_shardings=shardings, compiler_options=compiler_options
+  )(rng_data, params)
   return state, shardings
 
 
@@ -210,13 +213,19 @@ def compile_train_step(
   mesh,
   rules=mesh_lib.DEFAULT_RULES,
   grads_fn: GradsFn = loss_and_grads,
+  compiler_options: dict | None = None,
 ):
-  """``train_step`` jitted with explicit shardings and the state donated."""
+  """``train_step`` jitted with explicit shardings and the state donated.
+
+  ``compiler_options`` are XLA options for this program (tests pass a low CPU optimisation level,
+  since compiling dominates a tiny model's step).
+  """
   jitted = jax.jit(
     functools.partial(train_step, loss_fn=loss_fn, tx=tx, grads_fn=grads_fn),
     in_shardings=(state_shardings, mesh_lib.batch_sharding(mesh)),
     out_shardings=(state_shardings, mesh_lib.replicated(mesh)),
     donate_argnums=0,
+    compiler_options=compiler_options,
   )
 
   def step(state, batch):
