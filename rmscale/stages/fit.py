@@ -103,9 +103,11 @@ def summary_markdown(
   lab = stage_info.get("label", {})
   lines += ["## Gold RM", "", f"- kind: {gold.get('kind', ctx.config.gold.kind)}"]
   if "heldout_accuracy" in gold:
-    lines.append(
-      f"- held-out accuracy on human-utility comparisons: {gold['heldout_accuracy']:.3f}"
+    # A checkpoint gold (kind 'hf') is measured on the dataset's human labels, not the utility.
+    against = (
+      "the dataset's human labels" if gold.get("kind") == "hf" else "human-utility comparisons"
     )
+    lines.append(f"- held-out accuracy on {against}: {gold['heldout_accuracy']:.3f}")
   if "gold_utility_agreement" in lab:
     lines.append(
       f"- agreement with the human utility on policy-sample pairs: {lab['gold_utility_agreement']:.3f}"
