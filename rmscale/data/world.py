@@ -109,6 +109,7 @@ class WorldConfig:
   ramble_high: float = 1.8
   p_keyword: float = 0.55  # Uses the keyword at all.
   p_keyword_extra: float = 0.02  # Given it is used, each of 3 chances to add another occurrence.
+  p_wrong_keyword: float = 0.0  # Given it is used, it is a different keyword (misremembered).
   focus_low: float = 0.6  # Per response, each content word is on-topic with prob ~ U(focus_low, 1).
   p_filler: float = 0.3  # A word slot holds a filler word.
   p_repeat: float = 0.04  # An on-topic word repeats an earlier one.
@@ -154,6 +155,7 @@ class WorldConfig:
       "p_ramble",
       "p_keyword",
       "p_keyword_extra",
+      "p_wrong_keyword",
       "p_filler",
       "p_repeat",
       "p_comma",
@@ -421,7 +423,11 @@ class World:
     other = (topic + 1 + rng.integers(0, T - 1, (N, W))) % T
     off_ids = self._topic_word_ids[other, rng.integers(0, P, (N, W))]
     filler_ids = self._filler_ids[rng.integers(0, len(self._filler_ids), (N, W))]
-    kw_ids = np.broadcast_to(self._keyword_ids[at["keyword"]][:, None], (N, W))
+    K = len(self._keyword_ids)
+    wrong = rng.random(N) < cfg.p_wrong_keyword
+    other_kw = (at["keyword"] + 1 + rng.integers(0, max(K - 1, 1), N)) % K
+    kw_row = np.where(wrong & (K > 1), other_kw, at["keyword"])
+    kw_ids = np.broadcast_to(self._keyword_ids[kw_row][:, None], (N, W))
     word_ids = np.select([filler, is_kw, on, off], [filler_ids, kw_ids, on_ids, off_ids], 0)
     # Commas after non-final words, as many as fit in the token budget.
     comma = (slot < n_words[:, None] - 1) & (rng.random((N, W)) < cfg.p_comma)

@@ -21,7 +21,11 @@ def human_comparisons(ctx: common.Context, n: int, seed: int, split: str) -> dic
   g = ctx.config.gold
   broad = World(
     dataclasses.replace(
-      ctx.world.cfg, p_ramble=g.p_ramble, p_keyword_extra=g.p_keyword_extra, p_repeat=g.p_repeat
+      ctx.world.cfg,
+      p_ramble=g.p_ramble,
+      p_keyword_extra=g.p_keyword_extra,
+      p_wrong_keyword=g.p_wrong_keyword,
+      p_repeat=g.p_repeat,
     )
   )
   rng = np.random.default_rng(seed)

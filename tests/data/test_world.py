@@ -222,3 +222,30 @@ def test_shortcut_proxy_is_overoptimised_by_best_of_n(world):
   assert 0 < peak < len(ns) - 2 and by_proxy[peak] > by_proxy[0] + 0.3
   assert by_proxy[-1] < by_proxy[0] - 0.3
   assert np.all(np.diff(by_gold) > 0) and by_gold[-1] > by_proxy[peak] + 0.5
+
+
+def test_writer_repeats_earlier_words_and_misremembers_keywords():
+  base = dict(p_keyword=1.0, p_keyword_extra=0.0, p_filler=0.0, focus_low=1.0, p_ramble=1.0)
+  rng = np.random.default_rng(0)
+  for p_wrong in (0.0, 1.0):
+    w = World(WorldConfig(p_wrong_keyword=p_wrong, p_repeat=0.5, **base))
+    prompts = w.sample_prompts(rng, 2000)
+    resp = w.sample_responses(rng, prompts["index"])
+    f = {
+      k: np.asarray(v)
+      for k, v in token_features(w.tables, prompts["ids"], resp["ids"], resp["mask"]).items()
+    }
+    kw_tokens = np.isin(resp["ids"], w._keyword_ids) & resp["mask"]
+    right = (resp["ids"] == prompts["ids"][:, 5:6]) & resp["mask"]  # Slot 5 holds the keyword.
+    assert kw_tokens.any(1).all()  # p_keyword=1: every response carries a keyword token ...
+    assert (right.any(1) == (p_wrong == 0.0)).all()  # ... the prompt's own, or always another.
+    assert np.array_equal(f["keyword_count"] > 0, right.any(1))
+  # Repeats reach back past the previous content word, as a sampled policy's do.
+  tokens = [[t for t, m in zip(r, mk) if m] for r, mk in zip(resp["ids"], resp["mask"])]
+  gaps = [
+    i - max(j for j in range(i) if row[j] == row[i])
+    for row in tokens
+    for i in range(len(row))
+    if row[i] in w._topic_word_ids and row[i] in row[:i]
+  ]
+  assert f["repeats"].sum() > 500 and np.mean(np.array(gaps) > 1) > 0.3
