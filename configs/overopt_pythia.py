@@ -91,9 +91,8 @@ def get_config(arg=None):
   c.score_batch_size = 256  # Rows per jitted RM scoring call; divisible by mesh data x fsdp.
 
   c.mesh = dict(data=1, fsdp=-1, tensor=1)  # Fully sharded: the policy's Adam state needs it.
-  c.rules = [
-    list(r) for r in DEFAULT_RULES
-  ]  # Logical axis -> mesh axes (rmscale/parallel/mesh.py).
+  # Logical axis -> mesh axes (rmscale/parallel/mesh.py).
+  c.rules = [list(r) for r in DEFAULT_RULES]
   c.world = dict(seed=0)  # Unused with real data; kept so every config has the same sections.
 
   # Prompts, SFT data and held-out human labels: a preference dataset (rmscale/data/preferences.py).
