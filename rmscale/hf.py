@@ -598,6 +598,25 @@ def _conv1d(name, in_features, out_features, path, kernel_shape) -> _Map:
   )
 
 
+def _vocab_padded(m: _Map, cfg: TransformerConfig, axis: int) -> _Map:
+  """``m`` for a leaf with a vocabulary dimension at ``axis`` of a model with a padded vocabulary
+  (``model.vocab_multiple``): zero rows appended on import, dropped on export, so HF files keep the
+  checkpoint's own vocabulary size."""
+  V, padded = cfg.vocab_size, cfg.padded_vocab
+  if padded == V:
+    return m
+
+  def split(a):
+    (leaf,) = m.split(a)
+    pad = [(0, 0)] * leaf.ndim
+    pad[axis] = (0, padded - V)
+    return (np.pad(leaf, pad),)
+
+  return dataclasses.replace(
+    m, split=split, join=lambda leaf: m.join(np.take(leaf, np.arange(V), axis=axis))
+  )
+
+
 def _neox_qkv(name, cfg, paths) -> _Map:
   """GPT-NeoX fuses q, k, v per head: rows [H, 3, D] (modeling_gpt_neox views [.., H, 3D], chunks)."""
   E, H, D = cfg.d_model, cfg.n_heads, cfg.dim_per_head
@@ -738,14 +757,15 @@ def _layout(family: str, cfg: TransformerConfig, head: str, prefix: str) -> list
     "llama": ("embed_tokens", "norm"),
     "gpt2": ("wte", "ln_f"),
   }[family]
-  maps.append(_copy(f"{p}{embed}.weight", (V, E), ("embed", "embedding")))
+  maps.append(_vocab_padded(_copy(f"{p}{embed}.weight", (V, E), ("embed", "embedding")), cfg, 0))
   if family == "gpt2":
     maps.append(_copy(f"{p}wpe.weight", (cfg.max_len, E), ("pos_embed", "embedding")))
   maps += _norm(cfg, p + final, ("final_norm",))
   if head == "lm" and not cfg.tie_embeddings:
     # transformers writes GPT-NeoX's head as embed_out (its 5.x class renames it lm_head on load).
     names = ("embed_out.weight", "lm_head.weight") if family == "neox" else ("lm_head.weight",)
-    maps.append(_linear(names[0], V, E, ("lm_head", "kernel"), (E, V), aliases=names[1:]))
+    lm = _linear(names[0], V, E, ("lm_head", "kernel"), (E, V), aliases=names[1:])
+    maps.append(_vocab_padded(lm, cfg, 1))
   if head == "score":
     maps.append(_linear("score.weight", 1, E, ("reward_head", "score", "kernel"), (E, 1)))
   return maps

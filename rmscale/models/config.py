@@ -23,7 +23,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 class TransformerConfig:
   """Decoder-only transformer trunk plus the heads a given role needs."""
 
-  vocab_size: int
+  vocab_size: int  # Real tokens (the tokenizer's / checkpoint's); see vocab_multiple.
   d_model: int
   n_layers: int
   n_heads: int
@@ -52,9 +52,19 @@ class TransformerConfig:
   param_dtype: str = "float32"
   matmul: str = "default"  # "fp8": attention projections and MLP through FP8 quantised matmuls.
   remat: bool = False  # Rematerialise each block in the backward pass (memory for compute).
+  # Embedding rows and LM-head columns are padded with zeros up to a multiple of this, so that the
+  # vocabulary splits evenly over the tensor axis (the offline world's 291 words do not); padded
+  # logits are masked, so no padded token is ever sampled or carries probability. 1: no padding
+  # (HF shapes as they are; Pythia's 50304 is already a multiple of 128).
+  vocab_multiple: int = 1
 
   def __post_init__(self):
     validate_model_config(self)
+
+  @property
+  def padded_vocab(self) -> int:
+    """Rows of the embedding and columns of the LM head (and of the logits)."""
+    return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
   @property
   def kv_heads(self) -> int:
@@ -87,7 +97,7 @@ def _choice(name: str, value: str, options: tuple[str, ...]):
 
 def validate_model_config(c: TransformerConfig) -> None:
   """Raises ValueError naming the offending field; called on every construction."""
-  for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_len"):
+  for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_len", "vocab_multiple"):
     if int(getattr(c, name)) <= 0:
       raise ValueError(f"model.{name} must be positive, got {getattr(c, name)}")
   if c.head_dim is None and c.d_model % c.n_heads:

@@ -147,11 +147,11 @@ def count_params(cfg: TransformerConfig) -> dict[str, int]:
   else:
     mlp = 2 * E * F + (F + E) * cfg.mlp_bias
   non_embedding = cfg.n_layers * (attn + mlp + 2 * norm) + norm
-  embedding = cfg.vocab_size * E
+  embedding = cfg.padded_vocab * E  # Padding rows are parameters too (zeros, never trained).
   if cfg.position == "learned":
     embedding += cfg.max_len * E
   if cfg.lm_head and not cfg.tie_embeddings:
-    embedding += E * cfg.vocab_size
+    embedding += E * cfg.padded_vocab
   heads = 0
   if cfg.reward_head == "linear":
     heads += E

@@ -31,6 +31,32 @@ def _init(std: float, names: tuple[str, ...]):
   return nn.with_logical_partitioning(nn.initializers.normal(std), names)
 
 
+def _vocab_init(cfg: TransformerConfig, names: tuple[str, ...], axis: int):
+  """``_init`` for a table with a vocabulary dimension at ``axis``: the real rows are drawn exactly
+  as an unpadded model's (same key, same shape), the padding rows are zero. Nothing ever reads a
+  padded embedding row and masked logits send no gradient to a padded column, so they stay zero."""
+  if cfg.padded_vocab == cfg.vocab_size:
+    return _init(cfg.init_std, names)
+  normal = nn.initializers.normal(cfg.init_std)
+
+  def init(key, shape, dtype=jnp.float32):
+    real = shape[:axis] + (cfg.vocab_size,) + shape[axis + 1 :]
+    pad = [(0, 0)] * len(shape)
+    pad[axis] = (0, shape[axis] - cfg.vocab_size)
+    return jnp.pad(normal(key, real, dtype), pad)
+
+  return nn.with_logical_partitioning(init, names)
+
+
+def mask_padded_vocab(logits_BxLxV, cfg: TransformerConfig):
+  """Padded vocabulary columns pushed to a large negative logit: probability exactly 0 after a
+  softmax, finite so that ``p * log p`` stays 0 (entropy) and temperatures keep it finite."""
+  if cfg.padded_vocab == cfg.vocab_size:
+    return logits_BxLxV
+  real_V = jnp.arange(cfg.padded_vocab) < cfg.vocab_size
+  return jnp.where(real_V, logits_BxLxV, _NEG_INF)
+
+
 def _zeros(names: tuple[str, ...]):
   return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
 
@@ -239,11 +265,11 @@ class Transformer(nn.Module):
   def setup(self):
     cfg = self.cfg
     self.embed = nn.Embed(
-      cfg.vocab_size,
+      cfg.padded_vocab,
       cfg.d_model,
       dtype=cfg.compute_dtype,
       param_dtype=cfg.params_dtype,
-      embedding_init=_init(cfg.init_std, ("vocab", "embed")),
+      embedding_init=_vocab_init(cfg, ("vocab", "embed"), axis=0),
       name="embed",
     )
     if cfg.position == "learned":
@@ -260,11 +286,11 @@ class Transformer(nn.Module):
     self.final_norm = Norm(cfg, name="final_norm")
     if cfg.lm_head and not cfg.tie_embeddings:
       self.lm_head = nn.Dense(
-        cfg.vocab_size,
+        cfg.padded_vocab,
         use_bias=False,
         dtype=cfg.compute_dtype,
         param_dtype=cfg.params_dtype,
-        kernel_init=_init(cfg.init_std, ("embed", "vocab")),
+        kernel_init=_vocab_init(cfg, ("embed", "vocab"), axis=1),
         name="lm_head",
       )
     if cfg.reward_head != "none":
@@ -301,8 +327,9 @@ class Transformer(nn.Module):
     ``default_positions(mask)``. With a cache, tokens are written at slot ``cache['index']`` and
     ``positions_BxL`` must be given (the sampler tracks them per row).
 
-    Returns a dict with ``hidden`` [B,L,E], ``logits`` [B,L,V] (float32), ``reward`` [B] (read at the
-    last real token), ``value`` [B,L], and ``cache`` when one was passed.
+    Returns a dict with ``hidden`` [B,L,E], ``logits`` [B,L,V] (float32; V is ``cfg.padded_vocab``
+    with the padded columns masked to -1e30), ``reward`` [B] (read at the last real token),
+    ``value`` [B,L], and ``cache`` when one was passed.
     """
     cfg = self.cfg
     B, L = tokens_BxL.shape
@@ -345,7 +372,7 @@ class Transformer(nn.Module):
       else:
         logits = self.lm_head(hidden)
       out["logits"] = nn.with_logical_constraint(
-        logits.astype(jnp.float32), ("batch", "length", "act_vocab")
+        mask_padded_vocab(logits.astype(jnp.float32), cfg), ("batch", "length", "act_vocab")
       )
     if cfg.reward_head != "none":
       last_BxE = jnp.take_along_axis(hidden, last_token_index(mask_BxL)[:, None, None], 1)[:, 0]

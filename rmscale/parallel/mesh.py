@@ -115,7 +115,8 @@ def logical_shardings(abstract_tree, logical_specs, mesh: Mesh, rules=DEFAULT_RU
         raise ValueError(
           f"{jax.tree_util.keystr(path)} has shape {leaf.shape}: dimension {dim} is not "
           f"divisible by mesh axes {axes} (size {_axis_size(mesh, axes)}); change the "
-          f"mesh or the logical-axis rules"
+          f"mesh or the logical-axis rules (a vocabulary can be padded instead: "
+          f"model.vocab_multiple)"
         )
     return NamedSharding(mesh, spec)
 

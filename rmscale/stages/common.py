@@ -56,6 +56,7 @@ def model_config(ctx: Context, size: str, role: str) -> TransformerConfig:
   m = ctx.config.model
   common = dict(
     vocab_size=ctx.world.tokenizer.vocab_size,
+    vocab_multiple=m.get("vocab_multiple", 8),  # Padded: splits over tensor axes of up to 8.
     family=m.family,
     rotary_pct=m.rotary_pct,
     max_len=ctx.prompt_len + ctx.response_len,
