@@ -36,6 +36,7 @@ from rmscale.checkpoint import Checkpointer
 from rmscale.losses import token_logprobs
 from rmscale.models.config import TransformerConfig
 from rmscale.models.transformer import Transformer, abstract_params, last_token_index
+from rmscale.parallel import distributed
 from rmscale.parallel import mesh as mesh_lib
 from rmscale.rl_losses import gae, kl_per_token, policy_loss, value_loss, whiten
 from rmscale.sampling import SamplingConfig, sample
@@ -163,6 +164,21 @@ def rm_reward_fn(rm_cfg: TransformerConfig) -> RewardFn:
     ]
 
   return score
+
+
+def global_batch(batch: dict, sharding) -> dict:
+  """A batch as global arrays laid out by ``sharding``.
+
+  Host (numpy) arrays are taken as the *whole* batch, identical on every process (prompts drawn
+  from a shared seed, as the rl stage draws them): each process places only its own devices' rows.
+  That is what makes a host batch work under multi-controller JAX, where a jitted function refuses
+  numpy inputs with a non-replicated sharding. ``jax.Array``s (e.g. ``mesh.put_batch``'s, one
+  host's rows each) pass through.
+  """
+  return {
+    k: v if isinstance(v, jax.Array) else distributed.global_array(v, sharding)
+    for k, v in batch.items()
+  }
 
 
 def model_param_shardings(model_cfg: TransformerConfig, mesh, rules=mesh_lib.DEFAULT_RULES):
@@ -480,7 +496,8 @@ def make_ppo_step(
 ):
   """``ppo_iteration`` jitted on ``mesh``: ``step(state, ref_params, reward_params, batch)``.
 
-  The state is donated; prompts and every per-sequence array are sharded over the data axes;
+  The state is donated; prompts (host arrays: the whole batch, see ``global_batch``) and every
+  per-sequence array are sharded over the data axes;
   ``ref_params`` (the initial policy, no value head) are laid out like the policy; ``reward_shardings``
   (default: replicated) lays out ``reward_params``. Metrics come back replicated.
   ``compiler_options`` are XLA options for this program (e.g. scheduler flags on TPU).
@@ -526,6 +543,7 @@ def make_ppo_step(
         f"(ppo.rollout_batch_size); got keys {sorted(batch)} with "
         f"{batch['ids'].shape[0] if 'ids' in batch else '?'} rows"
       )
+    batch = global_batch(batch, mesh_lib.batch_sharding(mesh))
     with mesh_lib.sharding_context(mesh, rules):
       return jitted(state, ref_params, reward_params, batch)
 
@@ -589,7 +607,11 @@ def make_evaluator(
   compiler_options: dict | None = None,
 ):
   """``evaluate_batch`` jitted on ``mesh`` for batches of ``cfg.rollout_batch_size`` prompts:
-  ``fn(policy_params, init_params, reward_params, batch, rng) -> dict`` (see ``evaluate``)."""
+  ``fn(policy_params, init_params, reward_params, batch, rng) -> dict`` (see ``evaluate``).
+
+  Host prompts are the whole batch on every process (``global_batch``); outputs stay sharded over
+  the data axes (``evaluate`` fetches them with ``distributed.to_host``).
+  """
   mesh_lib.check_batch_divisible(cfg.rollout_batch_size, mesh, "ppo.rollout_batch_size")
   rep, data = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
   fn = functools.partial(evaluate_batch, cfg=cfg, policy_cfg=policy_cfg, reward_fn=reward_fn)
@@ -607,6 +629,7 @@ def make_evaluator(
   )
 
   def evaluator(policy_params, init_params, reward_params, batch, rng):
+    batch = global_batch(batch, data)
     with mesh_lib.sharding_context(mesh, rules):
       return jitted(policy_params, init_params, reward_params, batch, rng)
 
@@ -629,6 +652,7 @@ def evaluate(
   Returns host arrays ``tokens``, ``mask`` (full sequences, ready for a gold RM), ``response_mask``,
   ``kl`` and ``length`` per sample (``score`` too if the evaluator has a reward_fn), plus
   ``kl_mean`` and ``kl_se`` (standard error) in nats. Batch i uses ``fold_in(rng, i)``.
+  Under multi-host every process passes all prompt rows and gets every result back.
   """
   n, batch = prompt_ids.shape[0], evaluator.batch_size
   if n == 0:
@@ -647,7 +671,7 @@ def evaluate(
       {"ids": ids.astype(np.int32), "mask": mask.astype(bool)},
       jax.random.fold_in(rng, i),
     )
-    parts.append({key: v[:k] for key, v in jax.device_get(out).items()})
+    parts.append({key: v[:k] for key, v in distributed.to_host(out).items()})
   res = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
   res["kl_mean"] = float(res["kl"].mean())
   res["kl_se"] = float(res["kl"].std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0

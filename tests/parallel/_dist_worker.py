@@ -1,4 +1,4 @@
-"""One process of a multi-process RM training run on localhost CPU, for tests/parallel/test_distributed.py.
+"""One process of a multi-process RM training and PPO run on localhost CPU, for test_distributed.py.
 
 Started twice (process ids 0 and 1), each with 2 local CPU devices, joined through
 ``rmscale.parallel.distributed.initialize`` from the ``RMSCALE_*`` environment variables, collectives
@@ -7,6 +7,10 @@ over gloo. Trains a tiny reward model with rmscale's own ``init_state`` / ``comp
 both processes, saves the final state with the orbax ``Checkpointer`` (each host writes its shards),
 scores the dataset with the jitted scorer from inputs every host holds in full (as the pipeline's
 scoring and sampling do), and writes losses, scores and the gathered parameters to ``OUT_DIR/p<id>.npz``.
+Then two PPO iterations against a reward model, as the rl stage runs them: prompts and evaluation
+prompts are host arrays every process draws in full from a shared seed, the policy, reference and
+reward parameters are sharded across both hosts; the metrics, the evaluation's samples and the final
+policy go to ``OUT_DIR/ppo<id>.npz``.
 
     RMSCALE_COORDINATOR=localhost:PORT RMSCALE_NUM_PROCESSES=2 RMSCALE_PROCESS_ID=0 \
         python tests/parallel/_dist_worker.py OUT_DIR
@@ -54,7 +58,12 @@ def score(params, axes: dict, devices) -> np.ndarray:
   cfg = sizes.model_config("100k", vocab_size=V, reward_head="linear", d_ff=128)
   mesh = mesh_lib.make_mesh(axes, devices)
   shapes, specs = abstract_params(cfg)
-  scorer = rm.make_scorer(cfg, mesh, mesh_lib.logical_shardings(shapes, specs, mesh))
+  scorer = rm.make_scorer(
+    cfg,
+    mesh,
+    mesh_lib.logical_shardings(shapes, specs, mesh),
+    compiler_options=fast_compile_options(),
+  )
   data = mesh_lib.batch_sharding(mesh)
 
   def global_scorer(p, tokens, mask):
@@ -86,8 +95,9 @@ def train(axes: dict, devices, ckpt_dir: str | None = None):
   mesh = mesh_lib.make_mesh(axes, devices)
   # SGD with momentum: linear in the gradients, so layouts agree to fp32 reduction noise.
   tx = optax.sgd(0.05, momentum=0.9)
-  state, shardings = init_state(cfg, tx, jax.random.key(0), mesh)
-  step_fn = compile_train_step(rm.make_rm_loss(cfg), tx, shardings, mesh)
+  fast = fast_compile_options()
+  state, shardings = init_state(cfg, tx, jax.random.key(0), mesh, compiler_options=fast)
+  step_fn = compile_train_step(rm.make_rm_loss(cfg), tx, shardings, mesh, compiler_options=fast)
   batch_fn = make_batch_fn(dataset(), B, seed=3)
   losses = []
   for s in range(STEPS):
@@ -97,6 +107,109 @@ def train(axes: dict, devices, ckpt_dir: str | None = None):
     with Checkpointer(ckpt_dir, async_save=False) as ckpt:
       ckpt.save(STEPS, state, {"data_position": STEPS}, force=True)
   return np.asarray(losses), state
+
+
+# PPO: a one-layer policy with the RM's vocabulary; 8 prompts of 4 tokens, 4 new tokens each.
+PPO_P, PPO_N, PPO_ITERATIONS, EVAL_PROMPTS = 4, 4, 2, 12
+
+
+def fast_compile_options() -> dict:
+  """XLA options that quarter CPU compile time, which is most of a tiny run's: no LLVM optimisation,
+  and the older loop emitters where this XLA still has them (as in test_mesh_parity.py)."""
+  import jax
+
+  options = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=options).lower(1.0).compile()
+  except Exception:  # An XLA without the flag rejects it; the first one alone is always known.
+    return {"xla_backend_optimization_level": 0}
+  return options
+
+
+def ppo_prompts(seed: int, n: int) -> dict[str, np.ndarray]:
+  """Left-padded prompts drawn from a seed: every process builds the same whole batch."""
+  rng = np.random.default_rng([7, seed])
+  ids = rng.integers(2, V, (n, PPO_P)).astype(np.int32)
+  mask = np.ones((n, PPO_P), bool)
+  mask[::3, :2] = False
+  return {"ids": np.where(mask, ids, 0), "mask": mask}
+
+
+def ppo_run(axes: dict, devices) -> dict[str, np.ndarray]:
+  """PPO_ITERATIONS iterations and one evaluation on a mesh over ``devices``: host-array prompts,
+  sharded parameters. Returns host arrays (metrics, evaluation samples, final policy) on every
+  process."""
+  import jax
+  import optax
+
+  from rmscale.models import sizes
+  from rmscale.models.transformer import init_params
+  from rmscale.parallel import distributed
+  from rmscale.parallel import mesh as mesh_lib
+  from rmscale.train import ppo
+
+  policy = sizes.model_config("25k", vocab_size=V, n_layers=1, d_ff=64, max_len=PPO_P + PPO_N)
+  rm_cfg = policy.replace(lm_head=False, reward_head="linear")
+  cfg = ppo.PPOConfig(
+    rollout_batch_size=8, minibatch_size=4, epochs=2, kl_coef=0.1, max_new_tokens=PPO_N, eos_id=1
+  )
+  mesh = mesh_lib.make_mesh(axes, devices)
+  tx = optax.sgd(0.05, momentum=0.9)  # Linear in the gradients: layouts agree to reduction noise.
+  fast = fast_compile_options()
+
+  def sharded(model_cfg, seed):
+    """Seeded parameters (the same on every process) laid out on the mesh, as load_params does."""
+    init_fn = jax.jit(lambda k: init_params(model_cfg, k)[0], compiler_options=fast)
+    host = jax.device_get(init_fn(jax.random.key(seed)))
+    shardings = ppo.model_param_shardings(model_cfg, mesh)
+    return jax.tree.map(distributed.global_array, host, shardings), shardings
+
+  init, _ = sharded(policy, 0)
+  rm_params, rm_shardings = sharded(rm_cfg, 1)
+  policy_cfg = policy.replace(value_head=True)
+  state, shardings = ppo.init_ppo_state(
+    cfg, policy_cfg, init, tx, jax.random.key(2), mesh, compiler_options=fast
+  )
+  reward_fn = ppo.rm_reward_fn(rm_cfg)
+  step = ppo.make_ppo_step(
+    cfg,
+    policy_cfg,
+    reward_fn,
+    tx,
+    shardings,
+    mesh,
+    reward_shardings=rm_shardings,
+    compiler_options=fast,
+  )
+  evaluator = ppo.make_evaluator(
+    cfg,
+    policy_cfg,
+    shardings["params"],
+    mesh,
+    reward_fn=reward_fn,
+    reward_shardings=rm_shardings,
+    compiler_options=fast,
+  )
+  metrics = []
+  for it in range(PPO_ITERATIONS):
+    state, m = step(state, init, rm_params, ppo_prompts(it, cfg.rollout_batch_size))
+    metrics.append(jax.device_get(m))  # Replicated: every process reads it whole.
+  # 12 prompts in batches of 8: the last batch is padded, as the rl stage's evaluations can be.
+  p = ppo_prompts(100, EVAL_PROMPTS)
+  res = ppo.evaluate(
+    evaluator,
+    state["params"],
+    init,
+    p["ids"],
+    p["mask"],
+    jax.random.key(3),
+    reward_params=rm_params,
+  )
+  out = {f"metric_{k}": np.asarray([m[k] for m in metrics]) for k in metrics[0]}
+  out.update({f"eval_{k}": np.asarray(res[k]) for k in ("tokens", "mask", "kl", "score")})
+  params = flatten(distributed.to_host(state["params"]))
+  out.update({f"param_{k}": v for k, v in params.items()})
+  return out
 
 
 def flatten(tree) -> dict[str, np.ndarray]:
@@ -137,6 +250,8 @@ def main(out_dir: str) -> None:
       np.arange(8.0), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("rows"))
     )
   )
+  # The PPO iteration's sharded parameters span both hosts (fsdp=2 across processes).
+  np.savez(os.path.join(out_dir, f"ppo{pid}.npz"), **ppo_run(MESH, jax.devices()))
   np.savez(
     os.path.join(out_dir, f"p{pid}.npz"),
     losses=losses,

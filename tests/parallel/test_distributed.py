@@ -125,7 +125,10 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_process_rm_training_matches_single_process(tmp_path):
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+  """The output directory of one 2-process run of ``_dist_worker.py`` (RM training, then PPO)."""
+  tmp_path = tmp_path_factory.mktemp("dist")
   port = _free_port()
   procs = []
   for pid in range(2):
@@ -145,9 +148,13 @@ def test_two_process_rm_training_matches_single_process(tmp_path):
       )
     )
   for p in procs:
-    out, _ = p.communicate(timeout=240)
+    out, _ = p.communicate(timeout=300)
     assert p.returncode == 0, out[-3000:]
+  return tmp_path
 
+
+def test_two_process_rm_training_matches_single_process(two_process_run):
+  tmp_path = two_process_run
   # Single process, one device: the reference.
   ref_losses, ref_state = _worker.train(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
   ref = _worker.flatten(ref_state["params"])
@@ -180,3 +187,29 @@ def test_two_process_rm_training_matches_single_process(tmp_path):
   assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
   for k, v in _worker.flatten(restored["params"]).items():
     np.testing.assert_array_equal(v, outs[0][k], err_msg=k)
+
+
+def test_two_process_ppo_matches_single_process(two_process_run):
+  """PPO as the rl stage runs it (host-array prompts every process holds in full, sharded policy,
+  reference and reward model, evaluation fetched to every host) on 2 processes x 2 devices, against
+  the same run on one device: same metrics, samples, KL, scores and policy."""
+  ref = _worker.ppo_run(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+  outs = [dict(np.load(two_process_run / f"ppo{pid}.npz")) for pid in range(2)]
+  assert outs[0].keys() == ref.keys()
+  for k in outs[0]:
+    np.testing.assert_array_equal(outs[1][k], outs[0][k], err_msg=k)  # Every host: the same.
+  out = outs[0]
+  np.testing.assert_array_equal(out["eval_tokens"], ref["eval_tokens"])
+  np.testing.assert_array_equal(out["eval_mask"], ref["eval_mask"])
+  np.testing.assert_allclose(out["eval_kl"], ref["eval_kl"], atol=1e-5)
+  np.testing.assert_allclose(out["eval_score"], ref["eval_score"], atol=1e-5)
+  for k in ref:
+    if k.startswith("metric_"):
+      np.testing.assert_allclose(out[k], ref[k], rtol=1e-4, atol=1e-5, err_msg=k)
+    elif k.startswith("param_"):
+      np.testing.assert_allclose(out[k], ref[k], atol=1e-5, rtol=1e-4, err_msg=k)
+  # Not a vacuous match: 12 evaluation samples of [4 prompt | 4 response] tokens, a policy that
+  # moved away from its reference (KL > 0), and responses the reward model tells apart.
+  assert out["eval_tokens"].shape == (_worker.EVAL_PROMPTS, _worker.PPO_P + _worker.PPO_N)
+  assert out["metric_kl_mean"][-1] != 0 and np.all(ref["eval_kl"] != 0)
+  assert np.ptp(ref["eval_score"]) > 0
