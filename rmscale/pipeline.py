@@ -15,7 +15,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from rmscale import results
+from rmscale import fs, results
 from rmscale.data.world import World, WorldConfig
 from rmscale.models import sizes
 from rmscale.parallel import distributed
@@ -181,9 +181,7 @@ def make_context(config, workdir: str) -> common.Context:
   mesh = mesh_lib.make_mesh(dict(config.mesh))
   writer = None
   if jax.process_index() == 0:
-    from tensorboardX import SummaryWriter
-
-    writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    writer = fs.summary_writer(os.path.join(workdir, "tensorboard"))
   return common.Context(
     config=config,
     workdir=workdir,
@@ -197,7 +195,7 @@ def make_context(config, workdir: str) -> common.Context:
 def run(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Runs the configured stages; returns summary.md's text (or a short status)."""
   validate(config, jax.device_count())
-  os.makedirs(workdir, exist_ok=True)
+  fs.makedirs(workdir)
   if jax.process_index() == 0:
     results.write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
   ctx = make_context(config, workdir)
@@ -205,7 +203,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
   for name in stage_list(config):
     marker = ctx.path("stages", f"{name}.json")
     # Process 0 decides for all, so every host runs (or skips) the same stages and collectives.
-    if distributed.agree(os.path.exists(marker)):
+    if distributed.agree(fs.exists(marker)):
       info[name] = results.read_json(marker)
       logging.info("stage %s: done already, skipped (%s)", name, marker)
       continue
@@ -221,4 +219,4 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
   if ctx.writer is not None:
     ctx.writer.close()
   summary = ctx.path("summary.md")
-  return open(summary).read() if os.path.exists(summary) else json.dumps(info, indent=2)
+  return fs.read_text(summary) if fs.exists(summary) else json.dumps(info, indent=2)

@@ -24,7 +24,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from rmscale import results
+from rmscale import fs, results
 from rmscale.scaling import analysis
 
 RESULT_KINDS = ("proxies", "bon", "rl", "rl_kl_study", "fits", "trends")
@@ -165,27 +165,16 @@ def world_tour(world, n: int = 6, seed: int = 0) -> list[dict]:
 
 
 def _path(path):
-  """An ``etils.epath.Path`` (local, gs://, ...); remote paths without a backend fail clearly."""
-  try:
-    from etils import epath
-  except ImportError:  # etils comes with orbax-checkpoint; without it only local paths work.
-    if "://" in str(path):
-      raise ImportError(
-        f"reading {path} needs etils[epath] (pip install 'etils[epath]' gcsfs)"
-      ) from None
-    import pathlib
-
-    return pathlib.Path(path)
-  return epath.Path(path)
+  """An ``etils.epath.Path`` (local, gs://, ...), as the pipeline's ``fs`` helpers use."""
+  return fs.as_path(path)
 
 
 def _exists(p) -> bool:
   try:
-    return p.exists()
-  except ImportError as e:  # epath names the missing backend (gcsfs or tensorflow).
+    return fs.exists(p)
+  except ImportError as e:  # fs names the path and the missing backend (gcsfs or tensorflow).
     raise ImportError(
-      f"cannot read {p}: {e}; on Colab `pip install gcsfs` (or use a runtime with "
-      "TensorFlow) and authenticate (google.colab.auth.authenticate_user())"
+      f"{e}; on Colab also authenticate (google.colab.auth.authenticate_user())"
     ) from None
 
 
@@ -211,14 +200,11 @@ def find_workdirs(root: str) -> dict[str, str]:
 
 
 def _read_jsonl(p) -> list[dict]:
-  return results.parse_jsonl(p.read_text(), str(p))
+  return results.read_jsonl(str(p))
 
 
 def _read_npz(p, keep=lambda key: True) -> dict[str, np.ndarray]:
-  with p.open("rb") as f:
-    data = f.read() if "://" in str(p) else None  # Remote: one read; local: np.load reads lazily.
-    with np.load(io.BytesIO(data) if data is not None else f) as z:
-      return {k: z[k] for k in z.files if keep(k)}
+  return results.read_npz(str(p), keep)  # Remote: one read; local: only the kept arrays.
 
 
 @dataclasses.dataclass

@@ -1,25 +1,28 @@
 """Atomic result files: JSON, JSONL records and NumPy archives under the workdir.
 
-Every file is written to a temporary name in the same directory and renamed into place, so a
-killed run leaves either the old file or the new one, never half of one. In a multi-host job only
-process 0 writes (every process computes the same replicated results); the others skip the write.
+Every file is written whole (``fs.write``: locally a temporary file renamed into place, remotely one
+object upload), so a killed run leaves either the old file or the new one, never half of one. The
+workdir may be local or remote (``gs://...``). In a multi-host job only process 0 writes (every
+process computes the same replicated results); the others skip the write.
 """
 
 from __future__ import annotations
 
+import io
 import json
-from collections.abc import Iterable
+import zipfile
+from collections.abc import Callable, Iterable
 
 import jax
 import numpy as np
 
-from rmscale import atomic
+from rmscale import fs
 
 
 def atomic_write(path: str, write) -> None:
-  """``atomic.write`` on process 0 only: readers on other hosts wait at a barrier (pipeline.run)."""
+  """``fs.write`` on process 0 only: readers on other hosts wait at a barrier (pipeline.run)."""
   if jax.process_index() == 0:
-    atomic.write(path, write)
+    fs.write(path, write)
 
 
 def _default(x):
@@ -35,8 +38,7 @@ def write_json(path: str, obj) -> None:
 
 
 def read_json(path: str):
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(fs.read_text(path))
 
 
 def write_jsonl(path: str, records: Iterable[dict]) -> None:
@@ -57,19 +59,21 @@ def parse_jsonl(text: str, source: str) -> list[dict]:
 
 
 def read_jsonl(path: str) -> list[dict]:
-  with open(path) as f:
-    return parse_jsonl(f.read(), path)
+  return parse_jsonl(fs.read_text(path), path)
 
 
 def write_npz(path: str, **arrays) -> None:
   atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
-def read_npz(path: str) -> dict[str, np.ndarray]:
+def read_npz(path: str, keep: Callable[[str], bool] = lambda key: True) -> dict[str, np.ndarray]:
+  """The arrays of ``path`` whose names pass ``keep``. A local file is read lazily (only the kept
+  arrays); a remote one in a single read, since each lazy read would be a request."""
+  source = io.BytesIO(fs.read_bytes(path)) if fs.is_remote(path) else path
   try:
-    with np.load(path) as z:
-      return {k: z[k] for k in z.files}
-  except (OSError, ValueError, EOFError) as e:
+    with np.load(source) as z:
+      return {k: z[k] for k in z.files if keep(k)}
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
     raise ValueError(f"{path}: corrupt or truncated array file ({e})") from None
 
 

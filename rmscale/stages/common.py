@@ -12,6 +12,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from rmscale import checkpoint as ckpt_lib
+from rmscale import fs
 from rmscale.data.batching import make_batch_fn
 from rmscale.data.world import World
 from rmscale.models import sizes
@@ -137,7 +138,7 @@ def param_shardings(ctx: Context, model_cfg: TransformerConfig):
 
 def load_params(ctx: Context, path: str, model_cfg: TransformerConfig):
   """Parameters saved by ``train``, restored straight into this run's sharding."""
-  if not os.path.isdir(path):
+  if not fs.isdir(path):
     raise FileNotFoundError(f"no saved parameters at {path}; rerun the stage that writes them")
   shapes, _ = abstract_params(model_cfg)
   target = ckpt_lib.abstract_like({"params": shapes}, {"params": param_shardings(ctx, model_cfg)})

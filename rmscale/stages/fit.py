@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 
 import numpy as np
 
-from rmscale import results
+from rmscale import fs, results
 from rmscale.scaling import fit as fit_lib
 from rmscale.scaling import plots
 from rmscale.stages import bon_stage, common, proxies, rl
@@ -73,7 +72,7 @@ def _per_unit(ctx: common.Context, rl_records: list[dict]) -> dict[tuple, np.nda
   """Per-prompt gold curves [prompts, points] (the bootstrap's resampling units), in KL order."""
   out = {}
   path = ctx.path(*bon_stage.SAMPLES)
-  if os.path.exists(path):
+  if fs.exists(path):
     prefix = "gold_per_prompt__"
     out.update(
       {
@@ -188,7 +187,7 @@ def summary_markdown(
 
 def _read_optional(ctx: common.Context, parts: tuple) -> list[dict]:
   path = ctx.path(*parts)
-  return results.read_jsonl(path) if os.path.exists(path) else []
+  return results.read_jsonl(path) if fs.exists(path) else []
 
 
 def run(ctx: common.Context, stage_info: dict | None = None) -> dict:

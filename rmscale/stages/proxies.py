@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 
-from rmscale import results
+from rmscale import fs, results
 from rmscale.models.sizes import count_params
 from rmscale.stages import common, label, policy_init, pretrained
 from rmscale.stages.gold import evaluate
@@ -37,7 +37,7 @@ def train_proxy(ctx: common.Context, spec: dict, train_data: dict, val_data: dic
   p = ctx.config.proxies
   name = os.path.join("proxies", spec["name"])
   done = ctx.path(name, "metrics.json")
-  if os.path.exists(done):
+  if fs.exists(done):
     return results.read_json(done)
   if spec["data_size"] > len(train_data["chosen"]):
     raise ValueError(

@@ -10,12 +10,10 @@ coefficients (Gao et al. find the penalty acts like early stopping rather than m
 
 from __future__ import annotations
 
-import os
-
 import jax
 import numpy as np
 
-from rmscale import results
+from rmscale import fs, results
 from rmscale.rl_losses import mean_and_se
 from rmscale.stages import bon_stage, common, proxies
 from rmscale.train import ppo
@@ -30,7 +28,7 @@ EVAL_SAMPLES = {"initial": "initial_samples.npz", "final": "final_samples.npz"} 
 def reference_scores(ctx: common.Context) -> dict:
   """The initial policy's score statistics from the best-of-n samples (the recentring origin)."""
   path = ctx.path(*bon_stage.SAMPLES)
-  if not os.path.exists(path):
+  if not fs.exists(path):
     raise FileNotFoundError(
       f"stage rl recentres scores with the initial policy's samples in {path}; "
       "run the bon stage first"
@@ -89,7 +87,7 @@ def run_one(
   """One PPO run against ``proxy``; returns its evaluation records (cached in ``rl/<name>/``)."""
   r, seed = ctx.config.rl, ctx.config.seed
   done = ctx.path("rl", name, "records.json")
-  if os.path.exists(done):
+  if fs.exists(done):
     return results.read_json(done)
   cfg = ppo_config(ctx, kl_coef)
   policy_cfg = common.model_config(ctx, ctx.config.policy.size, "policy")
