@@ -83,6 +83,8 @@ def get_config(arg=None):
   c.model.dtype = "bfloat16"  # Compute dtype (softmax, norms and losses stay float32).
   c.model.param_dtype = "float32"  # Parameter storage dtype (master weights for Adam).
   c.model.matmul = "default"  # "fp8": FP8 quantised matmuls in attention and MLP.
+  # Vocabulary padded to a multiple of this: lane-aligned and divisible by any tensor axis.
+  c.model.vocab_multiple = 128
 
   # Initial policy: SFT on the human writer's corpus (Gao: a 1.2B SFT policy).
   c.policy = ml_collections.ConfigDict()

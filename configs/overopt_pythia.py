@@ -116,6 +116,8 @@ def get_config(arg=None):
   c.model.dtype = "bfloat16"  # Compute dtype (softmax, norms and losses stay float32).
   c.model.param_dtype = "float32"  # Parameter dtype (master weights for Adam).
   c.model.matmul = "default"  # "fp8": FP8 quantised matmuls in attention and MLP.
+  # Ladder models' vocabulary padded to a multiple of this (checkpoints keep their own).
+  c.model.vocab_multiple = 128
 
   # The policy: a local Hugging Face causal LM, SFT'd on the dataset's chosen responses (optional).
   c.policy = ml_collections.ConfigDict()

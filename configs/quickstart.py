@@ -39,6 +39,8 @@ def get_config(arg=None):
   c.model.dtype = "float32"  # Compute dtype.
   c.model.param_dtype = "float32"  # Parameter storage dtype.
   c.model.matmul = "default"  # "fp8": FP8 quantised matmuls in attention and MLP.
+  # Vocabulary padded to a multiple of this (291 words -> 296), so tensor axes of up to 8 split it.
+  c.model.vocab_multiple = 8
 
   # Initial policy: SFT on the human writer's corpus.
   c.policy = ml_collections.ConfigDict()
@@ -65,15 +67,16 @@ def get_config(arg=None):
   c.gold.size = "200k"
   # pretrained (from an LM of gold.size: the policy's own when equal) | scratch.
   c.gold.init = "pretrained"
-  c.gold.num_comparisons = 40_000  # Human-utility comparisons to train on.
+  c.gold.num_comparisons = 80_000  # Human-utility comparisons to train on (each seen once).
   c.gold.eval_comparisons = 4000  # Held-out comparisons for the accuracy report.
-  c.gold.steps = 1500
+  c.gold.steps = 2500
   c.gold.batch_size = 32  # Comparison pairs per step.
-  c.gold.lr = 1e-3
+  c.gold.lr = 2e-3
   c.gold.warmup_steps = 100
   c.gold.weight_decay = 0.0
   c.gold.p_ramble = 0.3  # The raters' broader writer: rambling past the request ...
   c.gold.p_keyword_extra = 0.3  # ... keyword stuffing ...
+  c.gold.p_wrong_keyword = 0.3  # ... the wrong keyword (as an untrained policy writes) ...
   c.gold.p_repeat = 0.15  # ... and repetition, so the gold RM learns where the utility turns down.
 
   # Comparisons: two policy samples per prompt, the gold RM picks the winner.
@@ -84,7 +87,7 @@ def get_config(arg=None):
 
   # Proxy RMs: one per (size, data size, seed).
   c.proxies = ml_collections.ConfigDict()
-  c.proxies.sizes = ("100k", "200k", "400k")
+  c.proxies.sizes = ("25k", "100k", "400k")  # Width x2 per step at fixed depth.
   c.proxies.data_sizes = (1000, 9000)
   c.proxies.seeds = (0,)
   c.proxies.init = "scratch"  # scratch | pretrained (an LM of each size trained on the SFT corpus).
@@ -107,7 +110,7 @@ def get_config(arg=None):
   c.rl.rollout_batch_size = 64  # Prompts per rollout (Gao et al.: 256).
   c.rl.minibatch_size = 16
   c.rl.epochs = 4  # Passes over each rollout.
-  c.rl.lr = 1e-3
+  c.rl.lr = 1e-4  # Slow enough that evaluations every other iteration resolve the gold peak.
   c.rl.warmup_steps = 10
   c.rl.clip_eps = 0.2
   c.rl.value_clip = 0.2
@@ -119,12 +122,12 @@ def get_config(arg=None):
   c.rl.kl_coef = 0.0  # KL penalty per token (0: Gao et al.'s default).
   c.rl.kl_mode = "fixed"  # fixed | adaptive (then kl_coef is the start and kl_target the aim).
   c.rl.kl_target = 6.0
-  c.rl.eval_every = 5  # Iterations between gold evaluations on held-out prompts.
+  c.rl.eval_every = 2  # Iterations between gold evaluations on held-out prompts.
   c.rl.eval_prompts = 128  # Held-out prompts per evaluation (a multiple of rollout_batch_size).
   c.rl.log_every = 5
   c.rl.save_every = 10  # Iterations between checkpoints.
   c.rl.proxies = ()  # Proxy names to optimise against; () means every proxy.
-  c.rl.kl_study_proxy = "100k_d1000_s0"  # Proxy for the KL-penalty study ("" skips it).
+  c.rl.kl_study_proxy = "25k_d1000_s0"  # Proxy for the KL-penalty study ("" skips it).
   c.rl.kl_study_coefs = (0.05, 0.2)  # Fixed KL coefficients compared with rl.kl_coef.
 
   c.sampling = ml_collections.ConfigDict()

@@ -92,6 +92,15 @@ def test_finished_stages_are_skipped(finished, monkeypatch):
   assert before == after
 
 
+def test_rerunning_fit_alone_keeps_the_whole_summary(finished):
+  workdir, summary = finished
+  os.remove(os.path.join(workdir, "stages", "fit.json"))
+  # Earlier stages' markers (gold accuracy, label agreement) still reach the summary.
+  rerun = pipeline.run(tiny_config(stages="fit"), workdir)
+  assert "agreement with the human utility on policy-sample pairs: 1.000" in rerun
+  assert rerun.split("\n")[3:] == summary.split("\n")[3:]  # All but the workdir line.
+
+
 def test_killed_proxies_stage_resumes_to_the_same_result(finished):
   workdir, _ = finished
   before = proxies.load(pipeline.make_context(tiny_config(), workdir))

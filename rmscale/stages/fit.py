@@ -211,8 +211,13 @@ def run(ctx: common.Context, stage_info: dict | None = None) -> dict:
   plots.plot_rm_validation(rm_records, ctx.path("plots", "rm_validation.png"))
   if len({r["rm_params"] for r in fit_rows}) > 1:
     plots.plot_coefficients_vs_size(fit_rows, ctx.path("plots", "coefficients_vs_size.png"))
-  text = summary_markdown(
-    ctx, stage_info or {}, rm_records, fit_rows, trend_rows, study, study_rows
-  )
+  # Stages finished by an earlier invocation (e.g. `--config.stages=bon,fit`) still describe the run.
+  info = {}
+  for name in ("gold", "label"):
+    marker = ctx.path("stages", f"{name}.json")
+    if fs.exists(marker):
+      info[name] = results.read_json(marker)
+  info.update(stage_info or {})
+  text = summary_markdown(ctx, info, rm_records, fit_rows, trend_rows, study, study_rows)
   results.write_text(ctx.path("summary.md"), text)
   return {"num_fits": len(fit_rows)}
