@@ -100,13 +100,13 @@ def get_config(arg=None):
   c.proxies.score_l2 = 0.0  # L2 on reward scores (Coste et al.: 1e-3).
   # Best-of-n on held-out prompts.
   c.bon = ml_collections.ConfigDict()
-  c.bon.num_prompts = 200
-  c.bon.n_samples = 256  # N samples per prompt; n runs over a geometric grid up to N.
+  c.bon.num_prompts = 128
+  c.bon.n_samples = 192  # N samples per prompt; n runs over a geometric grid up to N.
   c.bon.num_n = 12
 
   # PPO against every proxy (rmscale/train/ppo.py), gold-evaluated along the KL axis.
   c.rl = ml_collections.ConfigDict()
-  c.rl.iterations = 40  # PPO iterations (one rollout each) per proxy.
+  c.rl.iterations = 20  # PPO iterations (one rollout each) per proxy.
   c.rl.rollout_batch_size = 64  # Prompts per rollout (Gao et al.: 256).
   c.rl.minibatch_size = 16
   c.rl.epochs = 4  # Passes over each rollout.

@@ -61,6 +61,9 @@ def test_all_stages_write_their_artefacts(finished):
     assert curve[-1]["kl"] > curve[0]["kl"]
   study = results.read_jsonl(os.path.join(workdir, "results", "rl_kl_study.jsonl"))
   assert {r["kl_coef"] for r in study} == {0.0, 0.1}
+  # The study's runs share compiled programs; the penalty must still reach the rewards.
+  last = {r["kl_coef"]: r for r in study if r["iteration"] == 4}
+  assert last[0.1]["kl"] != last[0.0]["kl"] and last[0.1]["proxy"] != last[0.0]["proxy"]
   fits = results.read_jsonl(os.path.join(workdir, "results", "fits.jsonl"))
   assert sorted(f["method"] for f in fits) == ["bon"] * 4 + ["rl"] * 2
   assert all(np.isfinite(f["alpha"]) for f in fits)

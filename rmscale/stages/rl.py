@@ -10,6 +10,8 @@ coefficients (Gao et al. find the penalty acts like early stopping rather than m
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 
@@ -113,7 +115,12 @@ def run_one(
   )
   rm_cfg = common.model_config(ctx, proxy["rm_size"], "rm")
   rm_params = common.load_params(ctx, ctx.path("proxies", proxy["name"], "params"), rm_cfg)
-  key = (cfg, train_cfg, critic_cfg, rm_cfg, optim, ctx.mesh, ctx.rules)
+  # kl_coef only seeds the state's coefficient (init_ppo_state), so the KL-penalty study's runs
+  # share the compiled programs too.
+  cfg_key = tuple(
+    (f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.name != "kl_coef"
+  )
+  key = (cfg_key, train_cfg, critic_cfg, rm_cfg, optim, ctx.mesh, ctx.rules)
   if key not in _PROGRAMS:  # Runs against proxies of one size share their compiled programs.
     reward_fn = ppo.rm_reward_fn(rm_cfg)
     rm_shardings = common.param_shardings(ctx, rm_cfg)
