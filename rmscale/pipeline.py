@@ -209,7 +209,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
       continue
     start = time.time()
     logging.info("stage %s: starting", name)
-    out = fit.run(ctx, info) if name == "fit" else STAGES[name](ctx)
+    out = STAGES[name](ctx)
     out = {**out, "seconds": round(time.time() - start, 1)}
     results.write_json(marker, out)
     # Process 0 alone writes artefacts; the other hosts read them only after this point.

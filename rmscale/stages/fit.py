@@ -190,7 +190,7 @@ def _read_optional(ctx: common.Context, parts: tuple) -> list[dict]:
   return results.read_jsonl(path) if fs.exists(path) else []
 
 
-def run(ctx: common.Context, stage_info: dict | None = None) -> dict:
+def run(ctx: common.Context) -> dict:
   rl_records = _read_optional(ctx, rl.RESULTS)
   study = _read_optional(ctx, rl.STUDY)
   records = results.read_jsonl(ctx.path(*bon_stage.RESULTS)) + rl_records
@@ -211,13 +211,12 @@ def run(ctx: common.Context, stage_info: dict | None = None) -> dict:
   plots.plot_rm_validation(rm_records, ctx.path("plots", "rm_validation.png"))
   if len({r["rm_params"] for r in fit_rows}) > 1:
     plots.plot_coefficients_vs_size(fit_rows, ctx.path("plots", "coefficients_vs_size.png"))
-  # Stages finished by an earlier invocation (e.g. `--config.stages=bon,fit`) still describe the run.
+  # From the stages' markers, so a fit run on its own (`--config.stages=fit`) describes the whole run.
   info = {}
   for name in ("gold", "label"):
     marker = ctx.path("stages", f"{name}.json")
     if fs.exists(marker):
       info[name] = results.read_json(marker)
-  info.update(stage_info or {})
   text = summary_markdown(ctx, info, rm_records, fit_rows, trend_rows, study, study_rows)
   results.write_text(ctx.path("summary.md"), text)
   return {"num_fits": len(fit_rows)}
