@@ -20,7 +20,7 @@ models and data follows the paper. Steps and learning rates are starting points,
 
 import ml_collections
 
-from rmscale.configs import parse_arg
+from rmscale.configs import parse_arg, parse_count, parse_list
 from rmscale.parallel.mesh import DEFAULT_RULES
 
 LADDER = ("3m", "12m", "25m", "42m", "85m", "300m", "680m", "1.2b", "3b")  # Gao et al.'s proxies.
@@ -28,24 +28,8 @@ LADDER = ("3m", "12m", "25m", "42m", "85m", "300m", "680m", "1.2b", "3b")  # Gao
 DATA_LADDER = (2_000, 4_000, 8_000, 16_000, 32_000, 64_000, 90_000)
 
 
-def _count(text: str) -> int:
-  """``90k`` -> 90000, ``1.5m`` -> 1500000, ``500`` -> 500."""
-  text = str(text).strip().lower()
-  scale = {"k": 1_000, "m": 1_000_000}.get(text[-1:], 1)
-  try:
-    value = float(text[:-1] if scale > 1 else text) * scale
-  except ValueError:
-    raise ValueError(f"overopt: {text!r} is not a count such as 90k or 5000") from None
-  if value <= 0 or value != int(value):
-    raise ValueError(f"overopt: {text!r} is not a positive whole count")
-  return int(value)
-
-
-def _list(text, every: tuple, parse) -> tuple:
-  """``all``, or ``+``-separated items; duplicates dropped, order kept."""
-  text = str(text)
-  items = every if text == "all" else [parse(t) for t in text.split("+") if t]
-  return tuple(dict.fromkeys(items))
+def _count(text) -> int:
+  return parse_count(text, "overopt")
 
 
 def get_config(arg=None):
@@ -133,8 +117,8 @@ def get_config(arg=None):
   # Proxy RMs: one per (size, data size, seed), each initialised from a pretrained LM of its size.
   c.proxies = ml_collections.ConfigDict()
   # Tuples, not lists: ml_collections can override tuples from the command line (--config.proxies.sizes='("3m",)').
-  c.proxies.sizes = _list(a.rm, LADDER, str)
-  c.proxies.data_sizes = _list(a.data, DATA_LADDER, _count)
+  c.proxies.sizes = parse_list(a.rm, LADDER, str)
+  c.proxies.data_sizes = parse_list(a.data, DATA_LADDER, _count)
   c.proxies.seeds = tuple(range(a.seeds))
   c.proxies.init = "pretrained"  # scratch | pretrained (Gao: every RM starts from a pretrained LM).
   c.proxies.epochs = 1.0  # Gao: one epoch (more overfits, see reference section 1).

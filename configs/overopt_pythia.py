@@ -41,30 +41,15 @@ import os
 
 import ml_collections
 
-from rmscale.configs import parse_arg
+from rmscale.configs import parse_arg, parse_count, parse_list
 from rmscale.parallel.mesh import DEFAULT_RULES
 
 LADDER = ("pythia-70m", "pythia-160m", "pythia-410m", "pythia-1b", "pythia-1.4b")
 DATA_LADDER = (2_000, 4_000, 8_000, 16_000, 32_000, 46_000)  # Coste et al. train on ~46k pairs.
 
 
-def _count(text: str) -> int:
-  """``46k`` -> 46000, ``500`` -> 500."""
-  text = str(text).strip().lower()
-  scale = {"k": 1_000, "m": 1_000_000}.get(text[-1:], 1)
-  try:
-    value = float(text[:-1] if scale > 1 else text) * scale
-  except ValueError:
-    raise ValueError(f"overopt_pythia: {text!r} is not a count such as 46k or 5000") from None
-  if value <= 0 or value != int(value):
-    raise ValueError(f"overopt_pythia: {text!r} is not a positive whole count")
-  return int(value)
-
-
-def _list(text, every: tuple, parse) -> tuple:
-  text = str(text)
-  items = every if text == "all" else [parse(t) for t in text.split("+") if t]
-  return tuple(dict.fromkeys(items))
+def _count(text) -> int:
+  return parse_count(text, "overopt_pythia")
 
 
 def get_config(arg=None):
@@ -168,8 +153,8 @@ def get_config(arg=None):
 
   # Proxy RMs: one per (size, data size, seed), each from the Pythia LM of its size.
   c.proxies = ml_collections.ConfigDict()
-  c.proxies.sizes = _list(a.rm, LADDER, str)  # Checkpoint names under <root>/ckpts.
-  c.proxies.data_sizes = _list(a.data, DATA_LADDER, _count)  # Training comparisons per proxy.
+  c.proxies.sizes = parse_list(a.rm, LADDER, str)  # Checkpoint names under <root>/ckpts.
+  c.proxies.data_sizes = parse_list(a.data, DATA_LADDER, _count)  # Training comparisons per proxy.
   c.proxies.seeds = tuple(range(a.seeds))
   c.proxies.init = "hf"  # hf (from hf_dir_template) | pretrained | scratch.
   c.proxies.hf_dir_template = os.path.join(ckpts, "{size}")  # {size}: a name in proxies.sizes.

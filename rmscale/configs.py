@@ -7,6 +7,26 @@ import ast
 import ml_collections
 
 
+def parse_count(text, config: str) -> int:
+  """A count argument of ``config``: ``90k`` -> 90000, ``1.5m`` -> 1500000, ``500`` -> 500."""
+  text = str(text).strip().lower()
+  scale = {"k": 1_000, "m": 1_000_000}.get(text[-1:], 1)
+  try:
+    value = float(text[:-1] if scale > 1 else text) * scale
+  except ValueError:
+    raise ValueError(f"{config}: {text!r} is not a count such as 90k or 5000") from None
+  if value <= 0 or value != int(value):
+    raise ValueError(f"{config}: {text!r} is not a positive whole count")
+  return int(value)
+
+
+def parse_list(text, every: tuple, parse) -> tuple:
+  """``all`` (``every``), or ``+``-separated items through ``parse``; duplicates dropped, order kept."""
+  text = str(text)
+  items = every if text == "all" else [parse(t) for t in text.split("+") if t]
+  return tuple(dict.fromkeys(items))
+
+
 def parse_arg(arg: str | None, **defaults):
   """Parses ``'k=v,k2=v2'`` (the part after ``config.py:``) into a ConfigDict over ``defaults``.
 

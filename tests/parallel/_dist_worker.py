@@ -115,7 +115,7 @@ PPO_P, PPO_N, PPO_ITERATIONS, EVAL_PROMPTS = 4, 4, 2, 12
 
 def fast_compile_options() -> dict:
   """XLA options that quarter CPU compile time, which is most of a tiny run's: no LLVM optimisation,
-  and the older loop emitters where this XLA still has them (as in test_mesh_parity.py)."""
+  and the older loop emitters where this XLA still has them (test_mesh_parity.py uses it too)."""
   import jax
 
   options = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}

@@ -19,6 +19,8 @@ deterministic, so this cannot be flaky).
 """
 
 import functools
+import importlib.util
+import os
 
 import jax
 import numpy as np
@@ -31,6 +33,13 @@ from rmscale.parallel import mesh as mesh_lib
 from rmscale.sampling import SamplingConfig, make_sharded_sampler
 from rmscale.train import ppo, rm, sft
 from rmscale.train.state import OptimConfig, compile_train_step, init_state, make_optimizer
+
+# The 2-process worker's helpers (a script, not a package module).
+_spec = importlib.util.spec_from_file_location(
+  "_dist_worker", os.path.join(os.path.dirname(__file__), "_dist_worker.py")
+)
+_worker = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_worker)
 
 V, P_LEN, N_NEW, EOS = 291, 4, 4, 1  # The offline world's vocabulary: 291 words.
 B, L = 16, P_LEN + N_NEW
@@ -57,18 +66,8 @@ PPO = ppo.PPOConfig(
 SCFG = SamplingConfig(max_new_tokens=N_NEW, temperature=0.7, eos_id=EOS)
 
 
-def _fast_compile_options() -> dict:
-  """XLA options that halve CPU compile time, which is most of this file's time (tiny programs, run
-  twice): no LLVM optimisation, and the older loop emitters where this XLA still has them."""
-  options = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
-  try:
-    jax.jit(lambda x: x + 1, compiler_options=options).lower(1.0).compile()
-  except Exception:  # An XLA without the flag rejects it; the first one alone is always known.
-    return {"xla_backend_optimization_level": 0}
-  return options
-
-
-FAST_COMPILE = _fast_compile_options()
+# Compile time is most of this file's time (tiny programs, each compiled twice).
+FAST_COMPILE = _worker.fast_compile_options()
 ids = lambda shape: "x".join(map(str, shape))  # noqa: E731
 
 
