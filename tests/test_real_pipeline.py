@@ -17,6 +17,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from rmscale import pipeline, results  # noqa: E402
+from rmscale.parallel import aot  # noqa: E402
 from rmscale.stages import label  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -185,6 +186,16 @@ def test_every_stage_runs_on_checkpoints_and_data(finished, real_root):
   assert "Proxy reward models" in summary
   config = json.load(open(os.path.join(workdir, "config.json")))
   assert config["data"]["kind"] == "preferences"
+
+
+def test_memory_report_compiles_at_the_datasets_sequence_lengths(real_root):
+  root, _, _ = real_root
+  config = overopt_pythia.get_config(f"root={root},{ARGS}")
+  config.stages = "proxies"
+  (_, _, batch, compiled), *_ = aot.compile_steps(config, kinds=("score",))
+  tokens = compiled.args_info[0][1]
+  seq = config.data.prompt_len + config.data.response_len  # 16 + 8 under 'shrink', not the world's.
+  assert tokens.shape == (batch, seq)
 
 
 def test_gold_with_its_own_tokenizer_scores_through_text(real_root, tmp_path):

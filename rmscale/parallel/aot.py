@@ -211,7 +211,6 @@ def compile_config(config, devices=None, kinds=STEP_KINDS, log=None) -> list[Ste
 def compile_steps(config, devices=None, kinds=STEP_KINDS, log=None):
   """Yields ``(label, size, batch, compiled)`` for every step of ``config`` (see ``plan_steps``)."""
   from rmscale import pipeline
-  from rmscale.data.world import World, WorldConfig
   from rmscale.parallel import mesh as mesh_lib
   from rmscale.stages import common
   from rmscale.train import rm, sft
@@ -228,7 +227,7 @@ def compile_steps(config, devices=None, kinds=STEP_KINDS, log=None):
     workdir="",
     mesh=mesh,
     rules=mesh_lib.rules_from_config(config.rules),
-    world=World(WorldConfig(**config.world)),
+    world=pipeline.make_world(config),  # The dataset's own sequence lengths for preference data.
   )
   seq = ctx.prompt_len + ctx.response_len
   for kind, label, size, batch, section in plan_steps(config):
