@@ -33,8 +33,9 @@ def get_config(arg=None):
 
   c.model = ml_collections.ConfigDict()
   c.model.family = "neox"  # Architecture preset for every model: neox | llama | gpt2.
-  # Fraction of each head rotated (Pythia: 0.25; tiny heads need all of it).
-  c.model.rotary_pct = 1.0
+  # Fraction of each head rotated (Pythia: 0.25). Half leaves the 16-dim heads 8 position-free dims
+  # to match words by content (keyword, repeats), and half to find positions.
+  c.model.rotary_pct = 0.5
   c.model.reward_head = "linear"  # Reward-head type of gold and proxy RMs: linear | mlp.
   c.model.dtype = "float32"  # Compute dtype.
   c.model.param_dtype = "float32"  # Parameter storage dtype.

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from rmscale import pipeline, results
-from rmscale.stages import label, proxies
+from rmscale.stages import gold, label, proxies
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -130,6 +130,18 @@ def test_labels_are_deterministic(finished, tmp_path):
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
   # Oracle gold labels: the chosen response really has the higher utility.
   assert (a["gold_chosen"] >= a["gold_rejected"]).all()
+
+
+def test_gold_comparisons_are_decided_by_the_utility(tmp_path):
+  ctx = pipeline.make_context(tiny_config(), str(tmp_path))
+  data = gold.human_comparisons(ctx, 500, seed=3, split="eval")
+  P = ctx.prompt_len
+  utility = lambda s, m: ctx.world.utility(s[:, :P], s[:, P:], m[:, P:])  # noqa: E731
+  chosen = utility(data["chosen"], data["chosen_mask"])
+  rejected = utility(data["rejected"], data["rejected_mask"])
+  # Exactly n pairs, none tied: ties (about 2% of raw pairs) carry no preference.
+  assert len(chosen) == 500 and (chosen > rejected).all()
+  np.testing.assert_array_equal(data["chosen"][:, :P], data["rejected"][:, :P])  # Same prompt.
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,12 @@ from rmscale.train import rm
 
 
 def human_comparisons(ctx: common.Context, n: int, seed: int, split: str) -> dict[str, np.ndarray]:
+  """``n`` pairs of the raters' writer that the human utility decides, the better one chosen.
+
+  Pairs the utility leaves exactly tied (about 2%: e.g. two perfect answers) are dropped, as a rater
+  with no preference gives no label: labelled either way they would only be noise to train on and
+  a coin flip to score.
+  """
   g = ctx.config.gold
   broad = World(
     dataclasses.replace(
@@ -29,14 +35,24 @@ def human_comparisons(ctx: common.Context, n: int, seed: int, split: str) -> dic
     )
   )
   rng = np.random.default_rng(seed)
-  prompts = broad.sample_prompts(rng, n, split)
+  drawn = n + n // 8 + 16  # Enough that n decided pairs remain.
+  prompts = broad.sample_prompts(rng, drawn, split)
   a, b = (
     broad.sample_responses(rng, prompts["index"]),
     broad.sample_responses(rng, prompts["index"]),
   )
   ua = ctx.world.utility(prompts["ids"], a["ids"], a["mask"])
   ub = ctx.world.utility(prompts["ids"], b["ids"], b["mask"])
-  return comparison_arrays(prompts["ids"], prompts["mask"], a, b, ua >= ub)
+  keep = np.flatnonzero(ua != ub)[:n]
+  if len(keep) < n:
+    raise ValueError(
+      f"only {len(keep)} of {drawn} sampled gold comparisons are decided by the utility; "
+      f"the world's writer settings make too many ties to collect {n}"
+    )
+  pick = lambda d: {k: v[keep] for k, v in d.items()}  # noqa: E731
+  return comparison_arrays(
+    prompts["ids"][keep], prompts["mask"][keep], pick(a), pick(b), ua[keep] > ub[keep]
+  )
 
 
 def comparison_arrays(prompt_ids, prompt_mask, a, b, a_wins) -> dict[str, np.ndarray]:
