@@ -31,6 +31,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from rmscale import fs
+
 PyTree = Any
 _log = logging.getLogger(__name__)
 
@@ -144,7 +146,7 @@ class Checkpointer:
       create=True,
       **keep,
     )
-    self.directory = str(directory)
+    self.directory = fs.resolve(directory)  # orbax refuses relative paths.
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   # -- queries -------------------------------------------------------------------------

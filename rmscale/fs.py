@@ -54,6 +54,22 @@ def _naming(path, doing: str):
     raise OSError(f"cannot {doing} {path}: {type(e).__name__}: {e}") from e
 
 
+def resolve(path: str | os.PathLike) -> str:
+  """One spelling of ``path`` that means the same from any process and working directory.
+
+  ``~`` is expanded and a relative local path made absolute against the current directory, as a
+  user typing it means; a remote URL (``gs://...``) is returned unchanged. Entry points resolve
+  their path arguments once, so nothing below (orbax needs absolute paths, subprocesses may run
+  elsewhere) sees a relative one.
+  """
+  path = os.fspath(path)
+  if not path:
+    raise ValueError("empty path")
+  if is_remote(path):
+    return path
+  return os.path.abspath(os.path.expanduser(path))
+
+
 def exists(path: str | os.PathLike) -> bool:
   if not is_remote(path):
     return os.path.exists(path)
