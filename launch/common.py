@@ -20,7 +20,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 
-from rmscale import atomic
+from rmscale import atomic, fs
 
 # The artefact directory of each stage that a sweep can share (pipeline stage name -> workdir entry).
 SHAREABLE_STAGES = ("policy_init", "gold", "label")
@@ -48,6 +48,18 @@ def rmscale_job(name: str, python: str, main_args: Sequence[str], prelude=()) ->
     )
   return Job(
     name, (python, "-m", "rmscale.main", *main_args, "--distributed=on"), tuple(map(tuple, prelude))
+  )
+
+
+def worker_path(path: str, flag: str) -> str:
+  """``path`` unchanged if it means the same on the remote workers that use it: an absolute path (on
+  storage they all mount) or a URL (``gs://...``). A relative or ``~`` path would name a directory
+  of this machine, or a different one on each worker, so it is an error naming ``flag``."""
+  if fs.is_remote(path) or os.path.isabs(path):
+    return path
+  raise ValueError(
+    f"{flag}={path!r} must be an absolute path on storage shared by all workers (e.g. a "
+    "Filestore/NFS mount) or a gs:// URL: a relative or ~ path names a directory of this machine"
   )
 
 
@@ -142,7 +154,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     "--stages", required=True, help="comma-separated stages, e.g. policy_init,gold,label"
   )
   args = parser.parse_args(argv)
-  link_shared(args.shared, args.workdir, [s for s in args.stages.split(",") if s])
+  try:
+    shared, workdir = fs.resolve(args.shared), fs.resolve(args.workdir)
+  except ValueError as e:
+    parser.error(f"--shared/--workdir: {e}")
+  link_shared(shared, workdir, [s for s in args.stages.split(",") if s])
   return 0
 
 

@@ -8,7 +8,9 @@ GPU); ``--per=node`` one process per node driving all of its GPUs (``RMSCALE_LOC
 lists them, since JAX would otherwise give the single task GPU 0 only). Every process runs
 ``rmscale.main ... --distributed=on``; the coordinator address and process ids come from SLURM.
 ``--requeue`` is set: a preempted or requeued job restarts and resumes from its checkpoints.
-Without ``--dry_run`` the script is written to ``<workdir>/slurm/<name>.sbatch`` and submitted.
+Without ``--dry_run`` the script is written to ``<workdir>/slurm/<name>.sbatch`` and submitted. A
+relative or ``~`` ``--workdir`` is made absolute against the current directory before it goes into
+the script, since the job runs in this checkout (``--chdir``); it must be on storage every node sees.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import sys
 from collections.abc import Sequence
 
 from launch.common import Job, check_name, rmscale_job
+from rmscale import fs
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -141,11 +144,25 @@ def options_from_args(args) -> SlurmOptions:
   )
 
 
-def _workdir(main_args: Sequence[str]) -> str:
-  workdirs = [a.split("=", 1)[1] for a in main_args if a.startswith("--workdir=")]
+def _resolve_workdir(main_args: Sequence[str]) -> tuple[list[str], str]:
+  """``main_args`` with each ``--workdir=`` resolved (``~`` expanded, a relative one made absolute
+  against the current directory, where the user typed it: the job itself starts in this checkout,
+  ``--chdir``), and the workdir rmscale.main will use (the last one)."""
+  args, workdirs = [], []
+  for arg in main_args:
+    if arg.startswith("--workdir="):
+      workdir = fs.resolve(arg.split("=", 1)[1])
+      if fs.is_remote(workdir):
+        raise ValueError(
+          f"--workdir={workdir}: the job script and SLURM's logs are written under the workdir, "
+          "so it must be a path on the cluster's shared file system, not a URL"
+        )
+      workdirs.append(workdir)
+      arg = f"--workdir={workdir}"
+    args.append(arg)
   if not workdirs:
     raise ValueError("give --workdir=... after '--' (on storage every node sees)")
-  return workdirs[-1]
+  return args, workdirs[-1]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -160,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   add_slurm_arguments(parser)
   args = parser.parse_args(argv)
   try:
-    workdir = _workdir(main_args)
+    main_args, workdir = _resolve_workdir(main_args)
     job = rmscale_job(args.name, args.slurm_python, main_args)
     script = render(job, options_from_args(args), os.path.join(workdir, "slurm"))
   except ValueError as e:

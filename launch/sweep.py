@@ -42,6 +42,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from launch import common, slurm, tpu
+from rmscale import fs
 
 SPEC_KEYS = ("name", "config", "arg", "overrides", "grid", "runs", "shared_stages")
 # Config keys the shareable stages (policy_init, gold, label) read: a run must agree with the shared
@@ -453,10 +454,11 @@ def _pod_name(sweep: Sweep, run: Run) -> str:
 def run_tpu(sweep: Sweep, args, parallel: int, dry_run: bool, out=None) -> int:
   """One pod per unfinished run (``launch.tpu.launch``: create, install, run, re-run after preemption)."""
   out = out or sys.stdout
-  if not os.path.isabs(sweep.root):
+  common.worker_path(sweep.root, "--workdir_root")  # The workers use it as it is.
+  if sweep.shared and fs.is_remote(sweep.root):
     raise ValueError(
-      f"--workdir_root={sweep.root!r} must be an absolute path on storage every worker "
-      "mounts (e.g. a Filestore share) for the TPU target"
+      f"--workdir_root={sweep.root}: shared stages are linked into each run with symlinks, which "
+      "a bucket cannot hold; give an absolute path on storage every worker mounts"
     )
   todo = [r for r in sweep.runs if not r.finished()]
   plans = [(r, tpu.pod_from_args(args, _pod_name(sweep, r))) for r in todo]
@@ -488,7 +490,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     "--config", required=True, help="sweep file, e.g. configs/sweeps/rm_size.py[:arg]"
   )
   parser.add_argument(
-    "--workdir_root", required=True, help="each run's workdir is <root>/<run name>"
+    "--workdir_root",
+    required=True,
+    help="each run's workdir is <root>/<run name>; for --target=tpu an absolute path on storage "
+    "every worker mounts, or gs://",
   )
   parser.add_argument("--target", choices=("local", "tpu", "slurm"), default="local")
   parser.add_argument(
@@ -505,7 +510,19 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.parallel < 1:
     parser.error("--parallel must be >= 1")
   try:
-    sweep = load_sweep(args.config, args.workdir_root)
+    path, arg = split_config(args.config)
+    config = fs.resolve(path) + ("" if arg is None else f":{arg}")
+    # Local and SLURM runs use the root on this machine's (shared) file system: one absolute
+    # spelling of it. TPU workers use it as given, which run_tpu checks is absolute or gs://.
+    root = args.workdir_root
+    if args.target != "tpu":
+      root = fs.resolve(root)
+      if fs.is_remote(root):
+        raise ValueError(
+          f"--workdir_root={root}: the {args.target} target writes logs and job records under "
+          "the root, so it must be a file-system path (gs:// roots work with --target=tpu)"
+        )
+    sweep = load_sweep(config, root)
     if args.status:
       print(status_table(sweep))
       return 0

@@ -7,9 +7,10 @@ them exactly instead of running them.
 
 Everything after ``--`` is passed to ``python3 -m rmscale.main`` on every worker (with
 ``--distributed=on``: all workers join one JAX job). The workdir must be storage that every worker
-sees and that outlives the pod (a Filestore/NFS mount, or a bucket mounted with gcsfuse, set up with
-``--tpu_setup``): checkpoints are written there, so after a preemption ``launch`` re-creates the pod and
-the run resumes from its last checkpoint (finished stages are skipped).
+sees and that outlives the pod, given as an absolute path (a Filestore/NFS mount, or a bucket mounted
+with gcsfuse, set up with ``--tpu_setup``) or a ``gs://`` URL; a relative or ``~`` one is refused:
+checkpoints are written there, so after a preemption ``launch`` re-creates the pod and the run
+resumes from its last checkpoint (finished stages are skipped).
 
 Sub-commands: ``create``, ``install``, ``run``, ``delete``, ``state``, and ``launch`` (create if
 needed, install, run; on failure, if the pod was preempted, re-create and run again).
@@ -27,7 +28,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-from launch.common import Job, rmscale_job, run_commands
+from launch.common import Job, rmscale_job, run_commands, worker_path
 
 GCLOUD = ("gcloud", "compute", "tpus", "tpu-vm")
 REMOTE_DIR = (
@@ -111,14 +112,17 @@ class Pod:
 
 
 def main_job(name: str, python: str, main_args: Sequence[str], prelude=()) -> Job:
-  """``python -m rmscale.main ARGS --distributed=on`` on every worker; the workdir must be absolute."""
+  """``python -m rmscale.main ARGS --distributed=on`` on every worker; the workdir must be absolute
+  (storage every worker mounts) or a ``gs://`` URL, as a relative one would live in each worker's
+  copy of the code, which each install replaces."""
   workdirs = [a.split("=", 1)[1] for a in main_args if a.startswith("--workdir=")]
-  if not workdirs or not all(w.startswith("/") for w in workdirs):
+  if not workdirs:
     raise ValueError(
-      f"give --workdir=/absolute/path on storage shared by all workers and kept after the pod "
-      f"is deleted (got {workdirs or 'none'}); a relative one would live in the worker's "
-      f"copy of the code, which each install replaces"
+      "give --workdir=/absolute/path on storage shared by all workers and kept after the pod "
+      "is deleted, or --workdir=gs://bucket/path"
     )
+  for workdir in workdirs:
+    worker_path(workdir, "--workdir")
   return rmscale_job(name, python, main_args, prelude)
 
 

@@ -1256,6 +1256,17 @@ def main(argv: Sequence[str] | None = None) -> None:
   e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
   e.add_argument("--max_shard_size", default="5GB")
   args = parser.parse_args(argv)
+  from rmscale import fs
+
+  # Each path once, as the user means it (~ expanded, relative made absolute). A checkpoint may be
+  # a gs:// URL; a Hugging Face directory is local.
+  hf_key, ckpt_key = ("hf_dir", "out") if args.command == "convert" else ("out", "ckpt")
+  for key, remote_ok in ((hf_key, False), (ckpt_key, True)):
+    value = getattr(args, key)
+    if not value or (fs.is_remote(value) and not remote_ok):
+      where = "a local directory" + (" or a gs:// URL" if remote_ok else "")
+      parser.error(f"--{key}={value!r}: give {where}")
+    setattr(args, key, fs.resolve(value))
   if args.command == "convert":
     cfg = convert(
       args.hf_dir,

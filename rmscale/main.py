@@ -1,7 +1,12 @@
 """Entry point: ``python -m rmscale.main --config=configs/quickstart.py[:k=v,...] --workdir=DIR``.
 
 Any config field can be overridden with ``--config.a.b=v``; unknown keys and inconsistent values stop
-the run before any work is done, with a message naming the key.
+the run before any work is done, with a message naming the key. ``--workdir`` may be relative, start
+with ``~`` or be a ``gs://`` URL.
+
+The terminal shows one line per stage start and end, progress bars, warnings and errors, and at the
+end the path of summary.md; every library's log records go to ``<workdir>/logs/run.log``.
+``--verbosity=0`` (absl's flag; 1 for debug) shows them on the terminal too.
 
 On several hosts every process runs this same command; ``--distributed`` and the coordinator flags
 (or ``RMSCALE_*`` variables, see rmscale/parallel/distributed.py) join them before anything else.
@@ -9,10 +14,10 @@ On several hosts every process runs this same command; ``--distributed`` and the
 
 from __future__ import annotations
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from rmscale import pipeline
+from rmscale import fs, pipeline, run_log
 from rmscale.parallel import distributed
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -43,14 +48,16 @@ _PROCESS_ID = flags.DEFINE_integer(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  verbose = flags.FLAGS["verbosity"].present
+  run_log.terminal(verbose)
   distributed.initialize(
     _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, mode=_DISTRIBUTED.value
   )
-  # Every process computes; only process 0 logs progress and prints (the others warn and fail loudly).
-  logging.set_verbosity(logging.INFO if distributed.is_writer() else logging.WARNING)
-  summary = pipeline.run(_CONFIG.value, _WORKDIR.value)
-  if distributed.is_writer():
-    print(summary)
+  # Every process computes and keeps a full log file; only process 0 shows progress on the terminal
+  # (the others show warnings and errors).
+  if distributed.is_writer() and not verbose:
+    run_log.progress_lines()
+  pipeline.run(_CONFIG.value, fs.resolve(_WORKDIR.value))
 
 
 if __name__ == "__main__":

@@ -8,14 +8,14 @@ was in, and inside long stages from the last orbax checkpoint.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 
 import jax
 import ml_collections
-from absl import logging
 
-from rmscale import fs, results
+from rmscale import fs, provenance, results, run_log
 from rmscale.data.world import World, WorldConfig
 from rmscale.models import sizes
 from rmscale.parallel import distributed
@@ -32,6 +32,7 @@ STAGES = {
   "fit": fit.run,
 }
 ORDER = tuple(STAGES)
+_log = logging.getLogger(__name__)
 
 
 def stage_list(config) -> list[str]:
@@ -193,30 +194,58 @@ def make_context(config, workdir: str) -> common.Context:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Runs the configured stages; returns summary.md's text (or a short status)."""
+  """Runs the configured stages; returns summary.md's text (or a short status).
+
+  ``workdir`` may be relative (to the current directory), start with ``~``, or be a ``gs://`` URL.
+  """
   validate(config, jax.device_count())
+  workdir = fs.resolve(workdir)
   fs.makedirs(workdir)
+  with run_log.log_file(workdir, jax.process_index()) as log:
+    return _run_stages(config, workdir, log)
+
+
+def _run_stages(config: ml_collections.ConfigDict, workdir: str, log: run_log.LogFile) -> str:
+  names = stage_list(config)
   if jax.process_index() == 0:
     results.write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+    record = provenance.collect(config.seed, names)
+    path = os.path.join(workdir, provenance.FILE)
+    results.write_jsonl(path, (results.read_jsonl(path) if fs.exists(path) else []) + [record])
+  _log.info("workdir %s (log: %s)", workdir, log.path)
   ctx = make_context(config, workdir)
   info: dict[str, dict] = {}
-  for name in stage_list(config):
+  for i, name in enumerate(names, 1):
+    tag = f"[{i}/{len(names)}] {name}"
     marker = ctx.path("stages", f"{name}.json")
     # Process 0 decides for all, so every host runs (or skips) the same stages and collectives.
     if distributed.agree(fs.exists(marker)):
       info[name] = results.read_json(marker)
-      logging.info("stage %s: done already, skipped (%s)", name, marker)
+      _log.info("%s: done already, skipped%s", tag, _headline(info[name]))
       continue
     start = time.time()
-    logging.info("stage %s: starting", name)
+    _log.info("%s: starting", tag)
     out = STAGES[name](ctx)
     out = {**out, "seconds": round(time.time() - start, 1)}
     results.write_json(marker, out)
     # Process 0 alone writes artefacts; the other hosts read them only after this point.
     distributed.barrier(f"stage {name} done")
     info[name] = out
-    logging.info("stage %s: done in %.1fs %s", name, out["seconds"], json.dumps(out))
+    _log.info("%s: done in %s%s", tag, _duration(out["seconds"]), _headline(out))
+    _log.info("stage %s: %s", name, json.dumps(out), extra=run_log.FILE_ONLY)
+    log.sync()
   if ctx.writer is not None:
     ctx.writer.close()
   summary = ctx.path("summary.md")
-  return fs.read_text(summary) if fs.exists(summary) else json.dumps(info, indent=2)
+  if fs.exists(summary):
+    _log.info("summary: %s", summary)
+    return fs.read_text(summary)
+  return json.dumps(info, indent=2)
+
+
+def _headline(out: dict) -> str:
+  return f": {out['headline']}" if out.get("headline") else ""
+
+
+def _duration(seconds: float) -> str:
+  return f"{seconds:.1f} s" if seconds < 60 else f"{int(seconds // 60)} min {seconds % 60:.0f} s"

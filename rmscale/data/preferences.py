@@ -22,12 +22,14 @@ The dataset is built from ``manual_dir`` on first use (by process 0; the others 
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import numpy as np
-from absl import logging
 
 from rmscale.data import hf_tokenize
 from rmscale.data import preference_builders as builders
+
+_log = logging.getLogger(__name__)
 
 _READ_CHUNK = 4096
 
@@ -118,7 +120,7 @@ class PreferencePrompts:
     # Global prompt index: train prompts first, then eval prompts.
     both = [self._prompts["train"], self._prompts["eval"]]
     self._ids, self._mask = (np.concatenate([p[k] for p in both]) for k in ("ids", "mask"))
-    logging.info("preference prompts: %s", self.describe())
+    _log.info("preference prompts: %s", self.describe())
 
   # --- What the stages use.
   def prompt_batch(self, index) -> dict[str, np.ndarray]:

@@ -27,6 +27,10 @@ FORMS = ("bon", "rl")
 _INF = float("inf")
 
 
+class FitError(ValueError):
+  """A curve these forms cannot be fitted to (too few distinct points, a singular design)."""
+
+
 def _check_form(form: str) -> str:
   if form not in FORMS:
     raise ValueError(f"unknown functional form {form!r}; expected one of {FORMS}")
@@ -123,7 +127,7 @@ def _validate_curve(d, r, sigma):
     if not np.all(np.isfinite(sigma)) or np.any(sigma <= 0):
       raise ValueError("sigma must be finite and > 0 for every point")
   if np.count_nonzero(np.unique(d)) < 2:
-    raise ValueError(
+    raise FitError(
       f"need at least two distinct d > 0 to fit two coefficients (got d = {d.tolist()})"
     )
   return d, r, sigma
@@ -150,7 +154,7 @@ def fit_curve(form: str, d, r, *, sigma=None, absolute_sigma: bool = False) -> F
   Xw, rw = X * sqrt_w[:, None], r * sqrt_w
   coef, _, rank, _ = np.linalg.lstsq(Xw, rw, rcond=None)
   if rank < 2:
-    raise ValueError(f"the {form} design is rank-deficient for d = {d.tolist()}")
+    raise FitError(f"the {form} design is rank-deficient for d = {d.tolist()}")
   cov = np.linalg.inv(Xw.T @ Xw)
   dof = d.size - 2
   if not absolute_sigma:

@@ -67,4 +67,9 @@ def run(ctx: common.Context) -> dict:
     **{f"gold_per_prompt__{k}": v for k, v in curves.items()},
   )
   results.write_jsonl(ctx.path(*RESULTS), records)
-  return {"num_prompts": P, "n_samples": N, "max_kl": float(bon.kl_bon(N))}
+  return {
+    "num_prompts": P,
+    "n_samples": N,
+    "max_kl": float(bon.kl_bon(N)),
+    "headline": common.gold_peak_headline(records, "n"),
+  }

@@ -47,6 +47,12 @@ class Context:
     return self.world.response_len
 
 
+def gold_peak_headline(records: list[dict], step: str) -> str:
+  """'best gold +0.94 (400k_d9000_s0, n=74, KL 3.38)': the highest recentred gold of any curve."""
+  best = max(records, key=lambda r: r["gold"])
+  return f"best gold {best['gold']:+.2f} ({best['name']}, {step}={best[step]}, KL {best['kl']:.2f})"
+
+
 def model_config(ctx: Context, size: str, role: str) -> TransformerConfig:
   """The model of a role ('policy' or 'rm') at a named size, sized to the world's sequences."""
   from rmscale.stages import pretrained  # Late: it imports this module.

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 
 import numpy as np
 
-from rmscale import fs, results
+from rmscale import fs, provenance, results
 from rmscale.scaling import fit as fit_lib
 from rmscale.scaling import plots
 from rmscale.stages import bon_stage, common, proxies, rl
 
 RESULTS = ("results", "fits.jsonl")
+_log = logging.getLogger(__name__)
 FORMS = {"bon": "bon", "rl": "rl"}
 KEYS = ("rm_size", "rm_params", "data_size", "seed", "name")
 
@@ -26,15 +28,25 @@ def _curves(records: list[dict]) -> dict[tuple, list[dict]]:
 def fit_curves(
   records: list[dict], per_unit: dict[tuple, np.ndarray], num_boot: int, seed: int
 ) -> list[dict]:
-  """One row per (method, proxy): coefficients, peak, fit quality and bootstrap intervals."""
+  """One row per (method, proxy): coefficients, peak, fit quality and bootstrap intervals.
+
+  A curve the form cannot be fitted to (e.g. fewer than two distinct KL > 0) gets a row with
+  ``fitted=False`` and the reason instead of coefficients; the other curves are fitted as usual.
+  """
   rows = []
   rng = np.random.default_rng(seed)
   for (method, name), recs in sorted(_curves(records).items()):
     recs = sorted(recs, key=lambda r: r["kl"])
     d = np.sqrt([r["kl"] for r in recs])
     gold = np.array([r["gold"] for r in recs])
-    f = fit_lib.fit_curve(FORMS[method], d, gold)
-    row = {"method": method, **{k: recs[0][k] for k in KEYS}, **f.to_dict()}
+    row = {"method": method, **{k: recs[0][k] for k in KEYS}}
+    try:
+      f = fit_lib.fit_curve(FORMS[method], d, gold)
+    except fit_lib.FitError as e:
+      _log.warning("%s curve of %s not fitted: %s", method, name, e)
+      rows.append({**row, "fitted": False, "reason": str(e), "n_points": len(recs)})
+      continue
+    row.update(fitted=True, **f.to_dict())
     units = per_unit.get((method, name))
     if units is not None and num_boot:
       boot = fit_lib.bootstrap_fit(FORMS[method], d, units, num_boot, rng)
@@ -42,6 +54,11 @@ def fit_curves(
         row[f"{coef}_lo"], row[f"{coef}_hi"] = lo, hi
     rows.append(row)
   return rows
+
+
+def fitted_rows(rows: list[dict]) -> list[dict]:
+  """The rows of curves that were fitted (rows of fits.jsonl written before ``fitted`` existed are)."""
+  return [r for r in rows if r.get("fitted", True)]
 
 
 def trends(rows: list[dict]) -> list[dict]:
@@ -133,6 +150,12 @@ def summary_markdown(
     "|---|---|---|---|---|---|---|---|",
   ]
   for r in fit_rows:
+    if not r.get("fitted", True):
+      lines.append(
+        f"| {r['method']} | {r['rm_size']} | {r['data_size']:,} | not fitted: {r['reason']} "
+        "| | | | |"
+      )
+      continue
     ci = lambda k: (
       f" [{_fmt(r.get(k + '_lo'))}, {_fmt(r.get(k + '_hi'))}]" if k + "_lo" in r else ""
     )  # noqa: E731
@@ -201,16 +224,17 @@ def run(ctx: common.Context) -> dict:
   if study:
     results.write_jsonl(ctx.path("results", "rl_kl_study_fits.jsonl"), study_rows)
     plots.plot_score_vs_sqrt_kl(
-      study, study_rows, ctx.path("plots", "kl_penalty.png"), colour_by="kl_coef"
+      study, fitted_rows(study_rows), ctx.path("plots", "kl_penalty.png"), colour_by="kl_coef"
     )
-  trend_rows = trends(fit_rows)
+  fitted = fitted_rows(fit_rows)
+  trend_rows = trends(fitted)
   results.write_jsonl(ctx.path(*RESULTS), fit_rows)
   results.write_jsonl(ctx.path("results", "trends.jsonl"), trend_rows)
-  plots.plot_score_vs_sqrt_kl(records, fit_rows, ctx.path("plots", "score_vs_sqrt_kl.png"))
+  plots.plot_score_vs_sqrt_kl(records, fitted, ctx.path("plots", "score_vs_sqrt_kl.png"))
   plots.plot_gold_vs_proxy(records, ctx.path("plots", "gold_vs_proxy.png"))
   plots.plot_rm_validation(rm_records, ctx.path("plots", "rm_validation.png"))
-  if len({r["rm_params"] for r in fit_rows}) > 1:
-    plots.plot_coefficients_vs_size(fit_rows, ctx.path("plots", "coefficients_vs_size.png"))
+  if len({r["rm_params"] for r in fitted}) > 1:
+    plots.plot_coefficients_vs_size(fitted, ctx.path("plots", "coefficients_vs_size.png"))
   # From the stages' markers, so a fit run on its own (`--config.stages=fit`) describes the whole run.
   info = {}
   for name in ("gold", "label"):
@@ -218,5 +242,8 @@ def run(ctx: common.Context) -> dict:
     if fs.exists(marker):
       info[name] = results.read_json(marker)
   text = summary_markdown(ctx, info, rm_records, fit_rows, trend_rows, study, study_rows)
+  text += "\n".join(provenance.markdown(_read_optional(ctx, (provenance.FILE,))))
   results.write_text(ctx.path("summary.md"), text)
-  return {"num_fits": len(fit_rows)}
+  missing = len(fit_rows) - len(fitted)
+  headline = f"{len(fitted)} curves fitted" + (f", {missing} not fitted" if missing else "")
+  return {"num_fits": len(fitted), "num_not_fitted": missing, "headline": headline}

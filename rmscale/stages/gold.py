@@ -76,6 +76,10 @@ def evaluate(score, data: dict[str, np.ndarray]) -> dict[str, float]:
   return {"loss": float(loss), "accuracy": float(acc)}
 
 
+def _headline(metrics: dict, against: str) -> str:
+  return f"accuracy {metrics['accuracy']:.3f} (BT loss {metrics['loss']:.3f}) on {against}"
+
+
 def run(ctx: common.Context) -> dict:
   g = ctx.config.gold
   if g.kind == "hf":  # A local checkpoint: nothing to train; measured on the data's own labels.
@@ -88,9 +92,10 @@ def run(ctx: common.Context) -> dict:
       "heldout_accuracy": metrics["accuracy"],
       "heldout_comparisons": len(report.kept),
       "heldout_filter": report.summary(),
+      "headline": _headline(metrics, "the dataset's held-out labels"),
     }
   if g.kind == "oracle":
-    return {"kind": "oracle"}
+    return {"kind": "oracle", "headline": "the human utility itself (oracle)"}
   model_cfg = common.model_config(ctx, g.size, "rm")
   data = human_comparisons(ctx, g.num_comparisons, ctx.config.seed + 2, "train")
   init = policy_init.pretrained_lm(ctx, g.size) if g.init == "pretrained" else None
@@ -113,4 +118,5 @@ def run(ctx: common.Context) -> dict:
     "size": g.size,
     "heldout_loss": metrics["loss"],
     "heldout_accuracy": metrics["accuracy"],
+    "headline": _headline(metrics, "held-out human-utility comparisons"),
   }

@@ -51,6 +51,11 @@ def run(ctx: common.Context) -> dict:
   if decided.any():
     # How often the gold label agrees with the human utility on policy samples (ties excluded).
     out["gold_utility_agreement"] = float(np.mean((ga >= gb)[decided] == (ua > ub)[decided]))
+  out["headline"] = f"{out['num_train']:,} training and {n_val:,} validation comparisons" + (
+    f", gold agrees with the utility on {out['gold_utility_agreement']:.3f}"
+    if decided.any()
+    else ""
+  )
   return out
 
 

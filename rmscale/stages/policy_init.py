@@ -56,4 +56,5 @@ def run(ctx: common.Context) -> dict:
 
     return pretrained.init_policy(ctx)
   _, history = train_lm(ctx, "policy_init", ctx.config.policy.size, ctx.config.policy)
-  return {"final_loss": history[-1]["loss"]}
+  loss = history[-1]["loss"]
+  return {"final_loss": loss, "headline": f"final SFT loss {loss:.3f}"}

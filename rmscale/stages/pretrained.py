@@ -131,7 +131,7 @@ def init_policy(ctx: common.Context) -> dict:
   out = {"hf_dir": path, "prompt_filter": getattr(ctx.world, "filter_report", None)}
   if not p.get("sft", False):
     common.save_params(ctx.path("policy_init", "params"), params)
-    return {**out, "sft": False}
+    return {**out, "sft": False, "headline": f"loaded {path}, no SFT"}
   params, history = common.train(
     ctx,
     "policy_init",
@@ -144,7 +144,9 @@ def init_policy(ctx: common.Context) -> dict:
     seed=ctx.config.seed,
     init_params=params,
   )
-  return {**out, "sft": True, "final_loss": history[-1]["loss"]}
+  loss = history[-1]["loss"]
+  headline = f"loaded {path}, final SFT loss {loss:.3f}"
+  return {**out, "sft": True, "final_loss": loss, "headline": headline}
 
 
 def gold_retokenizes(ctx: common.Context) -> bool:

@@ -81,7 +81,9 @@ def run(ctx: common.Context) -> dict:
   train_data, val_data = label.load(ctx)
   records = [train_proxy(ctx, spec, train_data, val_data) for spec in grid(ctx)]
   results.write_jsonl(ctx.path(*RESULTS), records)
-  return {"num_proxies": len(records)}
+  acc = [r["val_accuracy"] for r in records]
+  headline = f"{len(records)} proxies, validation accuracy {min(acc):.3f} to {max(acc):.3f}"
+  return {"num_proxies": len(records), "headline": headline}
 
 
 def load(ctx: common.Context) -> list[dict]:

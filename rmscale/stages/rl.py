@@ -260,4 +260,5 @@ def run(ctx: common.Context) -> dict:
   return {
     "num_runs": len(targets) + (len(r.kl_study_coefs) if r.kl_study_proxy else 0),
     "max_kl": max(f["kl"] for f in final),
+    "headline": common.gold_peak_headline(main, "iteration"),
   }

@@ -15,13 +15,15 @@ from tqdm.auto import tqdm
 from rmscale.checkpoint import Checkpointer, abstract_like
 from rmscale.train.state import State, check_finite
 
+_log = logging.getLogger(__name__)
+
 
 def restore_latest(ckpt: Checkpointer | None, state: State, state_shardings, desc: str):
   """``(state, meta)`` from the latest checkpoint in ``ckpt`` if there is one, else ``(state, {})``."""
   if ckpt is None or ckpt.latest_step() is None:
     return state, {}
   state, meta = ckpt.restore(target=abstract_like(state, state_shardings))
-  logging.info("%s: resumed at step %d from %s", desc, int(state["step"]), ckpt.directory)
+  _log.info("%s: resumed at step %d from %s", desc, int(state["step"]), ckpt.directory)
   return state, meta
 
 
