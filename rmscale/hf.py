@@ -1234,6 +1234,8 @@ def export(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+  from rmscale import fs
+
   parser = argparse.ArgumentParser(prog="python -m rmscale.hf", description=__doc__.split("\n")[0])
   sub = parser.add_subparsers(dest="command", required=True)
   c = sub.add_parser("convert", help="Hugging Face directory -> rmscale checkpoint")
@@ -1256,8 +1258,6 @@ def main(argv: Sequence[str] | None = None) -> None:
   e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
   e.add_argument("--max_shard_size", default="5GB")
   args = parser.parse_args(argv)
-  from rmscale import fs
-
   # Each path once, as the user means it (~ expanded, relative made absolute). A checkpoint may be
   # a gs:// URL; a Hugging Face directory is local.
   hf_key, ckpt_key = ("hf_dir", "out") if args.command == "convert" else ("out", "ckpt")

@@ -1,11 +1,13 @@
 """Test set-up: 8 fake CPU devices so mesh tests run anywhere; fp32 matmuls for tight parity.
 
-Also the session's shared experiment (``tiny_run``) and a hand-written sweep (``synthetic_sweep``).
+Also the session's shared experiment (``tiny_run``), a hand-written sweep (``synthetic_sweep``) and
+``cli``, which runs a command-line tool from a scratch directory with its own ``HOME``.
 """
 
 import math
 import os
 import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -19,6 +21,40 @@ import jax  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class CLI:
+  """Runs ``python -m MODULE ARGS`` as a user types it: in ``cwd`` (a fresh directory, not the
+  repository) with ``HOME`` at ``home``, so relative and ``~`` path arguments land under them."""
+
+  def __init__(self, root):
+    self.cwd, self.home = root / "work", root / "home"
+    self.cwd.mkdir()
+    self.home.mkdir()
+
+  def __call__(self, module: str, *args: str, path: str | None = None, timeout: float = 300):
+    """The finished process (output captured as text); ``path`` goes before the inherited PATH."""
+    env = {
+      **os.environ,
+      "HOME": str(self.home),
+      "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
+    }
+    if path:
+      env["PATH"] = f"{path}{os.pathsep}{env['PATH']}"
+    return subprocess.run(
+      [sys.executable, "-m", module, *args],
+      cwd=self.cwd,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+    )
+
+
+@pytest.fixture
+def cli(tmp_path) -> CLI:
+  """A ``CLI`` in ``tmp_path/work`` with ``HOME`` at ``tmp_path/home``."""
+  return CLI(tmp_path)
 
 
 @pytest.fixture(scope="session")

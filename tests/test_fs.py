@@ -180,6 +180,22 @@ def test_a_missing_backend_is_named_with_the_path():
     fs.write("s3://bucket/run/x.json", lambda f: f.write(b"{}"))
 
 
+def test_resolve_spells_each_path_once(tmp_path, monkeypatch):
+  home, cwd = tmp_path / "home", tmp_path / "work"
+  cwd.mkdir()
+  monkeypatch.chdir(cwd)
+  monkeypatch.setenv("HOME", str(home))
+  assert fs.resolve("runs/x") == str(cwd / "runs" / "x")
+  assert fs.resolve("./runs/../x/") == str(cwd / "x")
+  assert fs.resolve("~/runs/x") == str(home / "runs" / "x")
+  assert fs.resolve(cwd / "y") == str(cwd / "y")  # os.PathLike too.
+  assert fs.resolve("/abs/run") == "/abs/run"
+  assert fs.resolve("gs://b/x") == "gs://b/x"
+  assert fs.resolve("gs://b/../x/~") == "gs://b/../x/~"  # A URL is never touched.
+  with pytest.raises(ValueError, match="empty path"):
+    fs.resolve("")
+
+
 def _events(data: bytes) -> list[tuple[str, int, float]]:
   """(tag, step, value) of every scalar in a TensorBoard event file (TFRecord framing)."""
   from tensorboardX.proto import event_pb2
@@ -253,8 +269,15 @@ def test_pipeline_resumes_and_finishes_on_a_remote_workdir(tiny_run, gcs):
     assert json.loads(objects["config.json"]) == json.load(f)
   assert any(k.startswith("tensorboard/events.out.tfevents.") for k in objects)
 
-  # Every stage now has its marker: a second run does nothing and reports the same summary.
+  # Every stage now has its marker: a second run does nothing and reports the same summary; it
+  # only adds its own provenance record and log lines.
+  appended = ("provenance.jsonl", "logs/run.log")
   before = {k: v for k, v in _objects(gcs).items() if not k.startswith("tensorboard/")}
   assert pipeline.run(quickstart.get_config("tiny,oracle"), gcs) == summary
   after = {k: v for k, v in _objects(gcs).items() if not k.startswith("tensorboard/")}
-  assert after == before
+  assert {k: v for k, v in after.items() if k not in appended} == {
+    k: v for k, v in before.items() if k not in appended
+  }
+  for name in appended:  # Appended to, whole: what was there is kept.
+    assert after[name].startswith(before[name]) and len(after[name]) > len(before[name])
+  assert after["provenance.jsonl"].count(b"\n") == before["provenance.jsonl"].count(b"\n") + 1

@@ -500,3 +500,29 @@ def test_cli_convert_then_export(causal, tmp_path):
     atol=TOL,
     rtol=0,
   )
+
+
+def test_cli_takes_paths_as_a_user_types_them(causal, cli):
+  directory, ref_model = causal["gpt2"]
+  shutil.copytree(directory, cli.home / "models" / "gpt2")
+  p = cli("rmscale.hf", "convert", "--hf_dir=~/models/gpt2", "--out=ckpt")
+  assert p.returncode == 0, p.stderr
+  assert f"wrote {cli.cwd / 'ckpt'} (step 0)" in p.stdout
+  p = cli("rmscale.hf", "export", "--ckpt=ckpt", "--out=~/hf")
+  assert p.returncode == 0, p.stderr
+  assert not (cli.cwd / "~").exists()
+  back = transformers.GPT2LMHeadModel.from_pretrained(
+    str(cli.home / "hf"), attn_implementation="eager"
+  )
+  tokens, mask = _tokens(6)
+  np.testing.assert_allclose(
+    _hf_logits(back.eval(), tokens, mask)[mask],
+    _hf_logits(ref_model, tokens, mask)[mask],
+    atol=TOL,
+    rtol=0,
+  )
+  # A Hugging Face directory is local; an empty path is named.
+  p = cli("rmscale.hf", "export", "--ckpt=ckpt", "--out=gs://bucket/hf")
+  assert p.returncode == 2 and "--out='gs://bucket/hf': give a local directory\n" in p.stderr
+  p = cli("rmscale.hf", "convert", "--hf_dir=~/models/gpt2", "--out=")
+  assert p.returncode == 2 and "--out='': give a local directory or a gs:// URL" in p.stderr

@@ -205,3 +205,31 @@ def test_cli_rejects_unknown_config_argument(tmp_path):
     timeout=120,
   )
   assert out.returncode != 0 and "unknown config argument 'fast'" in out.stderr
+
+
+def test_an_unfittable_curve_is_reported_and_every_other_curve_fitted(
+  synthetic_sweep, copy_run, tmp_path
+):
+  # A hand-written run (tests/conftest.py) whose rl curve has one distinct KL > 0, as PPO gives when
+  # its KL estimates are clamped at 0: two coefficients cannot be fitted to it.
+  run = copy_run(os.path.join(synthetic_sweep, "rm-400k"), tmp_path)
+  path = os.path.join(run, "results", "rl.jsonl")
+  recs = results.read_jsonl(path)
+  last = max(r["iteration"] for r in recs)
+  for r in recs:
+    r["kl"] = 0.0204 if r["iteration"] == last else 0.0
+    r["d"] = float(np.sqrt(r["kl"]))
+  results.write_jsonl(path, recs)
+
+  summary = pipeline.run(tiny_config(stages="fit"), run)
+
+  fits = {f["method"]: f for f in results.read_jsonl(os.path.join(run, "results", "fits.jsonl"))}
+  assert fits["rl"]["fitted"] is False and "alpha" not in fits["rl"]
+  assert fits["rl"]["reason"].startswith("need at least two distinct d > 0")
+  assert fits["rl"]["n_points"] == len(recs)
+  assert fits["bon"]["fitted"] is True  # The other curve is fitted, to its exact law.
+  law = (0.4 + 0.1 * np.log(4.0), 0.30 - 0.04 * np.log(4.0))  # conftest's SWEEP_LAWS at 400k
+  assert (fits["bon"]["alpha"], fits["bon"]["beta"]) == pytest.approx(law, abs=1e-9)
+  assert "| rl | 400k | 1,000 | not fitted: need at least two distinct d > 0" in summary
+  assert os.path.getsize(os.path.join(run, "plots", "score_vs_sqrt_kl.png")) > 1000
+  assert results.read_json(os.path.join(run, "stages", "fit.json"))["num_not_fitted"] == 1

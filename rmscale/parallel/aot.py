@@ -319,9 +319,12 @@ def format_table(reports: list[StepReport], limit: int | None, devices: int, tar
 def main(argv):
   from absl import flags
 
+  from rmscale import fs
+
   FLAGS = flags.FLAGS
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments: {argv[1:]}")
+  json_path = fs.resolve(FLAGS.json) if FLAGS.json else None  # ~ expanded, relative made absolute.
   if FLAGS.num_devices and not FLAGS.topology:
     # Must precede the first use of the backend; only the CPU backend can fake devices.
     jax.config.update("jax_num_cpu_devices", FLAGS.num_devices)
@@ -337,11 +340,11 @@ def main(argv):
     _CONFIG.value, devices, kinds, log=lambda m: print(m, file=sys.stderr, flush=True)
   )
   print(format_table(reports, limit, len(devices), target))
-  if FLAGS.json:
+  if json_path:
     from rmscale import results
 
-    results.write_json(
-      FLAGS.json,
+    results.write_json(  # Atomic: a reader sees the old file or the whole new one.
+      json_path,
       {
         "devices": len(devices),
         "target": target,
@@ -375,5 +378,5 @@ if __name__ == "__main__":
   flags.DEFINE_float(
     "hbm_gib", None, "Device memory to check against (default: the attached device's)."
   )
-  flags.DEFINE_string("json", None, "Also write the report to this JSON file.")
+  flags.DEFINE_string("json", None, "Also write the report to this JSON file (local or gs://).")
   app.run(main)

@@ -242,7 +242,7 @@ def run(ctx: common.Context) -> dict:
     if fs.exists(marker):
       info[name] = results.read_json(marker)
   text = summary_markdown(ctx, info, rm_records, fit_rows, trend_rows, study, study_rows)
-  text += "\n".join(provenance.markdown(_read_optional(ctx, (provenance.FILE,))))
+  text += "\n".join(["", *provenance.markdown(_read_optional(ctx, (provenance.FILE,)))])
   results.write_text(ctx.path("summary.md"), text)
   missing = len(fit_rows) - len(fitted)
   headline = f"{len(fitted)} curves fitted" + (f", {missing} not fitted" if missing else "")

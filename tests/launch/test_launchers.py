@@ -79,6 +79,32 @@ def test_tpu_refuses_bad_names_and_relative_workdirs():
     tpu.main_job("p", "python3", ["--config=c.py", "--workdir=runs/x"])
 
 
+def test_tpu_cli_refuses_workdirs_the_workers_would_not_share(cli):
+  def run(workdir):
+    return cli(
+      "launch.tpu",
+      "run",
+      "--name=p1",
+      "--zone=z",
+      "--accelerator=v4-8",
+      "--dry_run",
+      "--",
+      "--config=configs/overopt.py",
+      f"--workdir={workdir}",
+    )
+
+  for workdir in ("runs/x", "~/x"):  # This machine's directory, or each worker's own home.
+    p = run(workdir)
+    assert p.returncode == 2 and not p.stdout
+    assert f"--workdir={workdir!r} must be an absolute path on storage shared by all" in p.stderr
+  for workdir in ("/mnt/shared/x", "gs://bucket/x"):  # Passed through untouched.
+    p = run(workdir)
+    assert p.returncode == 0, p.stderr
+    assert (
+      f"rmscale.main --config=configs/overopt.py --workdir={workdir} --distributed=on" in p.stdout
+    )
+
+
 def _scripted(states, codes):
   """A pod whose ``describe`` answers come from ``states`` and whose commands exit with ``codes``
   (keyed by the gcloud verb, or 'git'), recording every command."""
@@ -183,6 +209,30 @@ def test_slurm_dry_run_prints_the_exact_script(capsys, per):
     "--workdir=/mnt/shared/overopt/rm85m --distributed=on",
   ]
   assert capsys.readouterr().out.splitlines() == expected
+
+
+def test_slurm_cli_makes_the_workdir_absolute_where_the_user_is(cli, tmp_path):
+  args = ["--name=j", "--gpus_per_node=1", "--", "--config=configs/overopt.py"]
+  p = cli("launch.slurm", "--dry_run", *args, "--workdir=runs/x")
+  assert p.returncode == 0, p.stderr
+  workdir = cli.cwd / "runs" / "x"  # Not under the checkout, where the job starts (--chdir).
+  assert f"#SBATCH --output={workdir}/slurm/%x-%j.out" in p.stdout.splitlines()
+  assert f"--workdir={workdir} --distributed=on" in p.stdout
+
+  # Submitted: the script is written under ~ and sbatch (a stand-in) is given its absolute path.
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "sbatch").write_text('#!/bin/bash\necho "$@" > "$HOME/sbatch.args"\necho 4242\n')
+  (bin_dir / "sbatch").chmod(stat.S_IRWXU)
+  p = cli("launch.slurm", *args, "--workdir=~/runs/x", path=str(bin_dir))
+  assert p.returncode == 0, p.stderr
+  assert p.stdout == "4242\n"
+  script = cli.home / "runs" / "x" / "slurm" / "j.sbatch"
+  assert (cli.home / "sbatch.args").read_text() == f"--parsable {script}\n"
+  assert f"--workdir={cli.home}/runs/x --distributed=on" in script.read_text()
+
+  p = cli("launch.slurm", "--dry_run", *args, "--workdir=gs://bucket/x")
+  assert p.returncode == 2 and "must be a path on the cluster's shared file system" in p.stderr
 
 
 def test_slurm_bad_options_are_named():

@@ -3,6 +3,7 @@ runs, the status table, and real local runs of rmscale.main."""
 
 import json
 import os
+import shutil
 import socket
 import sys
 
@@ -210,6 +211,82 @@ def test_cluster_targets_run_the_shared_job_first(tmp_path, capsys):
       ]
     )
   assert "must be an absolute path" in capsys.readouterr().err
+
+
+def _write_sweep_file(path) -> None:
+  """Two oracle-gold runs over a base config named by its absolute path (it loads from anywhere)."""
+  spec = dict(
+    name="s",
+    config=os.path.join(ROOT, "configs", "overopt.py"),
+    arg={"runlocal": True},
+    overrides={"stages": "gold", "gold.kind": "oracle"},
+    grid={"config.gold.p_ramble": [0.1, 0.2]},
+  )
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(f"def get_sweep(arg=None):\n  return {spec!r}\n")
+
+
+def test_sweep_cli_resolves_the_sweep_file_and_root_where_the_user_is(cli):
+  _write_sweep_file(cli.cwd / "sweeps" / "s.py")
+  p = cli("launch.sweep", "--config=sweeps/s.py", "--workdir_root=runs/sw", "--dry_run")
+  assert p.returncode == 0, p.stderr
+  assert f"--workdir={cli.cwd}/runs/sw/p_ramble-0.1 " in p.stdout
+  p = cli(
+    "launch.sweep", "--config=sweeps/s.py", "--workdir_root=runs/sw", "--target=slurm", "--dry_run"
+  )
+  assert p.returncode == 0, p.stderr
+  slurm_dir = cli.cwd / "runs" / "sw" / "p_ramble-0.2" / "slurm"
+  assert f"# ---- {slurm_dir}/s-p_ramble-0.2.sbatch" in p.stdout.splitlines()
+  assert f"#SBATCH --output={slurm_dir}/%x-%j.out" in p.stdout.splitlines()
+
+  # A real local start (a stand-in interpreter that exits at once) writes under ~, as status reads.
+  _write_sweep_file(cli.home / "s.py")
+  true = shutil.which("true")
+  p = cli("launch.sweep", "--config=~/s.py", "--workdir_root=~/sw", f"--python={true}")
+  assert p.returncode == 0, p.stderr
+  for name in ("p_ramble-0.1", "p_ramble-0.2"):
+    with open(cli.home / "sw" / name / "launch.json") as f:
+      assert json.load(f)["returncode"] == 0
+  _finish(str(cli.home / "sw" / "p_ramble-0.2"), ["gold"])
+  p = cli("launch.sweep", "--config=~/s.py", "--workdir_root=~/sw", "--status")
+  assert p.stdout.startswith(f"sweep s ({cli.home}/sw): 2 runs, 1 done, 0 running, 0 failed")
+
+
+def test_sweep_roots_each_target_can_use(tmp_path, monkeypatch, capsys):
+  _write_sweep_file(tmp_path / "s.py")
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  tpu_args = ["--target=tpu", "--zone=z", "--accelerator=v4-8", "--dry_run"]
+
+  def main(root, *args):
+    capsys.readouterr()
+    try:
+      rc = sweep.main([f"--config={tmp_path / 's.py'}", f"--workdir_root={root}", *args])
+    except SystemExit as e:
+      rc = e.code
+    return rc, capsys.readouterr()
+
+  for root in ("runs/sw", "~/sw"):  # TPU workers would each read it as their own directory.
+    rc, out = main(root, *tpu_args)
+    assert rc == 2 and f"--workdir_root={root!r} must be an absolute path on storage" in out.err
+  rc, out = main("gs://b/sw", *tpu_args)
+  assert rc == 0 and "--workdir=gs://b/sw/p_ramble-0.1 " in out.out
+  rc, out = main("gs://b/sw", "--dry_run")  # Local runs write logs and records under the root.
+  assert rc == 2 and "must be a file-system path (gs:// roots work with --target=tpu)" in out.err
+  # Shared stages are linked with symlinks, which a bucket cannot hold.
+  rc, out = main("gs://b/sw", "--config=configs/sweeps/seeds.py:num=2", *tpu_args)
+  assert rc == 2 and "shared stages are linked into each run with symlinks" in out.err
+
+
+def test_link_cli_resolves_both_directories(cli):
+  shared = cli.home / "sw" / "shared"
+  for stage in SHARED:
+    (shared / stage / "params").mkdir(parents=True)
+  _finish(str(shared), SHARED)
+  p = cli("launch.common", "link", "--shared=~/sw/shared", "--workdir=runs/r", "--stages=gold")
+  assert p.returncode == 0, p.stderr
+  run = cli.cwd / "runs" / "r"
+  assert os.path.samefile(run / "gold", shared / "gold")
+  assert (run / "stages" / "gold.json").read_text() == "{}"
 
 
 def test_link_shared_makes_a_run_see_the_shared_stages(tmp_path):

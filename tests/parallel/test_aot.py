@@ -1,8 +1,10 @@
 """Ahead-of-time compilation: per-device byte counts that add up, the same program as the trainer's."""
 
 import importlib.util
+import json
 import math
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -131,3 +133,20 @@ def test_oom_verdict_and_topology_errors():
   except ImportError:
     with pytest.raises(ValueError, match="needs libtpu installed"):
       aot.topology_devices("v5e:2x2")
+
+
+def test_cli_writes_the_json_report_where_the_user_means(cli):
+  (cli.cwd / "configs").mkdir()
+  shutil.copy(os.path.join(ROOT, "configs", "overopt.py"), cli.cwd / "configs")
+  p = cli(
+    "rmscale.parallel.aot",
+    "--config=configs/overopt.py:runlocal,rm=3m",  # Relative to where the user is.
+    "--config.stages=proxies",
+    "--steps=rm",
+    "--json=~/reports/aot.json",
+  )
+  assert p.returncode == 0, p.stderr
+  with open(cli.home / "reports" / "aot.json") as f:
+    report = json.load(f)
+  assert [(s["step"], s["size"], s["batch"]) for s in report["steps"]] == [("rm proxy", "100k", 32)]
+  assert os.listdir(cli.home / "reports") == ["aot.json"]  # Written whole: no temporary left.
