@@ -7,6 +7,7 @@ was in, and inside long stages from the last orbax checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -15,123 +16,76 @@ import time
 import jax
 import ml_collections
 
-from rmscale import fs, provenance, results, run_log
+from rmscale import checks, fs, provenance, results, run_log
+from rmscale.errors import UserError
 from rmscale.data.world import World, WorldConfig
-from rmscale.models import sizes
 from rmscale.parallel import distributed
 from rmscale.parallel import mesh as mesh_lib
 from rmscale.stages import bon_stage, common, fit, gold, label, policy_init, proxies, rl
 
+# Each stage is a module with ``validate(config, devices)`` (its config section, checked before
+# anything is written) and ``run(ctx) -> dict`` (its summary figures, the stage's done-marker).
 STAGES = {
-  "policy_init": policy_init.run,
-  "gold": gold.run,
-  "label": label.run,
-  "proxies": proxies.run,
-  "bon": bon_stage.run,
-  "rl": rl.run,
-  "fit": fit.run,
+  "policy_init": policy_init,
+  "gold": gold,
+  "label": label,
+  "proxies": proxies,
+  "bon": bon_stage,
+  "rl": rl,
+  "fit": fit,
 }
 ORDER = tuple(STAGES)
 _log = logging.getLogger(__name__)
 
 
 def stage_list(config) -> list[str]:
-  names = [s.strip() for s in config.stages.split(",") if s.strip()]
+  names = [s.strip() for s in checks.value(config, "stages").split(",") if s.strip()]
   unknown = [s for s in names if s not in STAGES]
   if unknown:
-    raise ValueError(f"config.stages names unknown stages {unknown}; known: {list(ORDER)}")
+    raise UserError(f"config.stages names unknown stages {unknown}; known: {list(ORDER)}")
   if names != sorted(names, key=ORDER.index):
-    raise ValueError(f"config.stages must follow the order {list(ORDER)}, got {names}")
+    raise UserError(f"config.stages must follow the order {list(ORDER)}, got {names}")
   return names
 
 
+@contextlib.contextmanager
+def _section(key: str):
+  """A ValueError or TypeError from a section's own validation, as a UserError naming the section."""
+  try:
+    yield
+  except UserError:
+    raise
+  except (ValueError, TypeError) as e:
+    message = str(e)
+    if not message.startswith("config."):
+      message = f"config.{message}" if message.startswith(key) else f"config.{key}: {message}"
+    raise UserError(message) from e
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
-  """Start-up checks; every error names the config key at fault."""
+  """Start-up checks, before anything is written; every error is a UserError naming the key.
+
+  The shared sections (mesh, world or data, model, batch sizes) are checked here; each stage checks
+  its own section (``validate`` in its module), whether or not it runs this time, so a config that
+  would fail in a later invocation fails now.
+  """
   stage_list(config)
-  mesh_shape = mesh_lib.mesh_shape(dict(config.mesh), num_devices)
+  checks.count(config, "seed", minimum=0)
+  with _section("mesh"):
+    mesh_shape = mesh_lib.mesh_shape(dict(config.mesh), num_devices)
   dp = mesh_shape[0] * mesh_shape[1]
-  world = WorldConfig(**config.world)  # Validates the world's fields.
-  del world
-  validate_checkpoints(config)
-  # Sizes of models loaded from Hugging Face directories are names only (their shape is the file's).
-  from_hf = {
-    "policy.size": bool(config.policy.get("hf_dir")),
-    "gold.size": config.gold.kind == "hf",
-  }
-  for key in ("policy.size", "gold.size"):
-    section, field = key.split(".")
-    if config[section][field] not in sizes.SIZES and not from_hf[key]:
-      raise ValueError(
-        f"config.{key}={config[section][field]!r} is not a known size; known: {list(sizes.SIZES)}"
-      )
-  for s in config.proxies.sizes:
-    if s not in sizes.SIZES and config.proxies.init != "hf":
-      raise ValueError(f"config.proxies.sizes has unknown size {s!r}; known: {list(sizes.SIZES)}")
-  if config.gold.kind not in ("trained", "oracle", "hf"):
-    raise ValueError(f"config.gold.kind={config.gold.kind!r} must be 'trained', 'oracle' or 'hf'")
-  for key in ("proxies", "gold"):
-    allowed = ("scratch", "pretrained", "hf") if key == "proxies" else ("scratch", "pretrained")
-    if config[key].init not in allowed:
-      raise ValueError(f"config.{key}.init={config[key].init!r} must be one of {allowed}")
-  for key in (
-    "policy.batch_size",
-    "gold.batch_size",
-    "proxies.batch_size",
-    "pretrain.batch_size",
-    "sample_batch_size",
-    "score_batch_size",
-  ):
-    value = config
-    for part in key.split("."):
-      value = value[part]
-    if value <= 0 or value % dp:
-      raise ValueError(f"config.{key}={value} is not divisible by the {dp} data-parallel devices")
-  if not 0.0 <= config.label.noise < 0.5:
-    raise ValueError(f"config.label.noise={config.label.noise} must be in [0, 0.5)")
-  if not 0.0 < config.label.val_fraction < 1.0:
-    raise ValueError(f"config.label.val_fraction={config.label.val_fraction} must be in (0, 1)")
-  n_train = config.label.num_comparisons - round(
-    config.label.val_fraction * config.label.num_comparisons
-  )
-  for d in config.proxies.data_sizes:
-    if not 0 < d <= n_train:
-      raise ValueError(
-        f"config.proxies.data_sizes has {d}, but label gives {n_train} training comparisons"
-      )
-  if config.bon.n_samples < 2 or config.bon.num_n < 2:
-    raise ValueError("config.bon.n_samples and config.bon.num_n must be >= 2")
-  r = config.rl
-  for key in ("rollout_batch_size", "minibatch_size", "eval_prompts"):
-    if r[key] <= 0 or r[key] % dp:
-      raise ValueError(
-        f"config.rl.{key}={r[key]} is not divisible by the {dp} data-parallel devices"
-      )
-  if r.rollout_batch_size % r.minibatch_size:
-    raise ValueError(
-      f"config.rl.minibatch_size={r.minibatch_size} does not divide rl.rollout_batch_size"
-    )
-  if r.eval_prompts % r.rollout_batch_size:
-    raise ValueError(
-      f"config.rl.eval_prompts={r.eval_prompts} is not a multiple of rl.rollout_batch_size"
-    )
-  names = {
-    proxies.proxy_name(s, d, x)
-    for s in config.proxies.sizes
-    for d in config.proxies.data_sizes
-    for x in config.proxies.seeds
-  }
-  unknown = [n for n in r.proxies if n not in names]
-  if unknown:
-    raise ValueError(
-      f"config.rl.proxies names {unknown}, which are not proxies of this config: {sorted(names)}"
-    )
-  if r.kl_study_proxy and r.kl_study_proxy not in names:
-    raise ValueError(
-      f"config.rl.kl_study_proxy={r.kl_study_proxy!r} is not one of the proxies {sorted(names)}"
-    )
-  for m in ("dtype", "param_dtype"):
-    if config.model[m] not in ("float32", "bfloat16", "float16"):
-      raise ValueError(f"config.model.{m}={config.model[m]!r} is not float32, bfloat16 or float16")
+  with _section("world"):
+    WorldConfig(**config.world)  # Validates the world's fields.
+  with _section("data"):
+    validate_checkpoints(config)  # data_config's own errors name config.data fields
+  for key in ("model.dtype", "model.param_dtype"):
+    checks.one_of(config, key, ("float32", "bfloat16", "float16"))
+  for key in ("sample_batch_size", "score_batch_size"):
+    checks.divisible(config, key, dp)
+  for key in ("log_every", "save_every"):
+    checks.count(config, key)
+  for stage in STAGES.values():
+    stage.validate(config, dp)
 
 
 def data_kind(config) -> str:
@@ -144,27 +98,25 @@ def validate_checkpoints(config) -> None:
   where they are read, with the same config keys in the errors)."""
   kind = data_kind(config)
   if kind not in ("world", "preferences"):
-    raise ValueError(f"config.data.kind={kind!r} must be 'world' or 'preferences'")
+    raise UserError(f"config.data.kind={kind!r} must be 'world' or 'preferences'")
   if kind == "preferences":
     from rmscale.data.preferences import data_config
 
     data_config(config.data)  # Validates the data fields.
     if config.gold.kind in ("trained", "oracle"):
-      raise ValueError(
+      raise UserError(
         f"config.gold.kind={config.gold.kind!r} needs the offline world's human utility; with "
         "config.data.kind='preferences' use gold.kind='hf' (a local gold RM checkpoint)"
       )
   elif config.gold.kind == "hf" or config.policy.get("hf_dir") or config.proxies.init == "hf":
-    raise ValueError(
+    raise UserError(
       "Hugging Face checkpoints (policy.hf_dir, gold.kind='hf', proxies.init='hf') need a real "
       "tokenizer and data: set config.data.kind='preferences'"
     )
   if config.gold.kind == "hf" and not config.gold.get("hf_dir"):
-    raise ValueError(
-      "config.gold.kind='hf' needs config.gold.hf_dir (a local checkpoint directory)"
-    )
+    raise UserError("config.gold.kind='hf' needs config.gold.hf_dir (a local checkpoint directory)")
   if config.proxies.init == "hf" and "{size}" not in config.proxies.get("hf_dir_template", ""):
-    raise ValueError(
+    raise UserError(
       "config.proxies.init='hf' needs config.proxies.hf_dir_template with a '{size}' placeholder"
     )
 
@@ -225,7 +177,7 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: str, log: run_log.Lo
       continue
     start = time.time()
     _log.info("%s: starting", tag)
-    out = STAGES[name](ctx)
+    out = STAGES[name].run(ctx)
     out = {**out, "seconds": round(time.time() - start, 1)}
     results.write_json(marker, out)
     # Process 0 alone writes artefacts; the other hosts read them only after this point.

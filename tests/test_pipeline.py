@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -89,7 +90,10 @@ def test_finished_stages_are_skipped(finished, monkeypatch):
   def boom(ctx):
     raise AssertionError("a finished stage ran again")
 
-  monkeypatch.setattr(pipeline, "STAGES", {k: boom for k in pipeline.STAGES})
+  patched = {
+    k: types.SimpleNamespace(run=boom, validate=m.validate) for k, m in pipeline.STAGES.items()
+  }
+  monkeypatch.setattr(pipeline, "STAGES", patched)
   pipeline.run(tiny_config(), workdir)
   after = {f: os.path.getmtime(os.path.join(workdir, "results", f)) for f in before}
   assert before == after

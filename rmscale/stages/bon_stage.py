@@ -10,11 +10,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from rmscale import bon, results
+from rmscale import bon, checks, results
 from rmscale.stages import common, proxies
 
 RESULTS = ("results", "bon.jsonl")
 SAMPLES = ("bon", "samples.npz")
+
+
+def validate(config, devices: int) -> None:
+  """config.bon: prompts, samples per prompt and the grid of n."""
+  del devices
+  checks.count(config, "bon.num_prompts")
+  checks.count(config, "bon.n_samples", minimum=2)
+  checks.count(config, "bon.num_n", minimum=2)
 
 
 def run(ctx: common.Context) -> dict:

@@ -7,7 +7,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from rmscale import fs, provenance, results
+from rmscale import checks, fs, provenance, results
 from rmscale.scaling import fit as fit_lib
 from rmscale.scaling import plots
 from rmscale.stages import bon_stage, common, proxies, rl
@@ -16,6 +16,11 @@ RESULTS = ("results", "fits.jsonl")
 _log = logging.getLogger(__name__)
 FORMS = {"bon": "bon", "rl": "rl"}
 KEYS = ("rm_size", "rm_params", "data_size", "seed", "name")
+
+
+def validate(config, devices: int) -> None:
+  del devices
+  checks.count(config, "fit.num_bootstrap", minimum=0)
 
 
 def _curves(records: list[dict]) -> dict[tuple, list[dict]]:

@@ -11,7 +11,7 @@ import dataclasses
 
 import numpy as np
 
-from rmscale import losses
+from rmscale import checks, losses
 from rmscale.data.world import World
 from rmscale.stages import common, policy_init
 from rmscale.train import rm
@@ -74,6 +74,22 @@ def evaluate(score, data: dict[str, np.ndarray]) -> dict[str, float]:
   rr = score(data["rejected"], data["rejected_mask"])
   loss, acc = losses.bradley_terry_loss(rc, rr)
   return {"loss": float(loss), "accuracy": float(acc)}
+
+
+def validate(config, devices: int) -> None:
+  """config.gold: its kind and, for a trained gold RM, its size, data, batch and optimizer."""
+  kind = checks.one_of(config, "gold.kind", ("trained", "oracle", "hf"))
+  checks.count(config, "gold.eval_comparisons")
+  if kind != "trained":
+    return
+  checks.model_size(config, "gold.size")
+  checks.one_of(config, "gold.init", ("scratch", "pretrained"))
+  checks.count(config, "gold.num_comparisons")
+  checks.divisible(config, "gold.batch_size", devices)
+  checks.optimizer(config, "gold")
+  for key in ("p_ramble", "p_keyword_extra", "p_wrong_keyword", "p_repeat"):
+    if key in config.gold:
+      checks.in_range(config, f"gold.{key}", 0.0, 1.0, closed_hi=True)
 
 
 def _headline(metrics: dict, against: str) -> str:

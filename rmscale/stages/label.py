@@ -8,11 +8,27 @@ from __future__ import annotations
 
 import numpy as np
 
-from rmscale import results
+from rmscale import checks, results
 from rmscale.stages import common
 from rmscale.stages.gold import comparison_arrays
 
 PATH = ("label", "comparisons.npz")
+
+
+def validate(config, devices: int) -> None:
+  """config.label: how many comparisons, the validation share and the label noise."""
+  del devices
+  checks.count(config, "label.num_comparisons", minimum=2)
+  checks.in_range(config, "label.noise", 0.0, 0.5)
+  fraction = checks.value(config, "label.val_fraction")
+  if not (isinstance(fraction, (int, float)) and 0.0 < fraction < 1.0):
+    checks.fail("label.val_fraction", fraction, "must be in (0, 1)")
+
+
+def num_train(config) -> int:
+  """Training comparisons the label stage gives (the rest are held out for validation)."""
+  n = config.label.num_comparisons
+  return n - round(config.label.val_fraction * n)
 
 
 def run(ctx: common.Context) -> dict:

@@ -4,8 +4,19 @@ from __future__ import annotations
 
 import numpy as np
 
+from rmscale import checks
 from rmscale.stages import common
 from rmscale.train import sft
+
+
+def validate(config, devices: int) -> None:
+  """config.policy (the initial policy) and config.pretrain (LMs that initialise RMs)."""
+  if not config.policy.get("hf_dir"):  # A Hugging Face policy's size is a name only.
+    checks.model_size(config, "policy.size")
+  for section in ("policy", "pretrain"):
+    checks.divisible(config, f"{section}.batch_size", devices)
+    checks.count(config, f"{section}.num_examples")
+    checks.optimizer(config, section)
 
 
 def sft_corpus(ctx: common.Context, n: int, seed: int) -> dict[str, np.ndarray]:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import math
 import os
 
-from rmscale import fs, results
+from rmscale import checks, fs, results
+from rmscale.errors import UserError
+from rmscale.models import sizes
 from rmscale.models.sizes import count_params
 from rmscale.stages import common, label, policy_init, pretrained
 from rmscale.stages.gold import evaluate
@@ -21,6 +23,32 @@ RESULTS = ("results", "proxies.jsonl")
 
 def proxy_name(size: str, data_size: int, seed: int) -> str:
   return f"{size}_d{data_size}_s{seed}"
+
+
+def names(config) -> set[str]:
+  p = config.proxies
+  return {proxy_name(s, d, x) for s in p.sizes for d in p.data_sizes for x in p.seeds}
+
+
+def validate(config, devices: int) -> None:
+  """config.proxies: the grid of sizes, data sizes and seeds, and how each proxy trains."""
+  init = checks.one_of(config, "proxies.init", ("scratch", "pretrained", "hf"))
+  for size in checks.value(config, "proxies.sizes"):
+    if size not in sizes.SIZES and init != "hf":  # A Hugging Face proxy's size is a name only.
+      raise UserError(f"config.proxies.sizes has unknown size {size!r}; known: {list(sizes.SIZES)}")
+  n_train = label.num_train(config)
+  for d in checks.value(config, "proxies.data_sizes"):
+    if isinstance(d, bool) or not isinstance(d, int) or not 0 < d <= n_train:
+      raise UserError(
+        f"config.proxies.data_sizes has {d!r}, but label gives {n_train} training comparisons"
+      )
+  for seed in checks.value(config, "proxies.seeds"):
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+      raise UserError(f"config.proxies.seeds has {seed!r}; seeds are whole numbers >= 0")
+  checks.divisible(config, "proxies.batch_size", devices)
+  checks.positive(config, "proxies.epochs")
+  checks.non_negative(config, "proxies.score_l2")
+  checks.optimizer(config, "proxies", steps_key=None)  # Steps follow from epochs and data size.
 
 
 def grid(ctx: common.Context) -> list[dict]:

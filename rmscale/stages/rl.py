@@ -15,7 +15,8 @@ import dataclasses
 import jax
 import numpy as np
 
-from rmscale import fs, results
+from rmscale import checks, fs, results
+from rmscale.errors import UserError
 from rmscale.rl_losses import mean_and_se
 from rmscale.stages import bon_stage, common, proxies
 from rmscale.train import ppo
@@ -25,6 +26,39 @@ RESULTS = ("results", "rl.jsonl")
 _PROGRAMS: dict = {}  # (configs, mesh, rules) -> (jitted PPO step, jitted evaluator).
 STUDY = ("results", "rl_kl_study.jsonl")
 EVAL_SAMPLES = {"initial": "initial_samples.npz", "final": "final_samples.npz"}  # Under rl/<name>/.
+
+
+def validate(config, devices: int) -> None:
+  """config.rl: batches that split over the devices and divide each other, PPO's hyper-parameters,
+  the KL options, and proxies that this config trains."""
+  for key in ("rollout_batch_size", "minibatch_size", "eval_prompts"):
+    checks.divisible(config, f"rl.{key}", devices)
+  r = config.rl
+  if r.rollout_batch_size % r.minibatch_size:
+    checks.fail("rl.minibatch_size", r.minibatch_size, "does not divide rl.rollout_batch_size")
+  if r.eval_prompts % r.rollout_batch_size:
+    checks.fail("rl.eval_prompts", r.eval_prompts, "is not a multiple of rl.rollout_batch_size")
+  checks.optimizer(config, "rl", steps_key="iterations")
+  for key in ("epochs", "eval_every", "log_every", "save_every"):
+    checks.count(config, f"rl.{key}")
+  for key in ("clip_eps", "value_clip", "kl_target"):
+    checks.positive(config, f"rl.{key}")
+  for key in ("vf_coef", "entropy_coef", "kl_coef"):
+    checks.non_negative(config, f"rl.{key}")
+  checks.in_range(config, "rl.gae_lambda", 0.0, 1.0, closed_hi=True)
+  checks.one_of(config, "rl.kl_mode", ("fixed", "adaptive"))
+  checks.one_of(config, "rl.critic", ("shared", "separate"))
+  known = proxies.names(config)
+  unknown = [n for n in r.proxies if n not in known]
+  if unknown:
+    raise UserError(
+      f"config.rl.proxies names {unknown}, which are not proxies of this config: {sorted(known)}"
+    )
+  if r.kl_study_proxy and r.kl_study_proxy not in known:
+    checks.fail("rl.kl_study_proxy", r.kl_study_proxy, f"is not one of the proxies {sorted(known)}")
+  for coef in r.kl_study_coefs:
+    if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not coef >= 0:
+      raise UserError(f"config.rl.kl_study_coefs has {coef!r}; coefficients must be >= 0")
 
 
 def reference_scores(ctx: common.Context) -> dict:
