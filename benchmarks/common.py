@@ -2,18 +2,23 @@
 
 A benchmark prints one JSON object per line on stdout so runs on different machines can be
 concatenated and compared; every record names the device, date, model size and shapes it measured.
+A bad flag ends the command in one line, ``error: ...``, exit status 2 (``--debug``: its traceback).
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 
 import jax
 
+from rmscale import errors
+from rmscale.errors import UserError
 from rmscale.models.config import TransformerConfig
 from rmscale.models.sizes import count_params
 
@@ -167,9 +172,9 @@ def time_calls(fn: Callable[[int], object], warmup: int, repeats: int) -> dict[s
   visible without polluting the median.
   """
   if warmup < 1:
-    raise ValueError(f"warmup must be >= 1 (the first call compiles), got {warmup}")
+    raise UserError(f"--warmup must be >= 1 (the first call compiles), got {warmup}")
   if repeats < 1:
-    raise ValueError(f"steps/repeats must be >= 1, got {repeats}")
+    raise UserError(f"--steps/--repeats must be >= 1, got {repeats}")
   times = []
   for i in range(warmup + repeats):
     t0 = time.perf_counter()
@@ -187,11 +192,22 @@ def time_calls(fn: Callable[[int], object], warmup: int, repeats: int) -> dict[s
 def parse_list(text: str, name: str) -> list[str]:
   items = [s.strip() for s in text.split(",") if s.strip()]
   if not items:
-    raise ValueError(f"--{name} is empty")
+    raise UserError(f"--{name} is empty")
   return items
 
 
 def check_choices(items: Sequence[str], choices: Sequence[str], name: str) -> None:
   bad = [x for x in items if x not in choices]
   if bad:
-    raise ValueError(f"--{name}: {bad} not in {list(choices)}")
+    raise UserError(f"--{name}: {bad} not in {list(choices)}")
+
+
+def add_debug_flag(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--debug", action="store_true", help="show the traceback of flag errors")
+
+
+def run(main: Callable[[], object]) -> None:
+  """``main()`` as the command line: a UserError (a bad flag) is one line, ``error: ...``, exit
+  status 2; ``--debug`` shows its traceback."""
+  with errors.reported(debug="--debug" in sys.argv[1:]):
+    main()

@@ -43,6 +43,7 @@ import numpy as np
 
 from benchmarks import common
 from rmscale.data.world import World, WorldConfig
+from rmscale.errors import UserError
 from rmscale.models import sizes
 from rmscale.models.config import TransformerConfig
 from rmscale.ops import fp8, fp8_collectives, fp8_optim
@@ -99,6 +100,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument(
     "--quality_steps", type=int, default=400, help="optimizer steps of each quality run"
   )
+  common.add_debug_flag(p)
   return p.parse_args(argv)
 
 
@@ -474,11 +476,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   common.check_choices(size_names, list(sizes.SIZES), "sizes")
   levels = common.parse_list(args.levels, "levels")
   common.check_choices(levels, LEVELS, "levels")
+  gemm_sizes = common.parse_list(args.gemm_sizes, "gemm_sizes")
+  if not all(n.isdigit() and int(n) > 0 for n in gemm_sizes):
+    raise UserError(f"--gemm_sizes={args.gemm_sizes!r}: give positive whole numbers, e.g. 256,512")
   records = []
   with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
     if "gemm" in what:
-      for n in (int(x) for x in common.parse_list(args.gemm_sizes, "gemm_sizes")):
+      for n in map(int, gemm_sizes):
         records += [common.emit(r) for r in run_gemm(n, args.warmup, args.steps)]
     if "train_step" in what:
       for size in size_names:
@@ -506,4 +511,4 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-  main()
+  common.run(main)

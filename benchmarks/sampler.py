@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from benchmarks import common
+from rmscale.errors import UserError
 from rmscale.models import sizes
 from rmscale.models.transformer import init_params
 from rmscale.sampling import SamplingConfig, make_sampler
@@ -49,6 +50,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     default=259,
     help="vocabulary of sizes not tied to a checkpoint (259: the byte tokenizer)",
   )
+  common.add_debug_flag(p)
   return p.parse_args(argv)
 
 
@@ -102,9 +104,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   common.check_choices(size_names, list(sizes.SIZES), "sizes")
   for name in ("batch", "prompt_len", "new_tokens", "vocab_size", "repeats", "warmup"):
     if getattr(args, name) <= 0:
-      raise ValueError(f"--{name} must be positive, got {getattr(args, name)}")
+      raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
   return [common.emit(run_one(size, args)) for size in size_names]
 
 
 if __name__ == "__main__":
-  main()
+  common.run(main)

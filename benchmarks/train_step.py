@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from benchmarks import common
+from rmscale.errors import UserError
 from rmscale.models import sizes
 from rmscale.models.config import TransformerConfig
 from rmscale.parallel import mesh as mesh_lib
@@ -63,6 +64,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument(
     "--remat", action="store_true", help="rematerialise each block (memory for compute)"
   )
+  common.add_debug_flag(p)
   return p.parse_args(argv)
 
 
@@ -152,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   common.check_choices(kinds, KINDS, "kind")
   for name in ("batch", "seq_len", "vocab_size", "steps", "warmup"):
     if getattr(args, name) <= 0:
-      raise ValueError(f"--{name} must be positive, got {getattr(args, name)}")
+      raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
   mesh = mesh_lib.make_mesh({"data": -1})
   mesh_lib.check_batch_divisible(args.batch, mesh, "--batch")
   records = []
@@ -166,4 +168,4 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-  main()
+  common.run(main)

@@ -20,7 +20,8 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 
-from rmscale import atomic, fs
+from rmscale import atomic, errors, fs
+from rmscale.errors import UserError
 
 # The artefact directory of each stage that a sweep can share (pipeline stage name -> workdir entry).
 SHAREABLE_STAGES = ("policy_init", "gold", "label")
@@ -43,7 +44,7 @@ class Job:
 def rmscale_job(name: str, python: str, main_args: Sequence[str], prelude=()) -> Job:
   """``python -m rmscale.main ARGS --distributed=on``: every process of the job joins one JAX job."""
   if not main_args:
-    raise ValueError(
+    raise UserError(
       "no arguments for rmscale.main: give them after '--', e.g. -- --config=... --workdir=..."
     )
   return Job(
@@ -57,7 +58,7 @@ def worker_path(path: str, flag: str) -> str:
   of this machine, or a different one on each worker, so it is an error naming ``flag``."""
   if fs.is_remote(path) or os.path.isabs(path):
     return path
-  raise ValueError(
+  raise UserError(
     f"{flag}={path!r} must be an absolute path on storage shared by all workers (e.g. a "
     "Filestore/NFS mount) or a gs:// URL: a relative or ~ path names a directory of this machine"
   )
@@ -66,7 +67,7 @@ def worker_path(path: str, flag: str) -> str:
 def check_name(name: str, what: str = "name") -> str:
   """Names become pod names, job names and directories: lower-case letters, digits, '-', '.', '_'."""
   if not name or not all(ch.isalnum() or ch in "-._" for ch in name) or name[0] in "-.":
-    raise ValueError(
+    raise UserError(
       f"{what} {name!r} must be letters, digits, '-', '.' or '_' and not start with '-' or '.'"
     )
   return name
@@ -104,6 +105,10 @@ def _replace_symlink(target: str, link: str) -> None:
   os.replace(tmp, link)
 
 
+class WorkdirConflict(UserError, FileExistsError):
+  """A run's workdir holds its own copy of a stage that should be linked to the shared one."""
+
+
 def link_shared(shared: str, workdir: str, stages: Sequence[str]) -> None:
   """Makes ``workdir`` see the finished ``stages`` of ``shared``: a relative symlink to each stage's
   artefact directory and a copy of its done-marker, so the pipeline skips the stage and later stages
@@ -111,14 +116,14 @@ def link_shared(shared: str, workdir: str, stages: Sequence[str]) -> None:
   """
   unknown = [s for s in stages if s not in SHAREABLE_STAGES]
   if unknown:
-    raise ValueError(f"stages {unknown} cannot be shared; shareable: {SHAREABLE_STAGES}")
+    raise UserError(f"stages {unknown} cannot be shared; shareable: {SHAREABLE_STAGES}")
   for stage in stages:
     marker = os.path.join(shared, "stages", f"{stage}.json")
     if not os.path.exists(marker):
-      raise FileNotFoundError(f"shared stage {stage!r} has not finished: no {marker}")
+      raise fs.MissingFileError(f"shared stage {stage!r} has not finished: no {marker}")
     link = os.path.join(workdir, stage)
     if os.path.exists(link) and not os.path.islink(link):
-      raise FileExistsError(
+      raise WorkdirConflict(
         f"{link} exists and is not a link to the shared stage; remove it or use another workdir"
       )
     os.makedirs(workdir, exist_ok=True)
@@ -153,12 +158,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   link.add_argument(
     "--stages", required=True, help="comma-separated stages, e.g. policy_init,gold,label"
   )
+  link.add_argument("--debug", action="store_true", help="show the traceback of input errors")
   args = parser.parse_args(argv)
   try:
     shared, workdir = fs.resolve(args.shared), fs.resolve(args.workdir)
   except ValueError as e:
     parser.error(f"--shared/--workdir: {e}")
-  link_shared(shared, workdir, [s for s in args.stages.split(",") if s])
+  with errors.reported(args.debug):  # An unfinished shared stage: one line, exit 2.
+    link_shared(shared, workdir, [s for s in args.stages.split(",") if s])
   return 0
 
 

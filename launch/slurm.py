@@ -24,7 +24,8 @@ import sys
 from collections.abc import Sequence
 
 from launch.common import Job, check_name, rmscale_job
-from rmscale import fs
+from rmscale import errors, fs
+from rmscale.errors import UserError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,9 +44,9 @@ class SlurmOptions:
 
   def __post_init__(self):
     if self.per not in ("gpu", "node"):
-      raise ValueError(f"per={self.per!r} must be 'gpu' or 'node'")
+      raise UserError(f"per={self.per!r} must be 'gpu' or 'node'")
     if self.nodes < 1 or self.gpus_per_node < 1:
-      raise ValueError(f"nodes={self.nodes} and gpus_per_node={self.gpus_per_node} must be >= 1")
+      raise UserError(f"nodes={self.nodes} and gpus_per_node={self.gpus_per_node} must be >= 1")
 
   @property
   def tasks_per_node(self) -> int:
@@ -76,7 +77,7 @@ def render(job: Job, opts: SlurmOptions, log_dir: str) -> str:
   directives += list(opts.sbatch_args)
   bad = [d for d in directives if any(ch in d for ch in "\n\r")]
   if bad:
-    raise ValueError(f"sbatch options cannot contain line breaks: {bad}")
+    raise UserError(f"sbatch options cannot contain line breaks: {bad}")
   lines = (
     ["#!/bin/bash"] + [f"#SBATCH {shlex.quote(d)}" for d in directives] + ["", "set -euo pipefail"]
   )
@@ -151,9 +152,11 @@ def _resolve_workdir(main_args: Sequence[str]) -> tuple[list[str], str]:
   args, workdirs = [], []
   for arg in main_args:
     if arg.startswith("--workdir="):
+      if arg == "--workdir=":
+        raise UserError("--workdir= is empty: give a path on storage every node sees")
       workdir = fs.resolve(arg.split("=", 1)[1])
       if fs.is_remote(workdir):
-        raise ValueError(
+        raise UserError(
           f"--workdir={workdir}: the job script and SLURM's logs are written under the workdir, "
           "so it must be a path on the cluster's shared file system, not a URL"
         )
@@ -161,7 +164,7 @@ def _resolve_workdir(main_args: Sequence[str]) -> tuple[list[str], str]:
       arg = f"--workdir={workdir}"
     args.append(arg)
   if not workdirs:
-    raise ValueError("give --workdir=... after '--' (on storage every node sees)")
+    raise UserError("give --workdir=... after '--' (on storage every node sees)")
   return args, workdirs[-1]
 
 
@@ -175,13 +178,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--name", required=True, help="SLURM job name")
   parser.add_argument("--dry_run", action="store_true", help="print the script, submit nothing")
   add_slurm_arguments(parser)
+  parser.add_argument("--debug", action="store_true", help="show the traceback of input errors")
   args = parser.parse_args(argv)
-  try:
+  with errors.reported(args.debug):  # A bad option or workdir: one line, exit 2.
     main_args, workdir = _resolve_workdir(main_args)
     job = rmscale_job(args.name, args.slurm_python, main_args)
     script = render(job, options_from_args(args), os.path.join(workdir, "slurm"))
-  except ValueError as e:
-    parser.error(str(e))
   if args.dry_run:
     print(script, end="")
     return 0

@@ -30,7 +30,6 @@ import concurrent.futures
 import dataclasses
 import importlib.util
 import itertools
-import json
 import os
 import re
 import shlex
@@ -42,7 +41,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from launch import common, slurm, tpu
-from rmscale import fs
+from rmscale import errors, fs
+from rmscale.errors import UserError
 
 SPEC_KEYS = ("name", "config", "arg", "overrides", "grid", "runs", "shared_stages")
 # Config keys the shareable stages (policy_init, gold, label) read: a run must agree with the shared
@@ -107,10 +107,13 @@ def format_value(value) -> str:
 
 def load_module(path: str):
   if not os.path.exists(path):
-    raise FileNotFoundError(f"no config file {path}")
+    raise fs.MissingFileError(f"no config file {path}")
   spec = importlib.util.spec_from_file_location(f"_rmscale_cfg_{abs(hash(path))}", path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  try:
+    spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise UserError(f"{path}:{e.lineno}: {e.msg}") from None
   return module
 
 
@@ -129,21 +132,19 @@ def build_config(config: str, overrides: Sequence[tuple[str, Any]]):
     node = cfg
     for i, part in enumerate(parents):
       if part not in node:
-        raise ValueError(
-          f"override config.{key}: config has no config.{'.'.join(parents[: i + 1])}"
-        )
+        raise UserError(f"override config.{key}: config has no config.{'.'.join(parents[: i + 1])}")
       node = node[part]
     if leaf not in node:
-      raise ValueError(f"override config.{key}: config has no such field")
+      raise UserError(f"override config.{key}: config has no such field")
     if isinstance(node[leaf], list):
-      raise ValueError(
+      raise UserError(
         f"override config.{key}: the field is a list, which ml_collections cannot override "
         "from the command line; make it a tuple in the config"
       )
     try:
       node[leaf] = tuple(value) if isinstance(value, list) else value
     except TypeError as e:
-      raise ValueError(f"override config.{key}={value!r}: {e}") from None
+      raise UserError(f"override config.{key}={value!r}: {e}") from None
   return cfg
 
 
@@ -162,9 +163,9 @@ def _config_string(path: str, arg: dict) -> str:
   for k, v in arg.items():
     text = str(v)
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
-      raise ValueError(f"get_config argument name {k!r} is not an identifier")
+      raise UserError(f"get_config argument name {k!r} is not an identifier")
     if any(ch in text for ch in ",=\n\r"):
-      raise ValueError(
+      raise UserError(
         f"get_config argument {k}={text!r} cannot contain ',', '=' or line breaks "
         "(use '+' to join lists, or a 'config.' override)"
       )
@@ -173,14 +174,14 @@ def _config_string(path: str, arg: dict) -> str:
 
 def _points(spec: dict) -> list[dict]:
   if ("grid" in spec) == ("runs" in spec):
-    raise ValueError(
+    raise UserError(
       "a sweep needs exactly one of 'grid' (values to combine) or 'runs' (a list of points)"
     )
   if "grid" in spec:
     grid = spec["grid"]
     for k, values in grid.items():
       if not isinstance(values, (list, tuple)) or not values:
-        raise ValueError(f"sweep grid[{k!r}] must be a non-empty list of values")
+        raise UserError(f"sweep grid[{k!r}] must be a non-empty list of values")
     return [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
   return [dict(p) for p in spec["runs"]]
 
@@ -189,10 +190,10 @@ def expand(spec: dict, root: str) -> Sweep:
   """The sweep's runs: names, workdirs, config strings and overrides, each config built and checked."""
   unknown = set(spec) - set(SPEC_KEYS)
   if unknown:
-    raise ValueError(f"sweep has unknown keys {sorted(unknown)}; known: {SPEC_KEYS}")
+    raise UserError(f"sweep has unknown keys {sorted(unknown)}; known: {SPEC_KEYS}")
   for key in ("name", "config"):
     if key not in spec:
-      raise ValueError(f"sweep needs {key!r}")
+      raise UserError(f"sweep needs {key!r}")
   name = common.check_name(spec["name"], "sweep name")
   base_arg = dict(spec.get("arg", {}))
   base_overrides = dict(spec.get("overrides", {}))
@@ -201,7 +202,7 @@ def expand(spec: dict, root: str) -> Sweep:
   for point in _points(spec):
     run_name = common.check_name(point.pop("name", None) or point_name(point), "run name")
     if run_name in names or run_name == "shared":
-      raise ValueError(
+      raise UserError(
         f"two runs of sweep {name!r} are both named {run_name!r} (or it is reserved); "
         "give the points distinct 'name's"
       )
@@ -238,10 +239,10 @@ def expand(spec: dict, root: str) -> Sweep:
     for run, cfg in runs:
       missing = [s for s in shared_stages if s not in run.stages]
       if missing:
-        raise ValueError(f"run {run.name!r} does not run the shared stages {missing}")
+        raise UserError(f"run {run.name!r} does not run the shared stages {missing}")
       for key in UPSTREAM_KEYS:
         if _plain(cfg.get(key)) != _plain(shared_cfg.get(key)):
-          raise ValueError(
+          raise UserError(
             f"run {run.name!r} changes config.{key}, which the shared stages "
             f"{list(shared_stages)} read; sweep it without shared_stages, or move it to 'arg'"
           )
@@ -256,7 +257,7 @@ def load_sweep(text: str, root: str) -> Sweep:
   path, arg = split_config(text)
   module = load_module(path)
   if not hasattr(module, "get_sweep"):
-    raise ValueError(f"{path} defines no get_sweep(arg)")
+    raise UserError(f"{path} defines no get_sweep(arg)")
   return expand(module.get_sweep(arg), root)
 
 
@@ -279,11 +280,12 @@ def _alive(pid: int) -> bool:
 
 def state(run: Run) -> dict:
   """``{'state': done|running|failed|partial|pending, 'stages': [...finished], 'detail': str}``."""
+  from rmscale import results  # A damaged record is a UserError naming it.
+
   done = [s for s in run.stages if os.path.exists(run.marker(s))]
   record = {}
   if os.path.exists(_record_path(run)):
-    with open(_record_path(run)) as f:
-      record = json.load(f)
+    record = results.read_json(_record_path(run))
   if run.finished():
     s = "done"
   elif (
@@ -301,11 +303,12 @@ def state(run: Run) -> dict:
 
 
 def _fit_summary(run: Run) -> str:
+  from rmscale import results
+
   path = os.path.join(run.workdir, "results", "fits.jsonl")
   if not os.path.exists(path):
     return ""
-  with open(path) as f:
-    rows = [json.loads(line) for line in f if line.strip()]
+  rows = results.read_jsonl(path)
   bon = [r for r in rows if r.get("method") == "bon"]
   return "  ".join(f"{r['name']}: alpha={r['alpha']:.3f} beta={r['beta']:.3f}" for r in bon[:3])
 
@@ -456,7 +459,7 @@ def run_tpu(sweep: Sweep, args, parallel: int, dry_run: bool, out=None) -> int:
   out = out or sys.stdout
   common.worker_path(sweep.root, "--workdir_root")  # The workers use it as it is.
   if sweep.shared and fs.is_remote(sweep.root):
-    raise ValueError(
+    raise UserError(
       f"--workdir_root={sweep.root}: shared stages are linked into each run with symlinks, which "
       "a bucket cannot hold; give an absolute path on storage every worker mounts"
     )
@@ -504,12 +507,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   )
   parser.add_argument("--status", action="store_true", help="print the state of every run and exit")
   parser.add_argument("--python", default=sys.executable, help="interpreter for local runs")
+  parser.add_argument("--debug", action="store_true", help="show the traceback of input errors")
   tpu.add_pod_arguments(parser)
   slurm.add_slurm_arguments(parser)
   args = parser.parse_args(argv)
   if args.parallel < 1:
     parser.error("--parallel must be >= 1")
-  try:
+  with errors.reported(args.debug):  # A bad sweep file, config or root: one line, exit 2.
     path, arg = split_config(args.config)
     config = fs.resolve(path) + ("" if arg is None else f":{arg}")
     # Local and SLURM runs use the root on this machine's (shared) file system: one absolute
@@ -518,7 +522,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.target != "tpu":
       root = fs.resolve(root)
       if fs.is_remote(root):
-        raise ValueError(
+        raise UserError(
           f"--workdir_root={root}: the {args.target} target writes logs and job records under "
           "the root, so it must be a file-system path (gs:// roots work with --target=tpu)"
         )
@@ -532,8 +536,6 @@ def main(argv: Sequence[str] | None = None) -> int:
       failures = run_slurm(sweep, slurm.options_from_args(args), args.slurm_python, args.dry_run)
     else:
       failures = run_tpu(sweep, args, args.parallel, args.dry_run)
-  except (ValueError, FileNotFoundError) as e:
-    parser.error(str(e))
   return 1 if failures else 0
 
 

@@ -29,6 +29,8 @@ import time
 from collections.abc import Callable, Sequence
 
 from launch.common import Job, rmscale_job, run_commands, worker_path
+from rmscale import errors
+from rmscale.errors import UserError
 
 GCLOUD = ("gcloud", "compute", "tpus", "tpu-vm")
 REMOTE_DIR = (
@@ -54,7 +56,7 @@ class Pod:
 
   def __post_init__(self):
     if not re.fullmatch(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?", self.name):
-      raise ValueError(
+      raise UserError(
         f"TPU name {self.name!r} must be lower-case letters, digits and '-', start with a "
         "letter, end with a letter or digit, at most 63 characters"
       )
@@ -117,7 +119,7 @@ def main_job(name: str, python: str, main_args: Sequence[str], prelude=()) -> Jo
   copy of the code, which each install replaces."""
   workdirs = [a.split("=", 1)[1] for a in main_args if a.startswith("--workdir=")]
   if not workdirs:
-    raise ValueError(
+    raise UserError(
       "give --workdir=/absolute/path on storage shared by all workers and kept after the pod "
       "is deleted, or --workdir=gs://bucket/path"
     )
@@ -251,7 +253,7 @@ def add_pod_arguments(parser: argparse.ArgumentParser) -> None:
 def pod_from_args(args, name: str) -> Pod:
   missing = [f"--{k}" for k in ("zone", "accelerator") if not getattr(args, k)]
   if missing:
-    raise ValueError(f"the TPU target needs {', '.join(missing)}")
+    raise UserError(f"the TPU target needs {', '.join(missing)}")
   return Pod(
     name=name,
     zone=args.zone,
@@ -283,12 +285,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     "--delete_after", action="store_true", help="launch: delete the pod once the run succeeds"
   )
   add_pod_arguments(parser)
+  parser.add_argument("--debug", action="store_true", help="show the traceback of input errors")
   args = parser.parse_args(argv)
-  try:
+  with errors.reported(args.debug):  # A bad pod name or workdir: one line, exit 2.
     pod = pod_from_args(args, args.name)
     job = main_job(args.name, pod.python, main_args) if args.command in ("run", "launch") else None
-  except ValueError as e:
-    parser.error(str(e))
   if args.command == "state":
     print(shlex.join(pod.describe_state()) if args.dry_run else pod_state(pod))
     return 0

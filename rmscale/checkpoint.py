@@ -26,19 +26,21 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
 from rmscale import fs
+from rmscale.errors import UserError
 
 PyTree = Any
 _log = logging.getLogger(__name__)
 
 
-class CorruptCheckpointError(RuntimeError):
-  """A committed checkpoint step whose files cannot be read back."""
+class CorruptCheckpointError(UserError, RuntimeError):
+  """A committed checkpoint step whose files cannot be read back (a UserError: damaged files)."""
 
 
 def _is_key(x) -> bool:
@@ -91,6 +93,37 @@ def abstract_like(state: PyTree, shardings: Any = None) -> PyTree:
   if shardings is None:
     return jax.tree.map(lambda x: leaf(x, None), state)
   return jax.tree.map(lambda s, sub: jax.tree.map(lambda x: leaf(x, s), sub), shardings, state)
+
+
+class _AbandonedReads(logging.Filter):
+  """Quiets the aftermath of a restore that fails on a damaged file: orbax stops at the first error
+  and closes its event loop while tensorstore still finishes the other reads it started. Each of
+  those then fails with ``RuntimeError('Event loop is closed')`` (printed as an unraisable
+  exception: a traceback) and leaves a task whose error nobody retrieves (logged by asyncio, with
+  its traceback): a dozen tracebacks around the one-line error. Those two, and only those, are
+  dropped; installed once, before the first restore (they can come before its error does)."""
+
+  installed = False
+
+  def filter(self, record: logging.LogRecord) -> bool:  # "Task/Future exception was never ..."
+    return not record.getMessage().split("\n", 1)[0].endswith("exception was never retrieved")
+
+  @classmethod
+  def install(cls) -> None:
+    if cls.installed:
+      return
+    cls.installed = True
+    logging.getLogger("asyncio").addFilter(cls())
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+      closed = unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == (
+        "Event loop is closed"
+      )
+      if not closed:
+        previous(unraisable)
+
+    sys.unraisablehook = hook
 
 
 def _check_meta(meta: Any) -> dict:
@@ -180,6 +213,7 @@ class Checkpointer:
 
   # -- restore -------------------------------------------------------------------------
   def _restore_step(self, step: int, target: PyTree | None) -> tuple[PyTree, dict]:
+    _AbandonedReads.install()
     if target is None:
       state_args = ocp.args.StandardRestore()
     else:
@@ -219,12 +253,12 @@ class Checkpointer:
     if step is not None:
       step = int(step)
       if step not in steps:
-        raise FileNotFoundError(
+        raise fs.MissingFileError(
           f"no committed checkpoint for step {step} in {self.directory} (steps: {steps})"
         )
       return self._restore_step(step, target)
     if not steps:
-      raise FileNotFoundError(f"no committed checkpoint in {self.directory}")
+      raise fs.MissingFileError(f"no committed checkpoint in {self.directory}")
     errors = []
     for s in reversed(steps):
       try:

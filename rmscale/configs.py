@@ -6,6 +6,8 @@ import ast
 
 import ml_collections
 
+from rmscale.errors import UserError
+
 
 def parse_count(text, config: str) -> int:
   """A count argument of ``config``: ``90k`` -> 90000, ``1.5m`` -> 1500000, ``500`` -> 500."""
@@ -14,9 +16,9 @@ def parse_count(text, config: str) -> int:
   try:
     value = float(text[:-1] if scale > 1 else text) * scale
   except ValueError:
-    raise ValueError(f"{config}: {text!r} is not a count such as 90k or 5000") from None
+    raise UserError(f"{config}: {text!r} is not a count such as 90k or 5000") from None
   if value <= 0 or value != int(value):
-    raise ValueError(f"{config}: {text!r} is not a positive whole count")
+    raise UserError(f"{config}: {text!r} is not a positive whole count")
   return int(value)
 
 
@@ -38,7 +40,7 @@ def parse_arg(arg: str | None, **defaults):
     key, _, value = item.partition("=")
     key = key.strip()
     if key not in defaults:
-      raise ValueError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
+      raise UserError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
     if not _:
       parsed = True
     else:

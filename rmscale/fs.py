@@ -18,10 +18,15 @@ from collections.abc import Callable
 from typing import BinaryIO
 
 from rmscale import atomic
+from rmscale.errors import UserError
 
 _BACKEND_HINT = (
   "install a backend for it: `pip install gcsfs` for gs:// (or TensorFlow), s3fs for s3://"
 )
+
+
+class MissingFileError(UserError, FileNotFoundError):
+  """A file or directory the user, or an earlier stage, should have put there is missing."""
 
 
 def is_remote(path: str | os.PathLike) -> bool:
@@ -36,7 +41,7 @@ def as_path(path: str | os.PathLike):
   try:
     return epath.Path(path)
   except KeyError:  # epath knows a fixed set of schemes and raises KeyError for the others.
-    raise ValueError(
+    raise UserError(
       f"{os.fspath(path)}: unsupported URL scheme; use a local path or gs://, s3://, az://"
     ) from None
 
@@ -49,7 +54,7 @@ def _naming(path, doing: str):
   except ImportError as e:  # epath names the missing backend (gcsfs, s3fs or tensorflow).
     raise ImportError(f"cannot {doing} {path}: {e}; {_BACKEND_HINT}") from None
   except FileNotFoundError as e:
-    raise FileNotFoundError(f"cannot {doing} {path}: no such file ({e})") from None
+    raise MissingFileError(f"cannot {doing} {path}: no such file ({e})") from None
   except Exception as e:  # Transport errors (HTTP, auth, quota) come in many types.
     raise OSError(f"cannot {doing} {path}: {type(e).__name__}: {e}") from e
 
@@ -64,7 +69,7 @@ def resolve(path: str | os.PathLike) -> str:
   """
   path = os.fspath(path)
   if not path:
-    raise ValueError("empty path")
+    raise UserError("empty path")
   if is_remote(path):
     return path
   return os.path.abspath(os.path.expanduser(path))
@@ -94,9 +99,18 @@ def makedirs(path: str | os.PathLike) -> None:
     os.makedirs(path, exist_ok=True)
 
 
+@contextlib.contextmanager
+def _local(path):
+  """A missing local file as a `MissingFileError` naming it, as ``_naming`` does for remote ones."""
+  try:
+    yield
+  except FileNotFoundError:
+    raise MissingFileError(f"cannot read {path}: no such file") from None
+
+
 def read_bytes(path: str | os.PathLike) -> bytes:
   if not is_remote(path):
-    with open(path, "rb") as f:
+    with _local(path), open(path, "rb") as f:
       return f.read()
   p = as_path(path)
   with _naming(path, "read"):
@@ -104,10 +118,14 @@ def read_bytes(path: str | os.PathLike) -> bytes:
 
 
 def read_text(path: str | os.PathLike) -> str:
-  if not is_remote(path):
-    with open(path, encoding="utf-8") as f:
-      return f.read()
-  return read_bytes(path).decode("utf-8")
+  """UTF-8 text; a missing or undecodable file is a `UserError` naming it."""
+  try:
+    if not is_remote(path):
+      with _local(path), open(path, encoding="utf-8") as f:
+        return f.read()
+    return read_bytes(path).decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); damaged?") from None
 
 
 def write(path: str | os.PathLike, fill: Callable[[BinaryIO], object]) -> None:

@@ -15,6 +15,9 @@ Command line::
 
     python -m rmscale.hf convert --hf_dir=/ckpts/pythia-70m --out=/ckpts/pythia-70m-rmscale
     python -m rmscale.hf export --ckpt=/ckpts/pythia-70m-rmscale --out=/ckpts/pythia-70m-hf
+
+A missing, malformed or mismatched checkpoint (config.json, its fields, tensors and their shapes) is
+a `UserError` naming the file and the field or tensor; the command line reports it in one line.
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from rmscale import atomic
+from rmscale import atomic, errors, fs
+from rmscale.errors import UserError
+from rmscale.fs import MissingFileError
 from rmscale.models.config import TransformerConfig
 from rmscale.models.sizes import FAMILIES
 from rmscale.models.transformer import Transformer, abstract_params, init_params
@@ -78,21 +83,21 @@ def read_safetensors_header(path: str) -> dict[str, _TensorInfo]:
   with open(path, "rb") as f:
     head = f.read(8)
     if len(head) < 8:
-      raise ValueError(
+      raise UserError(
         f"{path}: corrupt safetensors file: {size} bytes, shorter than the header length"
       )
     n = int.from_bytes(head, "little")
     if n > min(size - 8, _MAX_HEADER):
-      raise ValueError(
+      raise UserError(
         f"{path}: truncated or corrupt safetensors file: the header claims {n} bytes "
         f"but the file has {size}"
       )
     try:
       header = json.loads(f.read(n))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-      raise ValueError(f"{path}: corrupt safetensors header: {e}") from e
+      raise UserError(f"{path}: corrupt safetensors header: {e}") from e
   if not isinstance(header, dict):
-    raise ValueError(f"{path}: corrupt safetensors header: expected a JSON object")
+    raise UserError(f"{path}: corrupt safetensors header: expected a JSON object")
   data_start = 8 + n
   infos = {}
   for name, entry in header.items():
@@ -103,17 +108,17 @@ def read_safetensors_header(path: str) -> dict[str, _TensorInfo]:
       shape = tuple(int(d) for d in entry["shape"])
       begin, end = (int(o) for o in entry["data_offsets"])
     except (KeyError, TypeError, ValueError) as e:
-      raise ValueError(
+      raise UserError(
         f"{path}: corrupt safetensors header entry for tensor {name!r}: {entry!r} "
         f"({type(e).__name__}: {e})"
       ) from e
     if end - begin != math.prod(shape) * dtype.itemsize or begin < 0:
-      raise ValueError(
+      raise UserError(
         f"{path}: corrupt safetensors header: tensor {name!r} of shape {shape} "
         f"{entry['dtype']} has data_offsets {[begin, end]}"
       )
     if data_start + end > size:
-      raise ValueError(
+      raise UserError(
         f"{path}: truncated safetensors file: tensor {name!r} ends at byte "
         f"{data_start + end} but the file has {size} bytes"
       )
@@ -125,7 +130,7 @@ def _read_tensor(info: _TensorInfo) -> np.ndarray:
   count = math.prod(info.shape)
   a = np.fromfile(info.file, dtype=info.dtype, count=count, offset=info.offset)
   if a.size != count:  # The file shrank after its header was read.
-    raise ValueError(f"{info.file}: truncated safetensors file: read {a.size} of {count} elements")
+    raise UserError(f"{info.file}: truncated safetensors file: read {a.size} of {count} elements")
   return a.reshape(info.shape)
 
 
@@ -185,7 +190,7 @@ class HFCheckpoint:
   def __init__(self, directory: str):
     self.directory = str(directory)
     if not os.path.isdir(self.directory):
-      raise ValueError(
+      raise UserError(
         f"{self.directory}: not a directory (expected a Hugging Face model directory)"
       )
     self.config_path = os.path.join(self.directory, "config.json")
@@ -204,28 +209,28 @@ class HFCheckpoint:
         if any(n.startswith("pytorch_model") for n in found)
         else ""
       )
-      raise ValueError(
+      raise UserError(
         f"{self.directory}: neither {_SINGLE} nor {_INDEX} found (files: {found}).{hint}"
       )
 
   def _read_index(self, index: str) -> None:
     weight_map = _read_json(index).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
-      raise ValueError(f"{index}: field 'weight_map' is missing or empty")
+      raise UserError(f"{index}: field 'weight_map' is missing or empty")
     by_file: dict[str, list[str]] = {}
     for name, file in weight_map.items():
       by_file.setdefault(file, []).append(name)
     for file, names in sorted(by_file.items()):
       path = os.path.join(self.directory, file)
       if not os.path.exists(path):
-        raise ValueError(
+        raise UserError(
           f"{index}: shard file {file!r} (listed in 'weight_map' for {len(names)} "
           f"tensors, e.g. {names[0]!r}) is missing from {self.directory}"
         )
       infos = read_safetensors_header(path)
       for name in names:
         if name not in infos:
-          raise ValueError(
+          raise UserError(
             f"{index}: 'weight_map' puts tensor {name!r} in {file!r}, "
             f"but {path} does not contain it"
           )
@@ -240,14 +245,14 @@ class HFCheckpoint:
 
 def _read_json(path: str) -> dict:
   if not os.path.exists(path):
-    raise ValueError(f"{path}: file not found")
+    raise MissingFileError(f"{path}: file not found")
   try:
     with open(path) as f:
       obj = json.load(f)
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise ValueError(f"{path}: not valid JSON: {e}") from e
+    raise UserError(f"{path}: not valid JSON: {e}") from e
   if not isinstance(obj, dict):
-    raise ValueError(f"{path}: expected a JSON object")
+    raise UserError(f"{path}: expected a JSON object")
   return obj
 
 
@@ -292,33 +297,33 @@ class _Fields:
     value = self.hf.get(key)
     if value is None:
       if default is ...:
-        raise ValueError(f"{self.path}: field {key!r} is missing")
+        raise UserError(f"{self.path}: field {key!r} is missing")
       return default
     return value
 
   def int(self, key: str, default: Any = ...) -> int:
     value = self.get(key, default)
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-      raise ValueError(f"{self.path}: field {key!r} must be a positive integer, got {value!r}")
+      raise UserError(f"{self.path}: field {key!r} must be a positive integer, got {value!r}")
     return value
 
   def bool(self, key: str, default: bool) -> bool:
     value = self.get(key, default)
     if not isinstance(value, bool):
-      raise ValueError(f"{self.path}: field {key!r} must be true or false, got {value!r}")
+      raise UserError(f"{self.path}: field {key!r} must be true or false, got {value!r}")
     return value
 
   def require(self, key: str, expected: Any, default: Any) -> None:
     value = self.get(key, default)
     if value != expected:
-      raise ValueError(
+      raise UserError(
         f"{self.path}: field {key!r}={value!r} is not supported (rmscale needs {expected!r})"
       )
 
   def activation(self, key: str, default: str) -> str:
     name = self.get(key, default)
     if name not in _ACTIVATIONS:
-      raise ValueError(
+      raise UserError(
         f"{self.path}: field {key!r}={name!r} is not supported; known: {sorted(_ACTIVATIONS)}"
       )
     return _ACTIVATIONS[name]
@@ -331,7 +336,7 @@ class _Fields:
       params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
     )
     if rope_type != "default":
-      raise ValueError(
+      raise UserError(
         f"{self.path}: rope type {rope_type!r} (field 'rope_parameters'/'rope_scaling') "
         "is not supported; rmscale implements unscaled RoPE only"
       )
@@ -347,7 +352,7 @@ def _family_and_head(ckpt: HFCheckpoint) -> tuple[str, str]:
   fields = _Fields(ckpt.config, ckpt.config_path)
   model_type = fields.get("model_type")
   if model_type not in _MODEL_TYPES:
-    raise ValueError(
+    raise UserError(
       f"{ckpt.config_path}: field 'model_type'={model_type!r} is not supported; "
       f"known: {sorted(_MODEL_TYPES)}"
     )
@@ -356,7 +361,7 @@ def _family_and_head(ckpt: HFCheckpoint) -> tuple[str, str]:
   if not archs:  # Old exports omit it; the score tensor is then the only witness.
     return family, "score" if "score.weight" in ckpt.infos else "lm"
   if len(archs) != 1 or archs[0] not in _ARCHITECTURES[family]:
-    raise ValueError(
+    raise UserError(
       f"{ckpt.config_path}: field 'architectures'={archs!r} is not supported for "
       f"model_type {model_type!r}; known: {sorted(_ARCHITECTURES[family])}"
     )
@@ -364,7 +369,7 @@ def _family_and_head(ckpt: HFCheckpoint) -> tuple[str, str]:
   if head == "score":
     labels = len(ckpt.config.get("id2label") or {0: None})
     if labels != 1:
-      raise ValueError(
+      raise UserError(
         f"{ckpt.config_path}: field 'id2label' has {labels} labels; a reward model "
         "checkpoint needs num_labels=1"
       )
@@ -397,7 +402,7 @@ def _config_fields(family: str, hf: dict, path: str) -> dict[str, Any]:
   elif family == "llama":
     theta, pct = f.rope()
     if pct != 1.0:
-      raise ValueError(f"{path}: field 'partial_rotary_factor'={pct} is not supported for llama")
+      raise UserError(f"{path}: field 'partial_rotary_factor'={pct} is not supported for llama")
     f.require("hidden_act", "silu", "silu")
     d_model, n_heads = f.int("hidden_size"), f.int("num_attention_heads")
     head_dim = f.int("head_dim", d_model // n_heads)
@@ -479,7 +484,7 @@ def infer_family(cfg: TransformerConfig) -> str:
   for fam, why in reasons.items():
     if not why:
       return fam
-  raise ValueError(
+  raise UserError(
     "model config matches no Hugging Face family: "
     + "; ".join(f"{fam}: {', '.join(why)}" for fam, why in reasons.items())
   )
@@ -810,7 +815,7 @@ def _plan(
   if reward_head is None:
     reward_head = "linear" if stored == "score" else "none"
   if reward_head == "mlp" and stored == "score":
-    raise ValueError(
+    raise UserError(
       f"{path} holds a trained linear reward head (score.weight); load it with "
       "reward_head='linear' (or 'none' to drop it) rather than replacing it with a "
       "fresh MLP"
@@ -818,7 +823,7 @@ def _plan(
   if lm_head is None:
     lm_head = stored == "lm"
   if lm_head and stored != "lm":
-    raise ValueError(
+    raise UserError(
       f"{ckpt.config_path}: architecture {ckpt.config.get('architectures')} has no LM "
       "head to load; pass lm_head=False"
     )
@@ -834,7 +839,7 @@ def _plan(
   try:
     cfg = TransformerConfig(**fields)
   except ValueError as e:
-    raise ValueError(f"{ckpt.config_path}: {e}") from e
+    raise UserError(f"{ckpt.config_path}: {e}") from e
   if stored == "score" and reward_head == "linear":
     loaded_head = "score"
   else:
@@ -851,7 +856,7 @@ def _check_names_and_shapes(
   where = ckpt.directory
   missing = [m.names[0] for m in maps if not any(n in ckpt.infos for n in m.names)]
   if missing:
-    raise ValueError(
+    raise UserError(
       f"{where}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''} "
       f"({len(missing)} in all) that a {family} {ckpt.config.get('architectures')} "
       f"with this config.json must have"
@@ -867,7 +872,7 @@ def _check_names_and_shapes(
   )
   if unexpected:
     files = sorted({os.path.basename(ckpt.infos[n].file) for n in unexpected})
-    raise ValueError(
+    raise UserError(
       f"{where}: unexpected tensors {unexpected[:5]}"
       f"{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)} in all, in {files}) "
       f"for a {family} model with this config.json"
@@ -876,7 +881,7 @@ def _check_names_and_shapes(
     name = next(n for n in m.names if n in ckpt.infos)
     got = ckpt.shape(name)
     if got != m.hf_shape:
-      raise ValueError(
+      raise UserError(
         f"{ckpt.infos[name].file}: tensor {name!r} has shape {got} but {ckpt.config_path} implies "
         f"{m.hf_shape} (vocab_size={cfg.vocab_size}, d_model={cfg.d_model}, n_heads={cfg.n_heads}, "
         f"n_kv_heads={cfg.kv_heads}, d_ff={cfg.d_ff}, max_len={cfg.max_len})"
@@ -1040,10 +1045,10 @@ def _parse_size(size: int | str) -> int:
   else:
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(size))
     if not match or match.group(2).upper() not in _UNITS:
-      raise ValueError(f"max_shard_size={size!r}: expected bytes or a size like '5GB'")
+      raise UserError(f"max_shard_size={size!r}: expected bytes or a size like '5GB'")
     value = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
   if value <= 0:
-    raise ValueError(f"max_shard_size={size!r} must be positive")
+    raise UserError(f"max_shard_size={size!r} must be positive")
   return value
 
 
@@ -1077,18 +1082,18 @@ def save_pretrained(
   """
   family = family or infer_family(cfg)
   if family not in FAMILIES:
-    raise ValueError(f"family={family!r} is not one of {sorted(FAMILIES)}")
+    raise UserError(f"family={family!r} is not one of {sorted(FAMILIES)}")
   why = _family_mismatches(cfg, family)
   if why:
-    raise ValueError(f"model config cannot be written as a {family} checkpoint: {', '.join(why)}")
+    raise UserError(f"model config cannot be written as a {family} checkpoint: {', '.join(why)}")
   if cfg.reward_head == "mlp":
-    raise ValueError(
+    raise UserError(
       "model.reward_head='mlp' has no Hugging Face equivalent; only a linear reward "
       "head exports (as a SequenceClassification model)"
     )
   head = "score" if cfg.reward_head == "linear" else ("lm" if cfg.lm_head else None)
   if head is None:
-    raise ValueError("model has neither an LM head nor a linear reward head to export")
+    raise UserError("model has neither an LM head nor a linear reward head to export")
   if cfg.value_head:
     _log.warning(
       "save_pretrained: the value head has no Hugging Face equivalent and is not written"
@@ -1099,7 +1104,7 @@ def save_pretrained(
     )
   out_dtype = np.dtype(dtype if dtype is not None else cfg.params_dtype)
   if out_dtype not in (np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)):
-    raise ValueError(f"dtype={out_dtype} must be float32, float16 or bfloat16")
+    raise UserError(f"dtype={out_dtype} must be float32, float16 or bfloat16")
   limit = _parse_size(max_shard_size)
   maps = _layout(family, cfg, head, _PREFIX[family])
   abstract, _ = abstract_params(cfg)
@@ -1108,11 +1113,11 @@ def save_pretrained(
       try:
         shape = tuple(_get(params, path).shape)
       except (KeyError, TypeError, AttributeError) as e:
-        raise ValueError(
+        raise UserError(
           f"params has no array leaf {'/'.join(path)}, which the model config needs"
         ) from e
       if shape != _get(abstract, path).shape:
-        raise ValueError(
+        raise UserError(
           f"params leaf {'/'.join(path)} has shape {shape}, the model config implies "
           f"{_get(abstract, path).shape}"
         )
@@ -1214,10 +1219,12 @@ def export(
   """rmscale checkpoint whose meta has ``model`` (a TransformerConfig dict) -> HF directory."""
   from rmscale.checkpoint import Checkpointer
 
+  if not fs.isdir(ckpt_dir):  # Checkpointer would create it.
+    raise MissingFileError(f"{ckpt_dir}: no such checkpoint directory")
   with Checkpointer(ckpt_dir, async_save=False) as ckpt:
     state, meta = ckpt.restore(step)
   if "model" not in meta or "params" not in state:
-    raise ValueError(
+    raise UserError(
       f"{ckpt_dir}: checkpoint meta has no 'model' config or state has no 'params' "
       "(write it with `python -m rmscale.hf convert` or store both when saving)"
     )
@@ -1234,11 +1241,15 @@ def export(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  from rmscale import fs
-
+  """The command line; an error in the user's input (a flag, a missing or damaged checkpoint) ends
+  it with one line, ``error: ...``, and exit status 2 (``--debug``: with its traceback)."""
   parser = argparse.ArgumentParser(prog="python -m rmscale.hf", description=__doc__.split("\n")[0])
   sub = parser.add_subparsers(dest="command", required=True)
-  c = sub.add_parser("convert", help="Hugging Face directory -> rmscale checkpoint")
+  debug = argparse.ArgumentParser(add_help=False)
+  debug.add_argument("--debug", action="store_true", help="show the traceback of input errors")
+  c = sub.add_parser(
+    "convert", help="Hugging Face directory -> rmscale checkpoint", parents=[debug]
+  )
   c.add_argument("--hf_dir", required=True)
   c.add_argument("--out", required=True)
   c.add_argument(
@@ -1250,7 +1261,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   c.add_argument("--value_head", action="store_true")
   c.add_argument("--param_dtype", default="float32", choices=["float32", "bfloat16", "float16"])
   c.add_argument("--seed", type=int, default=0, help="initialises fresh heads")
-  e = sub.add_parser("export", help="rmscale checkpoint -> Hugging Face directory")
+  e = sub.add_parser("export", help="rmscale checkpoint -> Hugging Face directory", parents=[debug])
   e.add_argument("--ckpt", required=True)
   e.add_argument("--out", required=True)
   e.add_argument("--step", type=int, default=None, help="default: latest")
@@ -1267,26 +1278,27 @@ def main(argv: Sequence[str] | None = None) -> None:
       where = "a local directory" + (" or a gs:// URL" if remote_ok else "")
       parser.error(f"--{key}={value!r}: give {where}")
     setattr(args, key, fs.resolve(value))
-  if args.command == "convert":
-    cfg = convert(
-      args.hf_dir,
-      args.out,
-      reward_head=args.reward_head,
-      value_head=args.value_head,
-      param_dtype=args.param_dtype,
-      seed=args.seed,
-    )
-    print(f"wrote {args.out} (step 0): {cfg}")
-  else:
-    files = export(
-      args.ckpt,
-      args.out,
-      step=args.step,
-      family=args.family,
-      dtype=args.dtype,
-      max_shard_size=args.max_shard_size,
-    )
-    print("wrote " + ", ".join(files))
+  with errors.reported(args.debug):
+    if args.command == "convert":
+      cfg = convert(
+        args.hf_dir,
+        args.out,
+        reward_head=args.reward_head,
+        value_head=args.value_head,
+        param_dtype=args.param_dtype,
+        seed=args.seed,
+      )
+      print(f"wrote {args.out} (step 0): {cfg}")
+    else:
+      files = export(
+        args.ckpt,
+        args.out,
+        step=args.step,
+        family=args.family,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+      )
+      print("wrote " + ", ".join(files))
 
 
 if __name__ == "__main__":

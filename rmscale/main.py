@@ -18,13 +18,10 @@ On several hosts every process runs this same command; ``--distributed`` and the
 
 from __future__ import annotations
 
-import ast
-import sys
-
 from absl import app, flags
 from ml_collections import config_flags
 
-from rmscale import errors, fs, pipeline, run_log
+from rmscale import cli, errors, fs, pipeline, run_log
 from rmscale.parallel import distributed
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -57,43 +54,6 @@ _DEBUG = flags.DEFINE_bool(
 )
 
 
-def _one_line(e: BaseException) -> str:
-  """The gist of an error from loading the config file or parsing a flag, whose message may hold a
-  whole traceback: the line naming a missing file, else the last line, without its exception type."""
-  text = str(e)
-  if isinstance(e, (AttributeError, KeyError)) and text[:1] in "'\"":
-    try:  # ml_collections quotes the message of an unknown key like a KeyError's.
-      text = str(ast.literal_eval(text))
-    except (ValueError, SyntaxError):
-      pass
-  lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-  if not lines:
-    return type(e).__name__
-  missing = [ln for ln in lines if "No such file or directory" in ln]
-  if missing:
-    return missing[-1]
-  if isinstance(e, (AttributeError, KeyError)):  # An unknown --config.a.b key, and a suggestion.
-    return f"unknown config field {'; '.join(lines)}"
-  last = lines[-1]
-  head, sep, rest = last.partition(": ")
-  return rest if sep and head.endswith(("Error", "Exception")) else last
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with a bad flag or config file reported as one line (exit status 2)."""
-  try:
-    rest = flags.FLAGS(argv)
-    # A config file that failed to load is a placeholder that raises when first read: read it now.
-    _CONFIG.value.get("stages")
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
-    if "--debug" in argv:
-      raise
-    print(f"error: --config: {_one_line(e)}", file=sys.stderr)
-    print("Pass --helpshort or --helpfull to see help on flags.", file=sys.stderr)
-    sys.exit(errors.EXIT_USER_ERROR)
-  return rest
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -111,4 +71,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=lambda argv: cli.parse_flags(argv, _CONFIG))

@@ -11,12 +11,14 @@ from __future__ import annotations
 import io
 import json
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable
 
 import jax
 import numpy as np
 
 from rmscale import fs
+from rmscale.errors import UserError
 
 
 def atomic_write(path: str, write) -> None:
@@ -38,7 +40,13 @@ def write_json(path: str, obj) -> None:
 
 
 def read_json(path: str):
-  return json.loads(fs.read_text(path))
+  """The JSON value of ``path``; a missing, truncated or corrupt file is a UserError naming it."""
+  try:
+    return json.loads(fs.read_text(path))
+  except json.JSONDecodeError as e:
+    raise UserError(
+      f"{path}: corrupt or truncated JSON ({e.msg} at line {e.lineno} column {e.colno})"
+    ) from None
 
 
 def write_jsonl(path: str, records: Iterable[dict]) -> None:
@@ -54,7 +62,7 @@ def parse_jsonl(text: str, source: str) -> list[dict]:
       try:
         out.append(json.loads(line))
       except json.JSONDecodeError as e:
-        raise ValueError(f"{source}:{i}: corrupt JSON record ({e.msg})") from None
+        raise UserError(f"{source}:{i}: corrupt JSON record ({e.msg})") from None
   return out
 
 
@@ -68,13 +76,16 @@ def write_npz(path: str, **arrays) -> None:
 
 def read_npz(path: str, keep: Callable[[str], bool] = lambda key: True) -> dict[str, np.ndarray]:
   """The arrays of ``path`` whose names pass ``keep``. A local file is read lazily (only the kept
-  arrays); a remote one in a single read, since each lazy read would be a request."""
+  arrays); a remote one in a single read, since each lazy read would be a request. A missing,
+  truncated or corrupt file is a UserError naming it."""
   source = io.BytesIO(fs.read_bytes(path)) if fs.is_remote(path) else path
   try:
     with np.load(source) as z:
       return {k: z[k] for k in z.files if keep(k)}
-  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-    raise ValueError(f"{path}: corrupt or truncated array file ({e})") from None
+  except FileNotFoundError:
+    raise fs.MissingFileError(f"cannot read {path}: no such file") from None
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+    raise UserError(f"{path}: corrupt or truncated array file ({e})") from None
 
 
 def write_text(path: str, text: str) -> None:

@@ -9,12 +9,13 @@ Arguments: ``rm`` (default 85m), ``data`` (default 90k), ``num`` (seeds 0 .. num
 """
 
 from rmscale.configs import parse_arg
+from rmscale.errors import UserError
 
 
 def get_sweep(arg=None):
   a = parse_arg(arg, rm="85m", data="90k", num=3, runlocal=False)
   if a.num < 1:
-    raise ValueError(f"seeds sweep: num={a.num} must be >= 1")
+    raise UserError(f"seeds sweep: num={a.num} must be >= 1")
   return dict(
     name="seeds",  # Prefix of pod and job names.
     config="configs/overopt.py",  # Base config; run from the repository root.

@@ -25,7 +25,9 @@ import numpy as np
 from etils import epath
 import tensorflow_datasets as tfds
 
+from rmscale import errors
 from rmscale.data import preference_formats as formats
+from rmscale.errors import UserError
 
 _log = logging.getLogger(__name__)
 _VERSION = "1.0.0"
@@ -73,8 +75,8 @@ class _PreferenceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
   def _split_generators(self, dl_manager):
     try:
       manual_dir = os.fspath(dl_manager.manual_dir)
-    except AssertionError:  # TFDS asserts; callers want the directory named in a ValueError.
-      raise ValueError(
+    except AssertionError:  # TFDS asserts; callers want the directory named in a UserError.
+      raise UserError(
         f"{self.NAME}: manual directory {os.fspath(dl_manager._manual_dir)!r} is missing or empty. "
         + formats.FORMATS[self.NAME].instructions
       ) from None
@@ -124,7 +126,7 @@ BUILDERS: dict[str, type[_PreferenceBuilder]] = {
 
 def builder(name: str, data_dir: str) -> _PreferenceBuilder:
   if name not in BUILDERS:
-    raise ValueError(f"unknown preference dataset {name!r}; known: {sorted(BUILDERS)}")
+    raise UserError(f"unknown preference dataset {name!r}; known: {sorted(BUILDERS)}")
   return BUILDERS[name](data_dir=data_dir)
 
 
@@ -132,7 +134,7 @@ def build(name: str, manual_dir: str, data_dir: str) -> _PreferenceBuilder:
   """Prepares ``name`` from the raw files in ``manual_dir`` under ``data_dir`` (once)."""
   b = builder(name, data_dir)
   if not os.path.isdir(manual_dir):
-    raise ValueError(
+    raise UserError(
       f"{name}: manual directory {manual_dir!r} does not exist. "
       + formats.FORMATS[name].instructions
     )
@@ -176,7 +178,7 @@ def load(name: str, data_dir: str, split: str) -> Records:
   """The built ``split`` of ``name`` as random-access ``Records``."""
   b = builder(name, data_dir)
   if not b.is_prepared():
-    raise ValueError(
+    raise UserError(
       f"{name}: no prepared dataset under {data_dir!r}; build it first with "
       f"rmscale.data.preference_builders.build({name!r}, manual_dir, {data_dir!r})"
     )
@@ -191,17 +193,19 @@ def main(argv: Sequence[str] | None = None) -> None:
   p.add_argument("--manual_dir", required=True, help="the published files, as downloaded")
   p.add_argument("--data_dir", required=True, help="where the array_record dataset is written")
   p.add_argument("--show", type=int, default=2, help="records of each split to print")
+  p.add_argument("--debug", action="store_true", help="show the traceback of input errors")
   args = p.parse_args(argv)
-  b = build(args.dataset, args.manual_dir, args.data_dir)
-  for split in formats.SPLITS:
-    recs = load(args.dataset, args.data_dir, split)
-    skipped = b.info.metadata.get("skipped", {}).get(split, {})
-    print(f"{args.dataset}/{split}: {len(recs)} records; skipped {skipped}")
-    for r in recs[: args.show]:
-      print(
-        "  ",
-        {k: (v[:80] + "..." if isinstance(v, str) and len(v) > 80 else v) for k, v in r.items()},
-      )
+  with errors.reported(args.debug):  # A malformed raw file ends the command in one line, exit 2.
+    b = build(args.dataset, args.manual_dir, args.data_dir)
+    for split in formats.SPLITS:
+      recs = load(args.dataset, args.data_dir, split)
+      skipped = b.info.metadata.get("skipped", {}).get(split, {})
+      print(f"{args.dataset}/{split}: {len(recs)} records; skipped {skipped}")
+      for r in recs[: args.show]:
+        short = {
+          k: (v[:80] + "..." if isinstance(v, str) and len(v) > 80 else v) for k, v in r.items()
+        }
+        print("  ", short)
 
 
 if __name__ == "__main__":

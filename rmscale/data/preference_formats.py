@@ -35,8 +35,8 @@ Rows are skipped, and counted in the ``skipped`` Counter the caller passes, only
 not corruption: chosen and rejected disagree on the prompt (``prompt_mismatch``: a handful of HH
 rows diverge before the last turn), the two responses are identical (``identical``), or
 Unified-Feedback rates both sides the same (``tie``: no preference). Anything malformed (bad JSON, a
-missing or mistyped field, an unreadable file) raises a ValueError naming the file, the line or row,
-and the field.
+missing or mistyped field, an unreadable file) raises a `UserError` (a ValueError) naming the file,
+the line or row, and the field.
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ import os
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
+
+from rmscale.errors import UserError
 
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 RECORD_FIELDS = ("prompt", "chosen", "rejected", "score_chosen", "score_rejected", "source", "id")
@@ -66,15 +68,15 @@ def _type_name(kind) -> str:
 
 
 def field(obj, key: str, kind, where: str):
-  """``obj[key]``, checked to be of ``kind``; otherwise a ValueError naming ``where`` and ``key``."""
+  """``obj[key]``, checked to be of ``kind``; otherwise a UserError naming ``where`` and ``key``."""
   if not isinstance(obj, dict):
-    raise ValueError(f"{where}: expected an object with field {key!r}, got {type(obj).__name__}")
+    raise UserError(f"{where}: expected an object with field {key!r}, got {type(obj).__name__}")
   if key not in obj:
-    raise ValueError(f"{where}: missing field {key!r}")
+    raise UserError(f"{where}: missing field {key!r}")
   value = obj[key]
   ok = isinstance(value, kind) and not (kind in (int, (int, float)) and isinstance(value, bool))
   if not ok:
-    raise ValueError(
+    raise UserError(
       f"{where}: field {key!r} must be {_type_name(kind)}, got {type(value).__name__}"
     )
   return value
@@ -83,7 +85,7 @@ def field(obj, key: str, kind, where: str):
 def _number(obj, key: str, where: str) -> float:
   value = float(field(obj, key, (int, float), where))
   if not math.isfinite(value):
-    raise ValueError(f"{where}: field {key!r} must be a finite number, got {value}")
+    raise UserError(f"{where}: field {key!r} must be a finite number, got {value}")
   return value
 
 
@@ -113,12 +115,12 @@ def iter_jsonl(path: str) -> Iterator[tuple[int, object]]:
         try:
           obj = json.loads(line)
         except json.JSONDecodeError as e:
-          raise ValueError(
+          raise UserError(
             f"{path}:{i}: corrupt JSON record ({e.msg} at column {e.colno})"
           ) from None
         yield i, obj
   except (OSError, EOFError, zlib.error, UnicodeDecodeError) as e:
-    raise ValueError(f"{path}: unreadable file ({type(e).__name__}: {e})") from None
+    raise UserError(f"{path}: unreadable file ({type(e).__name__}: {e})") from None
 
 
 def iter_parquet(path: str, columns: tuple[str, ...], optional=()) -> Iterator[tuple[int, dict]]:
@@ -128,18 +130,18 @@ def iter_parquet(path: str, columns: tuple[str, ...], optional=()) -> Iterator[t
   try:
     pf = pq.ParquetFile(path)
   except Exception as e:  # pyarrow raises several types (ArrowInvalid, OSError) for a bad file.
-    raise ValueError(f"{path}: unreadable parquet file ({type(e).__name__}: {e})") from None
+    raise UserError(f"{path}: unreadable parquet file ({type(e).__name__}: {e})") from None
   names = set(pf.schema_arrow.names)
   missing = [c for c in columns if c not in names]
   if missing:
-    raise ValueError(f"{path}: missing field(s) {missing} (columns present: {sorted(names)})")
+    raise UserError(f"{path}: missing field(s) {missing} (columns present: {sorted(names)})")
   wanted = list(columns) + [c for c in optional if c in names]
   row = 0
   for group in range(pf.num_row_groups):
     try:
       table = pf.read_row_group(group, columns=wanted)
     except Exception as e:
-      raise ValueError(f"{path}: row group {group} is corrupt ({type(e).__name__}: {e})") from None
+      raise UserError(f"{path}: row group {group} is corrupt ({type(e).__name__}: {e})") from None
     for values in table.to_pylist():
       yield row, values
       row += 1
@@ -161,7 +163,7 @@ def render(messages, where: str, key: str) -> str:
   A ``system`` message becomes plain text before the first turn.
   """
   if not isinstance(messages, list):
-    raise ValueError(
+    raise UserError(
       f"{where}: field {key!r} must be a list of messages, got {type(messages).__name__}"
     )
   parts = []
@@ -174,7 +176,7 @@ def render(messages, where: str, key: str) -> str:
     elif role in _ROLES:
       parts.append(f"{_ROLES[role]} {content}")
     else:
-      raise ValueError(
+      raise UserError(
         f"{where}: field '{sub}.role'={role!r} is not one of {sorted(_ROLES)} or 'system'"
       )
   return "".join(parts)
@@ -183,11 +185,11 @@ def render(messages, where: str, key: str) -> str:
 def split_conversation(messages, where: str, key: str) -> tuple[str, str]:
   """(prompt, response): the transcript before the final assistant turn, and that turn."""
   if not isinstance(messages, list) or not messages:
-    raise ValueError(f"{where}: field {key!r} must be a non-empty list of messages")
+    raise UserError(f"{where}: field {key!r} must be a non-empty list of messages")
   last = messages[-1]
   role = field(last, "role", str, f"{where}: {key}[{len(messages) - 1}]")
   if _ROLES.get(role) != ASSISTANT:
-    raise ValueError(
+    raise UserError(
       f"{where}: field {key!r} must end with an assistant message, but its last role is {role!r}"
     )
   content = field(last, "content", str, f"{where}: {key}[{len(messages) - 1}]")
@@ -221,7 +223,7 @@ def hh_rlhf(manual_dir: str, split: str, skipped: Counter) -> Iterator[dict]:
       rejected = field(obj, "rejected", str, where)
       cut = chosen.rfind(ASSISTANT)
       if cut < 0:
-        raise ValueError(f"{where}: field 'chosen' has no {ASSISTANT!r} turn")
+        raise UserError(f"{where}: field 'chosen' has no {ASSISTANT!r} turn")
       prompt = chosen[: cut + len(ASSISTANT)]
       rec = _emit(
         prompt,
@@ -248,7 +250,7 @@ def tldr_prompt(info, where: str) -> str:
     return f"{head}TITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
   if isinstance(info, dict) and "article" in info:  # The CNN/DM batches of the same release.
     return f"ARTICLE: {field(info, 'article', str, f'{where}: info')}\n\nTL;DR:"
-  raise ValueError(f"{where}: field 'info' has neither 'post' nor 'article'")
+  raise UserError(f"{where}: field 'info' has neither 'post' nor 'article'")
 
 
 def tldr(manual_dir: str, split: str, skipped: Counter) -> Iterator[dict]:
@@ -264,20 +266,20 @@ def tldr(manual_dir: str, split: str, skipped: Counter) -> Iterator[dict]:
       elif row_split.startswith("valid") or row_split == "test":
         mine = split == "test"
       else:
-        raise ValueError(f"{where}: field 'split'={row_split!r} is not train, valid1/2 or test")
+        raise UserError(f"{where}: field 'split'={row_split!r} is not train, valid1/2 or test")
       if not mine:
         continue
       prompt = tldr_prompt(field(obj, "info", dict, where), where)
       summaries = field(obj, "summaries", list, where)
       if len(summaries) != 2:
-        raise ValueError(f"{where}: field 'summaries' must hold 2 summaries, got {len(summaries)}")
+        raise UserError(f"{where}: field 'summaries' must hold 2 summaries, got {len(summaries)}")
       texts = [
         " " + field(s, "text", str, f"{where}: summaries[{j}]").strip()
         for j, s in enumerate(summaries)
       ]
       choice = field(obj, "choice", int, where)
       if choice not in (0, 1):
-        raise ValueError(f"{where}: field 'choice'={choice} must be 0 or 1")
+        raise UserError(f"{where}: field 'choice'={choice} must be 0 or 1")
       rec = _emit(
         prompt,
         texts[choice],
@@ -362,9 +364,9 @@ def unified_feedback(manual_dir: str, split: str, skipped: Counter) -> Iterator[
 
 def _require(files: list[str], manual_dir: str, split: str, name: str, expected: str) -> None:
   if not os.path.isdir(manual_dir):
-    raise ValueError(f"{name}: manual directory {manual_dir!r} does not exist")
+    raise UserError(f"{name}: manual directory {manual_dir!r} does not exist")
   if not files:
-    raise ValueError(
+    raise UserError(
       f"{name}: no files for split {split!r} in {manual_dir!r} (expected e.g. {expected}; "
       f"see {FORMATS[name].homepage})"
     )

@@ -26,8 +26,10 @@ import logging
 
 import numpy as np
 
+from rmscale import checks
 from rmscale.data import hf_tokenize
 from rmscale.data import preference_builders as builders
+from rmscale.errors import UserError
 
 _log = logging.getLogger(__name__)
 
@@ -50,19 +52,17 @@ class DataConfig:
 
   def __post_init__(self):
     if self.kind != "preferences":
-      raise ValueError(f"config.data.kind={self.kind!r}: a DataConfig is for 'preferences'")
+      raise UserError(f"config.data.kind={self.kind!r}: a DataConfig is for 'preferences'")
     if self.dataset not in builders.BUILDERS:
-      raise ValueError(
+      raise UserError(
         f"config.data.dataset={self.dataset!r} is not one of {sorted(builders.BUILDERS)}"
       )
     for key in ("manual_dir", "data_dir", "tokenizer_dir"):
       if not getattr(self, key):
-        raise ValueError(f"config.data.{key} must name a directory")
-    for key in ("prompt_len", "response_len"):
-      if getattr(self, key) <= 0:
-        raise ValueError(f"config.data.{key}={getattr(self, key)} must be positive")
-    if self.max_prompts < 0:
-      raise ValueError(f"config.data.max_prompts={self.max_prompts} must be >= 0 (0: all)")
+        raise UserError(f"config.data.{key} must name a directory")
+    fields = {"data": dataclasses.asdict(self)}
+    for key, minimum in (("prompt_len", 1), ("response_len", 1), ("max_prompts", 0)):
+      checks.count(fields, f"data.{key}", minimum)  # max_prompts=0: all.
 
 
 def read_all(records: builders.Records, limit: int = 0) -> list[dict]:
@@ -85,7 +85,7 @@ class PreferencePrompts:
     try:
       self.tokenizer = hf_tokenize.load_tokenizer(cfg.tokenizer_dir)
     except (ValueError, OSError) as e:
-      raise ValueError(f"config.data.tokenizer_dir={cfg.tokenizer_dir!r}: {e}") from None
+      raise UserError(f"config.data.tokenizer_dir={cfg.tokenizer_dir!r}: {e}") from None
     if distributed.agree(not builders.is_built(cfg.dataset, cfg.data_dir)):
       import jax
 
@@ -107,7 +107,7 @@ class PreferencePrompts:
         self.tokenizer, texts, cfg.prompt_len, cfg.truncate
       )
       if not len(report.kept):
-        raise ValueError(
+        raise UserError(
           f"config.data.prompt_len={cfg.prompt_len}: no {split} prompt of {cfg.dataset} fits "
           f"({len(texts)} distinct prompts; set data.truncate=True to cut them instead)"
         )
@@ -176,7 +176,7 @@ class PreferencePrompts:
       self.tokenizer, rows, self.prompt_len, self.response_len, self.cfg.truncate
     )
     if not len(report.kept):
-      raise ValueError(
+      raise UserError(
         f"config.data.prompt_len/response_len: none of the first {len(rows)} {split} comparisons "
         f"of {self.cfg.dataset} fits ({report.summary()}); set data.truncate=True to cut them"
       )
@@ -209,7 +209,7 @@ def data_config(data) -> DataConfig:
   fields = {f.name for f in dataclasses.fields(DataConfig)}
   unknown = sorted(set(dict(data)) - fields)
   if unknown:
-    raise ValueError(f"config.data has unknown field(s) {unknown}; known: {sorted(fields)}")
+    raise UserError(f"config.data has unknown field(s) {unknown}; known: {sorted(fields)}")
   return DataConfig(**dict(data))
 
 

@@ -19,6 +19,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from rmscale.errors import UserError
+from rmscale.fs import MissingFileError
+
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 
 
@@ -158,14 +161,17 @@ class HFTokenizer(Tokenizer):
 
   def __init__(self, path: str):
     if not os.path.isdir(path):
-      raise ValueError(f"no Hugging Face tokenizer directory at {path!r}")
+      raise MissingFileError(f"no Hugging Face tokenizer directory at {path!r}")
     from transformers import (
       AutoTokenizer,
     )  # Imported here: slow, and only real checkpoints need it.
 
-    self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    try:
+      self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:  # Missing or damaged tokenizer files.
+      raise UserError(f"{path}: cannot load a Hugging Face tokenizer: {e}") from e
     if self.tok.eos_token_id is None:
-      raise ValueError(f"tokenizer at {path!r} defines no eos token; sampling could never stop")
+      raise UserError(f"tokenizer at {path!r} defines no eos token; sampling could never stop")
     self.eos_id = int(self.tok.eos_token_id)
     self.pad_id = int(self.tok.pad_token_id) if self.tok.pad_token_id is not None else self.eos_id
     self.bos_id = int(self.tok.bos_token_id) if self.tok.bos_token_id is not None else self.eos_id
@@ -191,4 +197,4 @@ def load_tokenizer(spec: str, world_config=None) -> Tokenizer:
     return World(world_config or WorldConfig()).tokenizer
   if os.path.isdir(spec):
     return HFTokenizer(spec)
-  raise ValueError(f"tokenizer spec must be 'bytes', 'world' or a local directory, got {spec!r}")
+  raise UserError(f"tokenizer spec must be 'bytes', 'world' or a local directory, got {spec!r}")

@@ -40,7 +40,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rmscale import checks
 from rmscale.data.tokenizer import EOS, WordTokenizer
+from rmscale.errors import UserError
 
 # --- Word lists. Topic names (first word of each list) appear in prompts and count as topic words.
 TOPICS: tuple[tuple[str, ...], ...] = tuple(
@@ -126,6 +128,14 @@ class WorldConfig:
   w_form: float = 0.5
 
   def __post_init__(self):
+    """Each field's type and range; errors are UserErrors naming ``config.world.<field>``."""
+    for f in dataclasses.fields(self):
+      value, whole = getattr(self, f.name), isinstance(f.default, int)
+      number = not isinstance(value, bool) and isinstance(value, int if whole else (int, float))
+      if not (number and math.isfinite(value)):
+        checks.fail(f"world.{f.name}", value, f"must be a {'whole' if whole else 'finite'} number")
+    if self.seed < 0:
+      checks.fail("world.seed", self.seed, "must be >= 0")
     bounds = dict(
       num_topics=(2, len(TOPICS)),
       words_per_topic=(2, len(TOPICS[0])),
@@ -133,23 +143,24 @@ class WorldConfig:
     )
     for name, (lo, hi) in bounds.items():
       if not lo <= getattr(self, name) <= hi:
-        raise ValueError(f"world.{name} must be in [{lo}, {hi}], got {getattr(self, name)}")
+        checks.fail(f"world.{name}", getattr(self, name), f"must be in [{lo}, {hi}]")
     if not 1 <= self.min_request <= self.max_request:
-      raise ValueError(
-        f"world needs 1 <= min_request <= max_request, got {self.min_request}, {self.max_request}"
+      raise UserError(
+        "config.world needs 1 <= min_request <= max_request, "
+        f"got {self.min_request}, {self.max_request}"
       )
     if self.max_response_len < self.max_request + 2:
-      raise ValueError(
-        f"world.max_response_len={self.max_response_len} leaves no room for "
+      raise UserError(
+        f"config.world.max_response_len={self.max_response_len} leaves no room for "
         f"max_request={self.max_request} words plus punctuation and EOS"
       )
     if not 0.0 < self.eval_fraction < 1.0:
-      raise ValueError(f"world.eval_fraction must be in (0, 1), got {self.eval_fraction}")
+      raise UserError(f"config.world.eval_fraction must be in (0, 1), got {self.eval_fraction}")
     if (
       not 0.0 < self.undershoot_low <= 1.0 or self.ramble_high < 1.0 or not 0 <= self.focus_low <= 1
     ):
-      raise ValueError(
-        "world.undershoot_low must be in (0, 1], ramble_high >= 1, focus_low in [0, 1]"
+      raise UserError(
+        "config.world.undershoot_low must be in (0, 1], ramble_high >= 1, focus_low in [0, 1]"
       )
     probs = (
       "p_ramble",
@@ -164,9 +175,9 @@ class WorldConfig:
     )
     for name in probs:
       if not 0.0 <= getattr(self, name) <= 1.0:
-        raise ValueError(f"world.{name} must be a probability, got {getattr(self, name)}")
+        checks.fail(f"world.{name}", getattr(self, name), "must be a probability in [0, 1]")
     if self.p_exclaim + self.p_unterminated > 1.0:
-      raise ValueError("world.p_exclaim + p_unterminated must be <= 1")
+      raise UserError("config.world.p_exclaim + p_unterminated must be <= 1")
 
 
 class Tables(NamedTuple):

@@ -30,6 +30,8 @@ import sys
 import jax
 import jax.numpy as jnp
 
+from rmscale.errors import UserError
+
 STEP_KINDS = ("sft", "rm", "pretrain", "sampler", "score")
 
 
@@ -218,7 +220,7 @@ def compile_steps(config, devices=None, kinds=STEP_KINDS, log=None):
 
   unknown = set(kinds) - set(STEP_KINDS)
   if unknown:
-    raise ValueError(f"unknown steps {sorted(unknown)}; known: {STEP_KINDS}")
+    raise UserError(f"unknown steps {sorted(unknown)}; known: {STEP_KINDS}")
   devices = list(devices if devices is not None else jax.devices())
   pipeline.validate(config, len(devices))
   mesh = mesh_lib.make_mesh(dict(config.mesh), devices)
@@ -270,7 +272,7 @@ def topology_devices(name: str, num_slices: int = 1) -> list:
   except (
     Exception
   ) as e:  # No libtpu, or a name libtpu does not know: both arrive as various errors.
-    raise ValueError(
+    raise UserError(
       f"cannot describe TPU topology {name!r} ({type(e).__name__}: {str(e)[:300]}). Compiling for a TPU "
       "topology needs libtpu installed (pip install -e '.[tpu]'; no TPU is needed) and a name such as "
       "v4:2x2x2 or v5e:16x16. Without --topology, this compiles for the attached devices (on CPU, fake "
@@ -317,13 +319,23 @@ def format_table(reports: list[StepReport], limit: int | None, devices: int, tar
 
 
 def main(argv):
+  """The command line; an error in the user's input (flags, config, topology): one line, exit 2."""
+  from absl import flags
+
+  from rmscale import errors
+
+  with errors.reported(flags.FLAGS.debug):
+    _main(argv)
+
+
+def _main(argv):
   from absl import flags
 
   from rmscale import fs
 
   FLAGS = flags.FLAGS
   if len(argv) > 1:
-    raise ValueError(f"unexpected arguments: {argv[1:]}")
+    raise UserError(f"unexpected arguments: {argv[1:]}")
   json_path = fs.resolve(FLAGS.json) if FLAGS.json else None  # ~ expanded, relative made absolute.
   if FLAGS.num_devices and not FLAGS.topology:
     # Must precede the first use of the backend; only the CPU backend can fake devices.
@@ -365,6 +377,8 @@ if __name__ == "__main__":
   from absl import app, flags
   from ml_collections import config_flags
 
+  from rmscale import cli
+
   _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (get_config(arg)).", lock_config=True
   )
@@ -379,4 +393,5 @@ if __name__ == "__main__":
     "hbm_gib", None, "Device memory to check against (default: the attached device's)."
   )
   flags.DEFINE_string("json", None, "Also write the report to this JSON file (local or gs://).")
-  app.run(main)
+  flags.DEFINE_bool("debug", False, "Show the traceback of errors in the user's input too.")
+  app.run(main, flags_parser=functools.partial(cli.parse_flags, config=_CONFIG))

@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from rmscale.errors import UserError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # The global batch is split over both data-parallel axes.
 
@@ -137,7 +139,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def check_batch_divisible(batch_size: int, mesh: Mesh, name: str) -> None:
   n = _axis_size(mesh, BATCH_AXES)
   if batch_size % n:
-    raise ValueError(
+    raise UserError(
       f"{name}={batch_size} is not divisible by the {n} data-parallel devices "
       f"(mesh data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']})"
     )

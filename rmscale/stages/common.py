@@ -145,7 +145,7 @@ def param_shardings(ctx: Context, model_cfg: TransformerConfig):
 def load_params(ctx: Context, path: str, model_cfg: TransformerConfig):
   """Parameters saved by ``train``, restored straight into this run's sharding."""
   if not fs.isdir(path):
-    raise FileNotFoundError(f"no saved parameters at {path}; rerun the stage that writes them")
+    raise fs.MissingFileError(f"no saved parameters at {path}; rerun the stage that writes them")
   shapes, _ = abstract_params(model_cfg)
   target = ckpt_lib.abstract_like({"params": shapes}, {"params": param_shardings(ctx, model_cfg)})
   with ckpt_lib.Checkpointer(path) as ckpt:

@@ -23,6 +23,7 @@ import os
 import jax
 
 from rmscale import hf
+from rmscale.errors import UserError
 from rmscale.data import hf_tokenize
 from rmscale.models.config import TransformerConfig
 from rmscale.stages import common
@@ -56,7 +57,7 @@ def _load_config(path: str, key: str, items: tuple) -> TransformerConfig:
   try:
     return hf.load_config(path, **dict(items))
   except (ValueError, OSError) as e:
-    raise ValueError(f"config.{key}={path!r}: {e}") from None
+    raise UserError(f"config.{key}={path!r}: {e}") from None
 
 
 def config_for(ctx: common.Context, path: str, role: str, key: str) -> TransformerConfig:
@@ -65,17 +66,17 @@ def config_for(ctx: common.Context, path: str, role: str, key: str) -> Transform
   tok = ctx.world.tokenizer
   if role != "gold" or not gold_retokenizes(ctx):
     if tok.vocab_size > cfg.vocab_size:
-      raise ValueError(
+      raise UserError(
         f"config.{key}={path!r}: the model's vocab_size={cfg.vocab_size} is smaller than the "
         f"tokenizer's {tok.vocab_size} tokens (config.data.tokenizer_dir); they do not match"
       )
     if ctx.prompt_len + ctx.response_len > cfg.max_len:
-      raise ValueError(
+      raise UserError(
         f"config.{key}={path!r}: data.prompt_len + data.response_len = "
         f"{ctx.prompt_len + ctx.response_len} exceeds the model's max_len={cfg.max_len}"
       )
   if role == "gold" and cfg.reward_head == "none":
-    raise ValueError(
+    raise UserError(
       f"config.gold.hf_dir={path!r}: {os.path.join(path, 'config.json')} is not a "
       "*ForSequenceClassification checkpoint; the gold RM needs its trained score head"
     )
@@ -166,10 +167,10 @@ def gold_scorer(ctx: common.Context):
   try:
     dst = hf_tokenize.load_tokenizer(g.tokenizer_dir)
   except (ValueError, OSError) as e:
-    raise ValueError(f"config.gold.tokenizer_dir={g.tokenizer_dir!r}: {e}") from None
+    raise UserError(f"config.gold.tokenizer_dir={g.tokenizer_dir!r}: {e}") from None
   P, R = g.get("prompt_len", 0) or ctx.prompt_len, g.get("response_len", 0) or ctx.response_len
   if dst.vocab_size > cfg.vocab_size or P + R > cfg.max_len:
-    raise ValueError(
+    raise UserError(
       f"config.gold.hf_dir={g.hf_dir!r}: its tokenizer ({dst.vocab_size} tokens, "
       f"gold.tokenizer_dir) or lengths ({P} + {R}, gold.prompt_len/response_len) do not fit the "
       f"model (vocab_size={cfg.vocab_size}, max_len={cfg.max_len})"

@@ -65,7 +65,7 @@ def reference_scores(ctx: common.Context) -> dict:
   """The initial policy's score statistics from the best-of-n samples (the recentring origin)."""
   path = ctx.path(*bon_stage.SAMPLES)
   if not fs.exists(path):
-    raise FileNotFoundError(
+    raise fs.MissingFileError(
       f"stage rl recentres scores with the initial policy's samples in {path}; "
       "run the bon stage first"
     )

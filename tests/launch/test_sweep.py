@@ -333,7 +333,7 @@ def test_local_sweep_runs_rmscale_main_and_skips_what_finished(tmp_path, capsys)
     assert sweep.state(r)["state"] == "done"
     with open(os.path.join(r.workdir, "config.json")) as f:
       assert json.load(f)["gold"]["p_ramble"] == dict(r.overrides)["gold.p_ramble"]
-  assert sweep.state(s.runs[2]) == {"state": "failed", "stages": [], "detail": "exit code 1"}
+  assert sweep.state(s.runs[2]) == {"state": "failed", "stages": [], "detail": "exit code 2"}
   with open(os.path.join(s.runs[2].workdir, "launch.log")) as f:
     assert "config.label.noise=0.7 must be in [0, 0.5)" in f.read()
   capsys.readouterr()
