@@ -57,6 +57,26 @@ def cli(tmp_path) -> CLI:
   return CLI(tmp_path)
 
 
+def write_sweep_file(path) -> None:
+  """A sweep file of two oracle-gold runs over configs/overopt.py, named by its absolute path (so it
+  loads from any working directory): cheap runs for the launchers' tests."""
+  spec = dict(
+    name="s",
+    config=os.path.join(ROOT, "configs", "overopt.py"),
+    arg={"runlocal": True},
+    overrides={"stages": "gold", "gold.kind": "oracle"},
+    grid={"config.gold.p_ramble": [0.1, 0.2]},
+  )
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(f"def get_sweep(arg=None):\n  return {spec!r}\n")
+
+
+@pytest.fixture(scope="session")
+def sweep_file():
+  """``sweep_file(path)`` writes `write_sweep_file`'s sweep to ``path``."""
+  return write_sweep_file
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
   """The ``tiny,oracle`` quickstart, run once per test session: ``(workdir, summary)``.

@@ -353,26 +353,15 @@ def test_hf_export_of_a_missing_checkpoint(user):
 # --- The other command-line tools.
 
 
-def _sweep_file(path) -> None:
-  """Two oracle-gold runs over configs/overopt.py (as tests/launch/test_sweep.py writes it)."""
-  spec = dict(
-    name="s",
-    config=os.path.join(ROOT, "configs", "overopt.py"),
-    arg={"runlocal": True},
-    overrides={"stages": "gold", "gold.kind": "oracle"},
-    grid={"config.gold.p_ramble": [0.1, 0.2]},
-  )
-  path.write_text(f"def get_sweep(arg=None):\n  return {spec!r}\n")
-
-
-def _corrupt_launch_record(cwd) -> None:
-  _sweep_file(cwd / "s.py")
+def _corrupt_launch_record(cwd, sweep_file) -> None:
+  sweep_file(cwd / "s.py")
   run = cwd / "runs" / "sw" / "p_ramble-0.1"
   run.mkdir(parents=True)
   (run / "launch.json").write_text('{"state": "runn')
 
 
-def _unfinished_shared_stage(cwd) -> None:
+def _unfinished_shared_stage(cwd, sweep_file) -> None:
+  del sweep_file
   (cwd / "sw" / "shared" / "gold").mkdir(parents=True)
 
 
@@ -436,9 +425,9 @@ MAIN = ["--config=configs/overopt.py"]
     pytest.param(None, "benchmarks.fp8", ["--gemm_sizes=abc"], ["--gemm_sizes"], id="fp8"),
   ],
 )
-def test_other_tools(user, setup, module, args, names):
+def test_other_tools(user, sweep_file, setup, module, args, names):
   if setup:
-    setup(user.cwd)
+    setup(user.cwd, sweep_file)
   before = snapshot(user.cwd)
   p = user(module, *args)
   assert_one_line(p, *names)

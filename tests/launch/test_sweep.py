@@ -213,21 +213,8 @@ def test_cluster_targets_run_the_shared_job_first(tmp_path, capsys):
   assert "must be an absolute path" in capsys.readouterr().err
 
 
-def _write_sweep_file(path) -> None:
-  """Two oracle-gold runs over a base config named by its absolute path (it loads from anywhere)."""
-  spec = dict(
-    name="s",
-    config=os.path.join(ROOT, "configs", "overopt.py"),
-    arg={"runlocal": True},
-    overrides={"stages": "gold", "gold.kind": "oracle"},
-    grid={"config.gold.p_ramble": [0.1, 0.2]},
-  )
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(f"def get_sweep(arg=None):\n  return {spec!r}\n")
-
-
-def test_sweep_cli_resolves_the_sweep_file_and_root_where_the_user_is(cli):
-  _write_sweep_file(cli.cwd / "sweeps" / "s.py")
+def test_sweep_cli_resolves_the_sweep_file_and_root_where_the_user_is(cli, sweep_file):
+  sweep_file(cli.cwd / "sweeps" / "s.py")
   p = cli("launch.sweep", "--config=sweeps/s.py", "--workdir_root=runs/sw", "--dry_run")
   assert p.returncode == 0, p.stderr
   assert f"--workdir={cli.cwd}/runs/sw/p_ramble-0.1 " in p.stdout
@@ -240,7 +227,7 @@ def test_sweep_cli_resolves_the_sweep_file_and_root_where_the_user_is(cli):
   assert f"#SBATCH --output={slurm_dir}/%x-%j.out" in p.stdout.splitlines()
 
   # A real local start (a stand-in interpreter that exits at once) writes under ~, as status reads.
-  _write_sweep_file(cli.home / "s.py")
+  sweep_file(cli.home / "s.py")
   true = shutil.which("true")
   p = cli("launch.sweep", "--config=~/s.py", "--workdir_root=~/sw", f"--python={true}")
   assert p.returncode == 0, p.stderr
@@ -252,8 +239,8 @@ def test_sweep_cli_resolves_the_sweep_file_and_root_where_the_user_is(cli):
   assert p.stdout.startswith(f"sweep s ({cli.home}/sw): 2 runs, 1 done, 0 running, 0 failed")
 
 
-def test_sweep_roots_each_target_can_use(tmp_path, monkeypatch, capsys):
-  _write_sweep_file(tmp_path / "s.py")
+def test_sweep_roots_each_target_can_use(tmp_path, monkeypatch, capsys, sweep_file):
+  sweep_file(tmp_path / "s.py")
   monkeypatch.setenv("HOME", str(tmp_path / "home"))
   tpu_args = ["--target=tpu", "--zone=z", "--accelerator=v4-8", "--dry_run"]
 
