@@ -77,3 +77,15 @@ def test_readme_smoke_run_as_typed(cli, monkeypatch):
   out = main(f"--workdir={workdir}", "--config.stages=fit", "--verbosity=0")
   assert out.returncode == 0, out.stderr[-3000:]
   assert re.search(r"^I\d{4} .*pipeline\.py:\d+\] workdir ", out.stderr, re.M), out.stderr
+
+
+def test_debug_shows_the_traceback_of_a_user_error(cli):
+  args = ("--workdir=runs/x", "--config.label.noise=0.7")
+  config = f"--config={ROOT}/configs/quickstart.py:tiny"
+  quiet = cli("rmscale.main", config, *args)
+  loud = cli("rmscale.main", config, *args, "--debug")
+  message = "config.label.noise=0.7 must be in [0, 0.5)"
+  assert quiet.returncode == 2 and quiet.stderr.strip() == f"error: {message}"
+  assert loud.returncode != 0 and "Traceback (most recent call last)" in loud.stderr
+  assert f"rmscale.errors.UserError: {message}" in loud.stderr
+  assert not (cli.cwd / "runs").exists()  # Caught before anything was written.
