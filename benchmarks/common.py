@@ -180,6 +180,10 @@ def time_calls(fn: Callable[[int], object], warmup: int, repeats: int) -> dict[s
     t0 = time.perf_counter()
     fn(i)
     times.append(time.perf_counter() - t0)
+  return _summary(times, warmup)
+
+
+def _summary(times: list[float], warmup: int) -> dict[str, float]:
   timed = times[warmup:]
   return {
     "first_s": times[0],
@@ -187,6 +191,29 @@ def time_calls(fn: Callable[[int], object], warmup: int, repeats: int) -> dict[s
     "min_s": min(timed),
     "max_s": max(timed),
   }
+
+
+def time_interleaved(
+  fn_a: Callable[[int], object], fn_b: Callable[[int], object], warmup: int, repeats: int
+) -> tuple[dict[str, float], dict[str, float]]:
+  """`time_calls` of two functions whose calls alternate (a, b, a, b, ...), so that both see the
+  same machine load; returns the two timing dicts."""
+  calls = {"a": [], "b": []}
+
+  def timed(fn, key):
+    def call(i):
+      t0 = time.perf_counter()
+      fn(i)
+      calls[key].append(time.perf_counter() - t0)
+
+    return call
+
+  def pair(i):
+    timed(fn_a, "a")(i)
+    timed(fn_b, "b")(i)
+
+  time_calls(pair, warmup, repeats)
+  return tuple(_summary(calls[k], warmup) for k in ("a", "b"))
 
 
 def parse_list(text: str, name: str) -> list[str]:

@@ -6,6 +6,11 @@ EOS is disabled, so every row generates exactly ``new_tokens`` tokens and the fi
 on when a random model happens to emit EOS. The time of one call covers the prefill of the prompt
 and all decode steps (what best-of-n and PPO rollouts pay); it runs on one device. Prints one JSON
 line per size.
+
+``--peer`` also times PyTorch + transformers ``generate()`` (sampling, min = max new tokens, no
+top-k/top-p) on the same model, exported with the same weights through ``rmscale.hf``, the two
+timed alternately call by call; the record gains ``peer_*`` figures and ``ratio_vs_peer``
+(rmscale's tokens/s over the peer's). torch is a test-only dependency (``pip install -e '.[test]'``).
 """
 
 from __future__ import annotations
@@ -50,8 +55,47 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     default=259,
     help="vocabulary of sizes not tied to a checkpoint (259: the byte tokenizer)",
   )
+  p.add_argument(
+    "--peer", action="store_true", help="also time transformers generate() (needs torch)"
+  )
   common.add_debug_flag(p)
   return p.parse_args(argv)
+
+
+def peer_generate(cfg, params, prompt_BxP: np.ndarray, args: argparse.Namespace):
+  """``call(i)``: transformers ``generate()`` with ``params`` (via an exported HF directory)."""
+  import tempfile
+
+  import torch
+  import transformers
+
+  from rmscale import hf
+
+  with tempfile.TemporaryDirectory() as tmp:
+    hf.save_pretrained(cfg, params, tmp)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp, torch_dtype=torch.float32)
+  model.eval()
+  ids = torch.from_numpy(prompt_BxP.astype(np.int64))
+  kwargs = dict(
+    attention_mask=torch.ones_like(ids),
+    min_new_tokens=args.new_tokens,
+    max_new_tokens=args.new_tokens,
+    do_sample=args.temperature > 0,
+    top_k=0,
+    top_p=1.0,
+    pad_token_id=0,
+  )
+  if args.temperature > 0:
+    kwargs["temperature"] = args.temperature
+
+  def call(i):
+    torch.manual_seed(i)
+    with torch.inference_mode():
+      out = model.generate(ids, **kwargs)
+    if out.shape != (args.batch, args.prompt_len + args.new_tokens):
+      raise RuntimeError(f"generate() returned shape {tuple(out.shape)}")
+
+  return call
 
 
 def run_one(size: str, args: argparse.Namespace) -> dict:
@@ -72,7 +116,11 @@ def run_one(size: str, args: argparse.Namespace) -> dict:
       sampler(params, prompt, prompt_mask, jax.random.fold_in(key, i))
     )
 
-  times = common.time_calls(one_call, args.warmup, args.repeats)
+  peer = peer_generate(cfg, params, np.asarray(prompt), args) if args.peer else None
+  if peer is None:
+    times = common.time_calls(one_call, args.warmup, args.repeats)
+  else:  # Alternate call by call, so both see the same machine load.
+    times, peer_times = common.time_interleaved(one_call, peer, args.warmup, args.repeats)
   generated = int(np.asarray(out["samples"]["mask"]).sum())
   expected = args.batch * args.new_tokens
   if generated != expected:  # EOS is off: anything else means the figure counts the wrong tokens.
@@ -95,6 +143,19 @@ def run_one(size: str, args: argparse.Namespace) -> dict:
       "process_peak_memory_bytes": common.peak_memory_bytes(),
     }
   )
+  if peer is not None:
+    import torch
+    import transformers
+
+    record.update(
+      {
+        "peer": f"transformers {transformers.__version__} + torch {torch.__version__}",
+        "peer_threads": torch.get_num_threads(),
+        "peer_call_time_s": peer_times["median_s"],
+        "peer_new_tokens_per_s": expected / peer_times["median_s"],
+        "ratio_vs_peer": peer_times["median_s"] / times["median_s"],
+      }
+    )
   return record
 
 

@@ -117,6 +117,27 @@ def test_sampler_records(capsys):
   assert 0 < rec["call_time_min_s"] <= rec["call_time_s"]
 
 
+def test_sampler_times_the_transformers_peer_on_the_same_model(capsys):
+  (rec,) = sampler.main(
+    ["--sizes=100k", "--batch=2", "--prompt_len=4", "--new_tokens=3", "--repeats=2", "--peer"]
+  )
+  capsys.readouterr()
+  assert rec["peer"].startswith("transformers ") and " + torch " in rec["peer"]
+  assert rec["peer_new_tokens_per_s"] == pytest.approx(2 * 3 / rec["peer_call_time_s"], rel=1e-12)
+  assert rec["ratio_vs_peer"] == pytest.approx(
+    rec["new_tokens_per_s"] / rec["peer_new_tokens_per_s"], rel=1e-12
+  )
+
+
+def test_interleaved_timing_alternates_the_two_functions():
+  order = []
+  a, b = common.time_interleaved(
+    lambda i: order.append(("a", i)), lambda i: order.append(("b", i)), 1, 2
+  )
+  assert order == [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("a", 2), ("b", 2)]
+  assert set(a) == set(b) == {"first_s", "median_s", "min_s", "max_s"}
+
+
 def _jaxpr_matmul_flops(jaxpr) -> int:
   """Brute force: 2 * (output elements) * (contracted size) over every dot_general, sub-jaxprs too."""
   total = 0
