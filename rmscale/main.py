@@ -21,7 +21,7 @@ from __future__ import annotations
 from absl import app, flags
 from ml_collections import config_flags
 
-from rmscale import cli, errors, fs, pipeline, run_log
+from rmscale import cli, errors, pipeline, run_log
 from rmscale.parallel import distributed
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -67,7 +67,7 @@ def main(argv):
     # terminal (the others show warnings and errors).
     if distributed.is_writer() and not verbose:
       run_log.progress_lines()
-    pipeline.run(_CONFIG.value, fs.resolve(_WORKDIR.value))
+    pipeline.run(_CONFIG.value, _WORKDIR.value)  # Resolves the workdir (relative, ~, gs://).
 
 
 if __name__ == "__main__":

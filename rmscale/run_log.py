@@ -54,6 +54,15 @@ class LogFile:
         data = f.read()
       fs.write(self.path, lambda out: out.write(data))
 
+  def close(self) -> None:
+    """Syncs, closes the file and removes a remote workdir's local copy."""
+    try:
+      self.sync()
+    finally:
+      self.handler.close()
+      if self._local != self.path:
+        os.unlink(self._local)
+
 
 @contextlib.contextmanager
 def log_file(workdir: str, process_index: int = 0):
@@ -69,12 +78,7 @@ def log_file(workdir: str, process_index: int = 0):
   finally:
     root.removeHandler(log.handler)
     root.setLevel(level)
-    try:
-      log.sync()
-    finally:
-      log.handler.close()
-      if log._local != log.path:
-        os.unlink(log._local)
+    log.close()
 
 
 class _Progress(logging.Filter):
