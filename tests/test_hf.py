@@ -147,6 +147,17 @@ def _hf_logits(model, tokens, mask):
   return out.logits.numpy()
 
 
+def _assert_same_logits(model, ref_model, seed: int) -> None:
+  """Both HF models give the same logits on the real tokens of ``_tokens(seed)`` (within TOL)."""
+  tokens, mask = _tokens(seed)
+  np.testing.assert_allclose(
+    _hf_logits(model.eval(), tokens, mask)[mask],
+    _hf_logits(ref_model, tokens, mask)[mask],
+    atol=TOL,
+    rtol=0,
+  )
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logits_match_transformers_with_padding(causal, family):
   directory, ref_model = causal[family]
@@ -261,13 +272,7 @@ def test_sharded_checkpoints_both_ways(causal, tmp_path):
   back = transformers.LlamaForCausalLM.from_pretrained(
     str(tmp_path / "out"), attn_implementation="eager"
   )
-  tokens, mask = _tokens(3)
-  np.testing.assert_allclose(
-    _hf_logits(back.eval(), tokens, mask)[mask],
-    _hf_logits(ref_model, tokens, mask)[mask],
-    atol=TOL,
-    rtol=0,
-  )
+  _assert_same_logits(back, ref_model, 3)
   # A later unsharded export into the same directory removes the stale shards.
   files = hf.save_pretrained(model.cfg, sharded, str(tmp_path / "out"))
   assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "model.safetensors"]
@@ -493,13 +498,7 @@ def test_cli_convert_then_export(causal, tmp_path):
     str(tmp_path / "hf"), attn_implementation="eager"
   )
   assert back.config.pad_token_id == PAD  # Special-token ids survive the trip.
-  tokens, mask = _tokens(6)
-  np.testing.assert_allclose(
-    _hf_logits(back.eval(), tokens, mask)[mask],
-    _hf_logits(ref_model, tokens, mask)[mask],
-    atol=TOL,
-    rtol=0,
-  )
+  _assert_same_logits(back, ref_model, 6)
 
 
 def test_cli_takes_paths_as_a_user_types_them(causal, cli):
@@ -514,13 +513,7 @@ def test_cli_takes_paths_as_a_user_types_them(causal, cli):
   back = transformers.GPT2LMHeadModel.from_pretrained(
     str(cli.home / "hf"), attn_implementation="eager"
   )
-  tokens, mask = _tokens(6)
-  np.testing.assert_allclose(
-    _hf_logits(back.eval(), tokens, mask)[mask],
-    _hf_logits(ref_model, tokens, mask)[mask],
-    atol=TOL,
-    rtol=0,
-  )
+  _assert_same_logits(back, ref_model, 6)
   # A Hugging Face directory is local; an empty path is named.
   p = cli("rmscale.hf", "export", "--ckpt=ckpt", "--out=gs://bucket/hf")
   assert p.returncode == 2 and "--out='gs://bucket/hf': give a local directory\n" in p.stderr
