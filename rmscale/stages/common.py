@@ -116,7 +116,7 @@ def train(
   )
   step_fn = compile_train_step(loss_fn, tx, shardings, ctx.mesh, ctx.rules)
   batch_fn = make_batch_fn(arrays, batch_size, seed)
-  state, history = train_loop(
+  state, history, _ = train_loop(
     state,
     shardings,
     step_fn,

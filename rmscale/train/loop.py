@@ -1,4 +1,5 @@
-"""The one training loop every stage uses: resume, step, log, check for NaN, checkpoint.
+"""The one training loop every stage and method uses: resume, step, log, evaluate, check for NaN,
+checkpoint.
 
 Batches are a pure function of the step (``batch_fn(step)``), so the data position is the step and a
 run killed at any point resumes from its last checkpoint to the same final parameters.
@@ -53,36 +54,63 @@ def train_loop(
   writer=None,
   desc: str = "train",
   on_log: Callable[[int, dict], None] | None = None,
-) -> tuple[State, list[dict]]:
-  """Runs ``step_fn`` until ``state['step'] == num_steps``; returns the state and logged metrics.
+  eval_every: int = 0,
+  evaluate: Callable[[State, int], dict | None] | None = None,
+  postfix: tuple[str, ...] = ("loss", "accuracy"),
+) -> tuple[State, list[dict], list[dict]]:
+  """Runs ``step_fn(state, batch_fn(step))`` until ``state['step'] == num_steps``.
 
-  With ``ckpt_dir``, the latest checkpoint there (if any) replaces ``state`` before training and a
-  checkpoint is written every ``save_every`` steps and at the end.
+  Returns ``(state, history, evals)``: the logged metrics (each with ``step``) and the evaluations.
+  Every ``eval_every`` steps, and at 0 and at the end, ``evaluate(state, step)`` runs; a dict it
+  returns is kept in ``evals`` (with ``step``). Both lists are checkpointed with the state, so after
+  a resume they are whole; evaluations after the last checkpoint are redone, so write results from
+  the returned lists. With ``ckpt_dir``, the latest checkpoint there (if any) replaces ``state``
+  before training and a checkpoint is written every ``save_every`` steps and at the end. NaN or inf
+  in a logged metric raises, naming it.
   """
+  if eval_every and evaluate is None:
+    raise ValueError("train_loop: eval_every > 0 needs evaluate")
   history: list[dict] = []
+  evals: list[dict] = []
   ckpt = Checkpointer(ckpt_dir, max_to_keep=2) if ckpt_dir else None
+
+  def run_eval(step: int):
+    record = evaluate(state, step)
+    if record is not None:
+      evals.append({"step": step, **record})
+      if writer is not None:
+        for k, v in record.items():
+          if isinstance(v, (int, float)):
+            writer.add_scalar(f"{desc}_eval/{k}", v, step)
+
   try:
     state, meta = restore_latest(ckpt, state, state_shardings, desc)
-    history = list(meta.get("history", []))
+    history, evals = list(meta.get("history", [])), list(meta.get("evals", []))
     start = int(jax.device_get(state["step"]))
+    if eval_every and start == 0:
+      run_eval(0)
     bar = progress_bar(start, num_steps, desc)
     for step in bar:
       state, metrics = step_fn(state, batch_fn(step))
-      last = step + 1 == num_steps
-      if (step + 1) % log_every == 0 or last:
+      done = step + 1
+      last = done == num_steps
+      if done % log_every == 0 or last:
         host = check_finite(metrics, step)
-        history.append({"step": step + 1, **host})
-        bar.set_postfix({k: f"{v:.4g}" for k, v in host.items() if k in ("loss", "accuracy")})
+        history.append({"step": done, **host})
+        bar.set_postfix({k: f"{v:.4g}" for k, v in host.items() if k in postfix})
         if writer is not None:
           for k, v in host.items():
-            writer.add_scalar(f"{desc}/{k}", v, step + 1)
+            writer.add_scalar(f"{desc}/{k}", v, done)
         if on_log is not None:
-          on_log(step + 1, host)
-      if ckpt is not None and (last or (save_every and (step + 1) % save_every == 0)):
-        ckpt.save(step + 1, state, {"data_position": step + 1, "history": history}, force=True)
+          on_log(done, host)
+      if eval_every and (done % eval_every == 0 or last):
+        run_eval(done)
+      if ckpt is not None and (last or (save_every and done % save_every == 0)):
+        meta = {"data_position": done, "history": history, "evals": evals}
+        ckpt.save(done, state, meta, force=True)
     if ckpt is not None:
       ckpt.wait()
   finally:
     if ckpt is not None:
       ckpt.close()
-  return state, history
+  return state, history, evals

@@ -7,10 +7,9 @@ rewards (``-kl_coef * KL`` on every response token, the reward model's score add
 GAE -> ``lax.scan`` over epochs of ``lax.scan`` over shuffled minibatches of optax updates. There is
 no Python loop over tokens or minibatches, so the whole iteration compiles once and runs sharded.
 
-Conventions. Response token j sits at sequence slot ``P + j``; its log-prob and the value of the
-state it is drawn from are read at slot ``P + j - 1``. Log-probs are those of the *tempered* policy
-(``logits / temperature``), the distribution the sampler draws from, for the policy and the
-reference alike, so KL(pi || pi_ref) is the KL between the distributions actually sampled.
+Rollouts, log-probs, scoring and evaluation are the shared ones of ``rmscale.train.policy`` (its
+docstring gives the sequence layout); the value of the state response token j is drawn from is read
+at slot ``P + j - 1``, like its log-prob.
 
 The train state is a plain dict of arrays (checkpointable by ``rmscale.checkpoint``):
 ``params`` and ``opt_state`` (the policy; with ``critic='shared'`` its value head is the critic),
@@ -22,31 +21,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
-from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from rmscale import rl_losses
-from rmscale.checkpoint import Checkpointer
-from rmscale.losses import token_logprobs
 from rmscale.models.config import TransformerConfig
-from rmscale.models.transformer import Transformer, abstract_params, last_token_index
-from rmscale.parallel import distributed
+from rmscale.models.transformer import last_token_index
 from rmscale.parallel import mesh as mesh_lib
 from rmscale.rl_losses import gae, kl_per_token, policy_loss, value_loss, whiten
-from rmscale.sampling import SamplingConfig, sample
-from rmscale.train.loop import progress_bar, restore_latest
-from rmscale.train.state import State, check_finite, init_state
-
-# reward_fn(reward_params, tokens_BxL, mask_BxL) -> float32[B]: a pure, jittable scorer of full
-# [prompt | response] sequences. Its parameters are an argument (not closed over) so a reward model
-# is passed to the jitted step sharded, like any other input, instead of baked into the program.
-RewardFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
+from rmscale.train import policy
+from rmscale.train.policy import RewardFn
+from rmscale.train.state import State, init_state
 
 KL_MODES = ("fixed", "adaptive")
 CRITICS = ("shared", "separate")
@@ -127,10 +114,13 @@ class PPOConfig:
     """Optimizer steps per iteration: size ``OptimConfig.total_steps`` as iterations times this."""
     return self.epochs * self.num_minibatches
 
-  def sampling_config(self) -> SamplingConfig:
-    return SamplingConfig(
-      max_new_tokens=self.max_new_tokens,
+  def rollout_config(self) -> policy.RolloutConfig:
+    """The sampling and scoring fields, for ``policy.rollout`` and ``policy.make_evaluator``."""
+    return policy.RolloutConfig(
+      rollout_batch_size=self.rollout_batch_size,
+      minibatch_size=self.minibatch_size,
       temperature=self.temperature,
+      max_new_tokens=self.max_new_tokens,
       eos_id=self.eos_id,
       pad_id=self.pad_id,
     )
@@ -139,52 +129,12 @@ class PPOConfig:
 # -- models ------------------------------------------------------------------------------------
 
 
-def reference_config(policy_cfg: TransformerConfig) -> TransformerConfig:
-  """The frozen reference (initial policy): the policy's architecture without a value head."""
-  return policy_cfg.replace(value_head=False)
-
-
 def critic_config(base_cfg: TransformerConfig) -> TransformerConfig:
   """A separate critic on the trunk of ``base_cfg`` (a policy or a reward model): value head only.
 
   ``init_ppo_state`` then loads the trunk's parameters and initialises the value head fresh.
   """
   return base_cfg.replace(lm_head=False, tie_embeddings=False, reward_head="none", value_head=True)
-
-
-def rm_reward_fn(rm_cfg: TransformerConfig) -> RewardFn:
-  """A reward model's score at the last real token as a ``RewardFn`` (params passed per call)."""
-  if rm_cfg.reward_head == "none":
-    raise ValueError("rm_reward_fn needs a model config with a reward head (model.reward_head)")
-  model = Transformer(rm_cfg)
-
-  def score(params, tokens_BxL, mask_BxL):
-    return model.apply({"params": params}, tokens_BxL, mask_BxL, method=Transformer.forward)[
-      "reward"
-    ]
-
-  return score
-
-
-def global_batch(batch: dict, sharding) -> dict:
-  """A batch as global arrays laid out by ``sharding``.
-
-  Host (numpy) arrays are taken as the *whole* batch, identical on every process (prompts drawn
-  from a shared seed, as the rl stage draws them): each process places only its own devices' rows.
-  That is what makes a host batch work under multi-controller JAX, where a jitted function refuses
-  numpy inputs with a non-replicated sharding. ``jax.Array``s (e.g. ``mesh.put_batch``'s, one
-  host's rows each) pass through.
-  """
-  return {
-    k: v if isinstance(v, jax.Array) else distributed.global_array(v, sharding)
-    for k, v in batch.items()
-  }
-
-
-def model_param_shardings(model_cfg: TransformerConfig, mesh, rules=mesh_lib.DEFAULT_RULES):
-  """NamedShardings of a model's parameters from their logical axis names."""
-  shapes, specs = abstract_params(model_cfg)
-  return mesh_lib.logical_shardings(shapes, specs, mesh, rules)
 
 
 def _check_models(
@@ -264,64 +214,9 @@ def init_ppo_state(
 # -- the iteration -----------------------------------------------------------------------------
 
 
-def _to_minibatches(x, n: int):
-  """[B, ...] -> [n, B/n, ...], minibatch m holding rows m, n + m, 2n + m, ...
-
-  That row order keeps each device's rows on that device when the batch dimension is sharded (a
-  device's contiguous block of rows splits evenly over the minibatches), so no data moves.
-  """
-  B = x.shape[0]
-  y = x.reshape((B // n, n) + x.shape[1:]).swapaxes(0, 1)
-  return nn.with_logical_constraint(y, (None, "batch") + (None,) * (x.ndim - 1))
-
-
-def _from_minibatches(y):
-  n, b = y.shape[:2]
-  return y.swapaxes(0, 1).reshape((n * b,) + y.shape[2:])
-
-
-def _map_minibatches(fn, arrays: dict, n: int) -> dict:
-  """``fn`` over n minibatches in sequence (``lax.map``), so full [B, L, V] logits never coexist."""
-  out = jax.lax.map(fn, jax.tree.map(lambda x: _to_minibatches(x, n), arrays))
-  return jax.tree.map(_from_minibatches, out)
-
-
-def _forward(model_cfg: TransformerConfig, params, tokens_BxL, mask_BxL) -> dict:
-  return Transformer(model_cfg).apply(
-    {"params": params}, tokens_BxL, mask_BxL, method=Transformer.forward
-  )
-
-
-def _response_logits(out: dict, P: int, temperature: float):
-  """Tempered logits predicting each response token and the one after the last: [B, N+1, V]."""
-  return out["logits"][:, P - 1 :] / temperature
-
-
 def _response_values(out: dict, P: int):
   """V(state before response token j) for each j: [B, N]."""
   return out["value"][:, P - 1 : -1]
-
-
-def _score(reward_fn: RewardFn, reward_params, tokens_BxL, mask_BxL):
-  score = reward_fn(reward_params, tokens_BxL, mask_BxL)
-  if score.shape != (tokens_BxL.shape[0],):
-    raise ValueError(
-      f"reward_fn must return one score per sequence, shape ({tokens_BxL.shape[0]},); "
-      f"got {score.shape}"
-    )
-  return score.astype(jnp.float32)
-
-
-def rollout(
-  params, prompt_BxP, prompt_mask_BxP, rng, *, cfg: PPOConfig, policy_cfg: TransformerConfig
-):
-  """Samples one response per prompt; returns full ``tokens``/``mask`` [B, P+N] and ``response_mask``."""
-  out = sample(
-    params, prompt_BxP, prompt_mask_BxP, rng, model_cfg=policy_cfg, scfg=cfg.sampling_config()
-  )
-  tokens = jnp.concatenate([prompt_BxP.astype(jnp.int32), out["tokens"]], 1)
-  mask = jnp.concatenate([prompt_mask_BxP.astype(bool), out["mask"]], 1)
-  return {"tokens": tokens, "mask": mask, "response_mask": out["mask"]}
 
 
 def ppo_iteration(
@@ -346,33 +241,36 @@ def ppo_iteration(
   critic_tx = critic_tx or tx
   P = batch["ids"].shape[1]
   M, T = cfg.num_minibatches, cfg.temperature
-  ref_cfg = reference_config(policy_cfg)
+  ref_cfg = policy.reference_config(policy_cfg)
   key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
   sample_rng, shuffle_rng = jax.random.split(key)
 
   # Rollout and its scoring under the current (old) policy.
-  roll = rollout(
-    state["params"], batch["ids"], batch["mask"], sample_rng, cfg=cfg, policy_cfg=policy_cfg
+  roll = policy.rollout(
+    state["params"],
+    batch["ids"],
+    batch["mask"],
+    sample_rng,
+    cfg=cfg.rollout_config(),
+    policy_cfg=policy_cfg,
   )
   rmask_BxN = roll["response_mask"]
 
   def score_minibatch(mb):
     tok, m = mb["tokens"], mb["mask"]
-    pol = _forward(policy_cfg, state["params"], tok, m)
-    logits = _response_logits(pol, P, T)
+    pol = policy.forward(policy_cfg, state["params"], tok, m)
+    logits = policy.response_logits(pol, P, T)
     out = {
-      "logp": token_logprobs(logits, tok[:, P - 1 :]),
+      "logp": policy.response_logprobs(logits, tok, P),
       "entropy": rl_losses.token_entropy(logits[:, :-1]),
-      "logp_ref": token_logprobs(
-        _response_logits(_forward(ref_cfg, ref_params, tok, m), P, T), tok[:, P - 1 :]
-      ),
-      "score": _score(reward_fn, reward_params, tok, m),
+      "logp_ref": policy.policy_logprobs(ref_cfg, ref_params, tok, m, P, T),
+      "score": policy.score(reward_fn, reward_params, tok, m),
     }
-    critic_out = _forward(critic_cfg, state["critic_params"], tok, m) if separate else pol
+    critic_out = policy.forward(critic_cfg, state["critic_params"], tok, m) if separate else pol
     out["value"] = _response_values(critic_out, P)
     return out
 
-  exp = _map_minibatches(score_minibatch, {"tokens": roll["tokens"], "mask": roll["mask"]}, M)
+  exp = policy.map_minibatches(score_minibatch, {"tokens": roll["tokens"], "mask": roll["mask"]}, M)
   values_BxN = jnp.where(rmask_BxN, exp["value"], 0.0)
   N = rmask_BxN.shape[1]
   kl_coef = state["kl_coef"]
@@ -400,10 +298,12 @@ def ppo_iteration(
   def loss_fn(trainable, mb):
     params, critic_params = trainable
     tok, m, rmask = mb["tokens"], mb["mask"], mb["response_mask"]
-    pol = _forward(policy_cfg, params, tok, m)
-    logits = _response_logits(pol, P, T)
-    logp = token_logprobs(logits, tok[:, P - 1 :])
-    values = _response_values(_forward(critic_cfg, critic_params, tok, m) if separate else pol, P)
+    pol = policy.forward(policy_cfg, params, tok, m)
+    logits = policy.response_logits(pol, P, T)
+    logp = policy.response_logprobs(logits, tok, P)
+    values = _response_values(
+      policy.forward(critic_cfg, critic_params, tok, m) if separate else pol, P
+    )
     pg, pg_metrics = policy_loss(logp, mb["logp"], mb["adv"], rmask, cfg.clip_eps)
     vf, vf_metrics = value_loss(values, mb["value"], mb["ret"], rmask, cfg.value_clip)
     loss = pg + cfg.vf_coef * vf
@@ -429,7 +329,7 @@ def ppo_iteration(
 
   def epoch(carry, epoch_rng):
     perm = jax.random.permutation(epoch_rng, cfg.rollout_batch_size)
-    minibatches = jax.tree.map(lambda x: _to_minibatches(x[perm], M), data)
+    minibatches = jax.tree.map(lambda x: policy.to_minibatches(x[perm], M), data)
     return jax.lax.scan(minibatch_step, carry, minibatches)
 
   carry = (
@@ -505,9 +405,7 @@ def make_ppo_step(
   _check_models(cfg, policy_cfg, critic_cfg)
   mesh_lib.check_batch_divisible(cfg.rollout_batch_size, mesh, "ppo.rollout_batch_size")
   mesh_lib.check_batch_divisible(cfg.minibatch_size, mesh, "ppo.minibatch_size")
-  ref_cfg = reference_config(policy_cfg)
-  ref_shardings = model_param_shardings(ref_cfg, mesh, rules)
-  ref_structure = jax.tree.structure(abstract_params(ref_cfg)[0])
+  ref_shardings = policy.model_param_shardings(policy.reference_config(policy_cfg), mesh, rules)
   rep = mesh_lib.replicated(mesh)
   fn = functools.partial(
     ppo_iteration,
@@ -532,222 +430,10 @@ def make_ppo_step(
   )
 
   def step(state, ref_params, reward_params, batch):
-    if jax.tree.structure(ref_params) != ref_structure:
-      raise ValueError(
-        "ref_params do not match the reference model (the policy's architecture without "
-        "a value head): pass the initial policy's parameters"
-      )
-    if set(batch) != {"ids", "mask"} or batch["ids"].shape[0] != cfg.rollout_batch_size:
-      raise ValueError(
-        f"batch must be {{'ids', 'mask'}} of {cfg.rollout_batch_size} left-padded prompts "
-        f"(ppo.rollout_batch_size); got keys {sorted(batch)} with "
-        f"{batch['ids'].shape[0] if 'ids' in batch else '?'} rows"
-      )
-    batch = global_batch(batch, mesh_lib.batch_sharding(mesh))
+    policy.check_reference(ref_params, policy_cfg)
+    policy.check_prompts(batch, cfg.rollout_batch_size, "ppo.rollout_batch_size")
+    batch = policy.global_batch(batch, mesh_lib.batch_sharding(mesh))
     with mesh_lib.sharding_context(mesh, rules):
       return jitted(state, ref_params, reward_params, batch)
 
   return step
-
-
-# -- evaluation --------------------------------------------------------------------------------
-
-
-def evaluate_batch(
-  policy_params,
-  init_params,
-  reward_params,
-  batch: dict,
-  rng,
-  *,
-  cfg: PPOConfig,
-  policy_cfg: TransformerConfig,
-  reward_fn: RewardFn | None = None,
-) -> dict:
-  """Fresh samples from the policy with KL(pi || pi_init) per sequence (and the reward, if given).
-
-  Returns ``tokens``/``mask`` [B, P+N] ([prompt | response], for a gold RM), ``response_mask``,
-  ``kl`` [B] (sum over response tokens of log pi - log pi_init, tempered), ``length`` [B] and
-  ``score`` [B] when ``reward_fn`` is given.
-  """
-  P = batch["ids"].shape[1]
-  roll = rollout(policy_params, batch["ids"], batch["mask"], rng, cfg=cfg, policy_cfg=policy_cfg)
-  ref_cfg = reference_config(policy_cfg)
-
-  def per_minibatch(mb):
-    tok, m = mb["tokens"], mb["mask"]
-    logp = token_logprobs(
-      _response_logits(_forward(policy_cfg, policy_params, tok, m), P, cfg.temperature),
-      tok[:, P - 1 :],
-    )
-    logp_init = token_logprobs(
-      _response_logits(_forward(ref_cfg, init_params, tok, m), P, cfg.temperature), tok[:, P - 1 :]
-    )
-    out = {"kl": rl_losses.sequence_kl(logp, logp_init, mb["response_mask"])}
-    if reward_fn is not None:
-      out["score"] = _score(reward_fn, reward_params, tok, m)
-    return out
-
-  B = batch["ids"].shape[0]
-  out = _map_minibatches(
-    per_minibatch, roll, B // cfg.minibatch_size if B % cfg.minibatch_size == 0 else 1
-  )
-  return {**roll, **out, "length": roll["response_mask"].sum(1)}
-
-
-def make_evaluator(
-  cfg: PPOConfig,
-  policy_cfg: TransformerConfig,
-  policy_shardings,
-  mesh,
-  rules=mesh_lib.DEFAULT_RULES,
-  *,
-  reward_fn: RewardFn | None = None,
-  reward_shardings=None,
-  compiler_options: dict | None = None,
-):
-  """``evaluate_batch`` jitted on ``mesh`` for batches of ``cfg.rollout_batch_size`` prompts:
-  ``fn(policy_params, init_params, reward_params, batch, rng) -> dict`` (see ``evaluate``).
-
-  Host prompts are the whole batch on every process (``global_batch``); outputs stay sharded over
-  the data axes (``evaluate`` fetches them with ``distributed.to_host``).
-  """
-  mesh_lib.check_batch_divisible(cfg.rollout_batch_size, mesh, "ppo.rollout_batch_size")
-  rep, data = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
-  fn = functools.partial(evaluate_batch, cfg=cfg, policy_cfg=policy_cfg, reward_fn=reward_fn)
-  jitted = jax.jit(
-    fn,
-    in_shardings=(
-      policy_shardings,
-      model_param_shardings(reference_config(policy_cfg), mesh, rules),
-      reward_shardings or rep,
-      data,
-      rep,
-    ),
-    out_shardings=data,
-    compiler_options=compiler_options,
-  )
-
-  def evaluator(policy_params, init_params, reward_params, batch, rng):
-    batch = global_batch(batch, data)
-    with mesh_lib.sharding_context(mesh, rules):
-      return jitted(policy_params, init_params, reward_params, batch, rng)
-
-  evaluator.batch_size = cfg.rollout_batch_size
-  return evaluator
-
-
-def evaluate(
-  evaluator,
-  policy_params,
-  init_params,
-  prompt_ids: np.ndarray,
-  prompt_mask: np.ndarray,
-  rng: jax.Array,
-  *,
-  reward_params=None,
-) -> dict:
-  """KL(pi || pi_init) on fresh samples for every prompt row, in the evaluator's fixed batches.
-
-  Returns host arrays ``tokens``, ``mask`` (full sequences, ready for a gold RM), ``response_mask``,
-  ``kl`` and ``length`` per sample (``score`` too if the evaluator has a reward_fn), plus
-  ``kl_mean`` and ``kl_se`` (standard error) in nats. Batch i uses ``fold_in(rng, i)``.
-  Under multi-host every process passes all prompt rows and gets every result back.
-  """
-  n, batch = prompt_ids.shape[0], evaluator.batch_size
-  if n == 0:
-    raise ValueError("evaluate needs at least one prompt")
-  parts = []
-  for i, start in enumerate(range(0, n, batch)):
-    ids, mask = prompt_ids[start : start + batch], prompt_mask[start : start + batch]
-    k = ids.shape[0]
-    if k < batch:  # Pad with copies of the last prompt; their samples are dropped.
-      ids = np.concatenate([ids, np.repeat(ids[-1:], batch - k, 0)])
-      mask = np.concatenate([mask, np.repeat(mask[-1:], batch - k, 0)])
-    out = evaluator(
-      policy_params,
-      init_params,
-      reward_params,
-      {"ids": ids.astype(np.int32), "mask": mask.astype(bool)},
-      jax.random.fold_in(rng, i),
-    )
-    parts.append({key: v[:k] for key, v in distributed.to_host(out).items()})
-  res = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
-  res["kl_mean"] = float(res["kl"].mean())
-  res["kl_se"] = float(res["kl"].std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0
-  return res
-
-
-# -- the loop ----------------------------------------------------------------------------------
-
-
-def train_ppo(
-  state: State,
-  state_shardings,
-  step_fn: Callable[[State, dict], tuple[State, dict]],
-  prompt_fn: Callable[[int], dict],
-  num_iterations: int,
-  *,
-  ckpt_dir: str | None = None,
-  save_every: int = 0,
-  log_every: int = 1,
-  eval_every: int = 0,
-  eval_fn: Callable[[State, int], dict] | None = None,
-  on_eval: Callable[[int, dict], dict | None] | None = None,
-  writer=None,
-  desc: str = "ppo",
-) -> tuple[State, list[dict], list[dict]]:
-  """Runs PPO iterations until ``state['step'] == num_iterations``; returns ``(state, history, evals)``.
-
-  ``step_fn(state, prompt_fn(i))`` runs iteration i (e.g. ``make_ppo_step``'s step with the
-  reference and reward parameters bound); prompts are a pure function of i, so a resumed run sees
-  what an uninterrupted one would. Every ``eval_every`` iterations (and at 0 and at the end)
-  ``on_eval(i, eval_fn(state, i))`` runs; a dict it returns is kept in ``evals`` (with
-  ``iteration``) and checkpointed with the training ``history``, so after a resume both lists are
-  whole; evaluations after the last checkpoint are redone, so write results from the returned lists.
-  With ``ckpt_dir``, the latest checkpoint there replaces ``state`` first, and one is written every
-  ``save_every`` iterations and at the end. NaN or inf in logged metrics raises.
-  """
-  if eval_every and (eval_fn is None or on_eval is None):
-    raise ValueError("train_ppo: eval_every > 0 needs both eval_fn and on_eval")
-  history: list[dict] = []
-  evals: list[dict] = []
-  ckpt = Checkpointer(ckpt_dir, max_to_keep=2) if ckpt_dir else None
-
-  def run_eval(iteration: int):
-    record = on_eval(iteration, eval_fn(state, iteration))
-    if record is not None:
-      evals.append({"iteration": iteration, **record})
-      if writer is not None:
-        for k, v in record.items():
-          if isinstance(v, (int, float)):
-            writer.add_scalar(f"{desc}_eval/{k}", v, iteration)
-
-  try:
-    state, meta = restore_latest(ckpt, state, state_shardings, desc)
-    history, evals = list(meta.get("history", [])), list(meta.get("evals", []))
-    start = int(jax.device_get(state["step"]))
-    if eval_every and start == 0:
-      run_eval(0)
-    bar = progress_bar(start, num_iterations, desc)
-    for it in bar:
-      state, metrics = step_fn(state, prompt_fn(it))
-      done = it + 1
-      last = done == num_iterations
-      if done % log_every == 0 or last:
-        host = check_finite(metrics, it)
-        history.append({"iteration": done, **host})
-        bar.set_postfix({k: f"{host[k]:.4g}" for k in ("score_mean", "kl_mean") if k in host})
-        if writer is not None:
-          for k, v in host.items():
-            writer.add_scalar(f"{desc}/{k}", v, done)
-      if eval_every and (done % eval_every == 0 or last):
-        run_eval(done)
-      if ckpt is not None and (last or (save_every and done % save_every == 0)):
-        ckpt.save(done, state, {"history": history, "evals": evals}, force=True)
-    if ckpt is not None:
-      ckpt.wait()
-  finally:
-    if ckpt is not None:
-      ckpt.close()
-  return state, history, evals

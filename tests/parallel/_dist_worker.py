@@ -146,10 +146,10 @@ def ppo_run(axes: dict, devices) -> dict[str, np.ndarray]:
   from rmscale.models.transformer import init_params
   from rmscale.parallel import distributed
   from rmscale.parallel import mesh as mesh_lib
-  from rmscale.train import ppo
+  from rmscale.train import policy, ppo
 
-  policy = sizes.model_config("25k", vocab_size=V, n_layers=1, d_ff=64, max_len=PPO_P + PPO_N)
-  rm_cfg = policy.replace(lm_head=False, reward_head="linear")
+  policy_model = sizes.model_config("25k", vocab_size=V, n_layers=1, d_ff=64, max_len=PPO_P + PPO_N)
+  rm_cfg = policy_model.replace(lm_head=False, reward_head="linear")
   cfg = ppo.PPOConfig(
     rollout_batch_size=8, minibatch_size=4, epochs=2, kl_coef=0.1, max_new_tokens=PPO_N, eos_id=1
   )
@@ -161,16 +161,16 @@ def ppo_run(axes: dict, devices) -> dict[str, np.ndarray]:
     """Seeded parameters (the same on every process) laid out on the mesh, as load_params does."""
     init_fn = jax.jit(lambda k: init_params(model_cfg, k)[0], compiler_options=fast)
     host = jax.device_get(init_fn(jax.random.key(seed)))
-    shardings = ppo.model_param_shardings(model_cfg, mesh)
+    shardings = policy.model_param_shardings(model_cfg, mesh)
     return jax.tree.map(distributed.global_array, host, shardings), shardings
 
-  init, _ = sharded(policy, 0)
+  init, _ = sharded(policy_model, 0)
   rm_params, rm_shardings = sharded(rm_cfg, 1)
-  policy_cfg = policy.replace(value_head=True)
+  policy_cfg = policy_model.replace(value_head=True)
   state, shardings = ppo.init_ppo_state(
     cfg, policy_cfg, init, tx, jax.random.key(2), mesh, compiler_options=fast
   )
-  reward_fn = ppo.rm_reward_fn(rm_cfg)
+  reward_fn = policy.rm_reward_fn(rm_cfg)
   step = ppo.make_ppo_step(
     cfg,
     policy_cfg,
@@ -181,8 +181,8 @@ def ppo_run(axes: dict, devices) -> dict[str, np.ndarray]:
     reward_shardings=rm_shardings,
     compiler_options=fast,
   )
-  evaluator = ppo.make_evaluator(
-    cfg,
+  evaluator = policy.make_evaluator(
+    cfg.rollout_config(),
     policy_cfg,
     shardings["params"],
     mesh,
@@ -196,7 +196,7 @@ def ppo_run(axes: dict, devices) -> dict[str, np.ndarray]:
     metrics.append(jax.device_get(m))  # Replicated: every process reads it whole.
   # 12 prompts in batches of 8: the last batch is padded, as the rl stage's evaluations can be.
   p = ppo_prompts(100, EVAL_PROMPTS)
-  res = ppo.evaluate(
+  res = policy.evaluate(
     evaluator,
     state["params"],
     init,

@@ -31,7 +31,7 @@ from jax.sharding import PartitionSpec as P
 from rmscale.models import sizes
 from rmscale.parallel import mesh as mesh_lib
 from rmscale.sampling import SamplingConfig, make_sharded_sampler
-from rmscale.train import ppo, rm, sft
+from rmscale.train import policy, ppo, rm, sft
 from rmscale.train.state import OptimConfig, compile_train_step, init_state, make_optimizer
 
 # The 2-process worker's helpers (a script, not a package module).
@@ -55,7 +55,7 @@ CFG = sizes.model_config(
   value_head=True,
 )
 E, F = CFG.d_model, CFG.d_ff
-REF_CFG = ppo.reference_config(CFG)  # Also the reward model: the same trunk's reward head.
+REF_CFG = policy.reference_config(CFG)  # Also the reward model: the same trunk's reward head.
 REFERENCE = (1, 1, 1)
 INIT_KEY = jax.random.key(0)
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2)]
@@ -172,11 +172,11 @@ def run_ppo(shape, iterations=2):
   state, shardings = ppo.init_ppo_state(
     PPO, CFG, host_params(), TX, jax.random.key(2), mesh, compiler_options=FAST_COMPILE
   )
-  ref_shardings = ppo.model_param_shardings(REF_CFG, mesh)
+  ref_shardings = policy.model_param_shardings(REF_CFG, mesh)
   step = ppo.make_ppo_step(
     PPO,
     CFG,
-    ppo.rm_reward_fn(REF_CFG),
+    policy.rm_reward_fn(REF_CFG),
     TX,
     shardings,
     mesh,

@@ -32,7 +32,7 @@ def _setup():
 
 def test_resume_matches_uninterrupted(tmp_path):
   state, shardings, step, batches = _setup()
-  full, history = train_loop(state, shardings, step, batches, 12, log_every=4)
+  full, history, _ = train_loop(state, shardings, step, batches, 12, log_every=4)
   assert [h["step"] for h in history] == [4, 8, 12]
 
   state, shardings, step, batches = _setup()
@@ -41,7 +41,7 @@ def test_resume_matches_uninterrupted(tmp_path):
     state, shardings, step, batches, 7, ckpt_dir=ckpt, save_every=3, log_every=4
   )  # "killed" at 7
   state, shardings, step, batches = _setup()  # A fresh process: new random state, same config.
-  resumed, history = train_loop(
+  resumed, history, _ = train_loop(
     state, shardings, step, batches, 12, ckpt_dir=ckpt, save_every=3, log_every=4
   )
   assert int(resumed["step"]) == 12

@@ -16,7 +16,8 @@ from rmscale import rl_losses
 from rmscale.models import sizes
 from rmscale.models.transformer import init_params
 from rmscale.parallel import mesh as mesh_lib
-from rmscale.train import ppo
+from rmscale.train import policy, ppo
+from rmscale.train.loop import train_loop
 from rmscale.train.state import OptimConfig, make_optimizer
 
 V, P, N, TARGET, EOS = 16, 4, 8, 7, 1
@@ -246,7 +247,7 @@ def test_config_and_model_errors_name_the_problem():
   with pytest.raises(ValueError, match="gae_lambda must be in"):
     ppo.PPOConfig(gae_lambda=1.5)
   with pytest.raises(ValueError, match="needs a model config with a reward head"):
-    ppo.rm_reward_fn(POLICY)
+    policy.rm_reward_fn(POLICY)
   mesh = mesh_lib.make_mesh({"data": 1}, jax.devices()[:1])
   with pytest.raises(ValueError, match="critic='shared' puts the value head"):
     ppo.init_ppo_state(CFG_A, POLICY, init_policy(), TX, jax.random.key(0), mesh)
@@ -271,8 +272,8 @@ def test_ppo_learns_toy_reward_and_kl_grows():
   """Shared critic, no KL penalty: 'emit token 7' goes from chance (1/16) to > 0.5 in 20 iterations."""
   mesh, state, shardings, step = setup(CFG_A)
   policy_cfg, _ = _models(CFG_A)
-  evaluator = ppo.make_evaluator(
-    CFG_A,
+  evaluator = policy.make_evaluator(
+    CFG_A.rollout_config(),
     policy_cfg,
     shardings["params"],
     mesh,
@@ -282,7 +283,7 @@ def test_ppo_learns_toy_reward_and_kl_grows():
   eval_prompts = prompts(10_000)
 
   def eval_fn(s, it):
-    return ppo.evaluate(
+    return policy.evaluate(
       evaluator,
       s["params"],
       init_policy(),
@@ -297,17 +298,17 @@ def test_ppo_learns_toy_reward_and_kl_grows():
     assert samples["tokens"].shape == (32, P + N) and samples["kl"].shape == (32,)
     return {"kl": samples["kl_mean"], "kl_se": samples["kl_se"], "gold": float(gold.mean())}
 
-  state, history, evals = ppo.train_ppo(
+  state, history, evals = train_loop(
     state,
     shardings,
     step,
     lambda i: put(prompts(i), mesh),
     20,
+    log_every=1,
     eval_every=10,
-    eval_fn=eval_fn,
-    on_eval=on_eval,
+    evaluate=lambda s, it: on_eval(it, eval_fn(s, it)),
   )
-  assert [e["iteration"] for e in evals] == [0, 10, 20]
+  assert [e["step"] for e in evals] == [0, 10, 20]
   assert len(history) == 20 and int(state["step"]) == 20
   first, last = history[0], history[-1]
   # Chance is 1/16 per response slot; other seeds reach 0.8-1.0 here, so 0.5 leaves a wide margin.
@@ -348,7 +349,7 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path):
 
   def run(num, ckpt_dir=None):
     mesh, state, shardings, step = setup(CFG_B)
-    return ppo.train_ppo(
+    return train_loop(
       state,
       shardings,
       step,
@@ -356,9 +357,9 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path):
       num,
       ckpt_dir=ckpt_dir,
       save_every=2,
+      log_every=1,
       eval_every=2,
-      eval_fn=lambda s, it: jax.device_get(s["kl_coef"]),
-      on_eval=lambda it, coef: {"kl_coef": float(coef)},
+      evaluate=lambda s, it: {"kl_coef": float(jax.device_get(s["kl_coef"]))},
     )
 
   full, history, evals = run(6)
@@ -367,16 +368,16 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path):
   resumed, r_history, r_evals = run(6, ckpt)  # A fresh process: new state, same config.
   assert int(resumed["step"]) == 6
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(full), jax.device_get(resumed))
-  assert [h["iteration"] for h in r_history] == list(range(1, 7))
+  assert [h["step"] for h in r_history] == list(range(1, 7))
   assert [h["kl_mean"] for h in r_history] == [h["kl_mean"] for h in history]
-  assert [e["iteration"] for e in r_evals] == [
+  assert [e["step"] for e in r_evals] == [
     0,
     2,
     3,
     4,
     6,
   ]  # 3: the killed run's final evaluation.
-  assert [e for e in r_evals if e["iteration"] != 3] == evals
+  assert [e for e in r_evals if e["step"] != 3] == evals
 
   # The controller followed Ziegler et al.'s rule from the measured KL, and the critic trained.
   coef = CFG_B.kl_coef
