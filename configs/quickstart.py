@@ -9,6 +9,7 @@ human utility itself as the gold RM instead of training one.
 
 import ml_collections
 
+from rmscale import methods
 from rmscale.configs import parse_arg
 from rmscale.parallel.mesh import DEFAULT_RULES
 
@@ -17,7 +18,7 @@ def get_config(arg=None):
   a = parse_arg(arg, tiny=False, oracle=False)
   c = ml_collections.ConfigDict()
   c.seed = 0  # Seeds the world's samples, every model init and every data order.
-  c.stages = "policy_init,gold,label,proxies,bon,rl,fit"  # Stages to run, in order; finished ones are skipped.
+  c.stages = "policy_init,gold,label,proxies,reference,optimise,fit"  # Run in order; finished ones skipped.
   c.log_every = 50  # Steps between metric fetches (and NaN checks).
   c.save_every = 500  # Steps between orbax checkpoints of a training run (and always at its end).
   c.sample_batch_size = 512  # Rows per jitted sampler call.
@@ -99,37 +100,30 @@ def get_config(arg=None):
   c.proxies.warmup_steps = 20
   c.proxies.weight_decay = 0.0
   c.proxies.score_l2 = 0.0  # L2 on reward scores (Coste et al.: 1e-3).
-  # Best-of-n on held-out prompts.
-  c.bon = ml_collections.ConfigDict()
-  c.bon.num_prompts = 128
-  c.bon.n_samples = 192  # N samples per prompt; n runs over a geometric grid up to N.
-  c.bon.num_n = 12
+  # The initial policy on the held-out evaluation prompts: every curve's origin (recentring), the
+  # prompts every method is evaluated on, and the samples best-of-n picks from.
+  c.reference = ml_collections.ConfigDict()
+  c.reference.num_prompts = 128
+  c.reference.samples_per_prompt = 192  # Best-of-n's n runs over a geometric grid up to this.
 
-  # PPO against every proxy (rmscale/train/ppo.py), gold-evaluated along the KL axis.
-  c.rl = ml_collections.ConfigDict()
-  c.rl.iterations = 20  # PPO iterations (one rollout each) per proxy.
-  c.rl.rollout_batch_size = 64  # Prompts per rollout (Gao et al.: 256).
-  c.rl.minibatch_size = 16
-  c.rl.epochs = 4  # Passes over each rollout.
-  c.rl.lr = 1e-4  # Slow enough that evaluations every other iteration resolve the gold peak.
-  c.rl.warmup_steps = 10
-  c.rl.clip_eps = 0.2
-  c.rl.value_clip = 0.2
-  c.rl.vf_coef = 0.1
-  c.rl.gae_lambda = 0.95
-  c.rl.entropy_coef = 0.0
-  # shared (value head on the policy) | separate (own model from the policy).
-  c.rl.critic = "shared"
-  c.rl.kl_coef = 0.0  # KL penalty per token (0: Gao et al.'s default).
-  c.rl.kl_mode = "fixed"  # fixed | adaptive (then kl_coef is the start and kl_target the aim).
-  c.rl.kl_target = 6.0
-  c.rl.eval_every = 2  # Iterations between gold evaluations on held-out prompts.
-  c.rl.eval_prompts = 128  # Held-out prompts per evaluation (a multiple of rollout_batch_size).
-  c.rl.log_every = 5
-  c.rl.save_every = 10  # Iterations between checkpoints.
-  c.rl.proxies = ()  # Proxy names to optimise against; () means every proxy.
-  c.rl.kl_study_proxy = "25k_d1000_s0"  # Proxy for the KL-penalty study ("" skips it).
-  c.rl.kl_study_coefs = (0.05, 0.2)  # Fixed KL coefficients compared with rl.kl_coef.
+  # Every method of optimise.methods against every proxy (rmscale/methods/), on one gold-vs-KL axis.
+  c.optimise = ml_collections.ConfigDict()
+  c.optimise.methods = ("bon", "ppo")  # configs/methods.py runs every registered method.
+  c.optimise.proxies = ()  # Proxy names to optimise against; () means every proxy.
+  c.optimise.iterations = 20  # Iterations (one rollout each) of every iterative method.
+  c.optimise.rollout_batch_size = 64  # Sequences per rollout (Gao et al.: 256).
+  c.optimise.minibatch_size = 16  # Sequences per gradient step.
+  c.optimise.warmup_steps = 10
+  c.optimise.kl_coef = 0.0  # KL penalty in the reward (0: Gao et al.'s default).
+  c.optimise.eval_every = 2  # Iterations between gold evaluations on the reference prompts.
+  c.optimise.log_every = 5
+  c.optimise.save_every = 10  # Iterations between checkpoints.
+  # The KL study: one KL-penalised method against one proxy with fixed KL coefficients.
+  c.optimise.kl_study = dict(method="ppo", proxy="25k_d1000_s0", coefs=(0.05, 0.2))
+  # Each method's own section (defaults: rmscale/methods/<method>.py); lr 1e-4 is slow enough
+  # that evaluations every other iteration resolve PPO's gold peak.
+  c.optimise.bon = methods.sections(["bon"])["bon"]
+  c.optimise.ppo = methods.sections(["ppo"])["ppo"]
 
   c.sampling = ml_collections.ConfigDict()
   c.sampling.temperature = 1.0
@@ -146,14 +140,12 @@ def get_config(arg=None):
     c.label.num_comparisons = 400
     c.proxies.sizes, c.proxies.data_sizes, c.proxies.epochs = ("100k", "200k"), (100, 300), 1.0
     c.pretrain.num_examples, c.pretrain.steps = 1000, 10
-    c.bon.num_prompts, c.bon.n_samples, c.bon.num_n = 8, 16, 5
-    c.rl.iterations, c.rl.rollout_batch_size, c.rl.minibatch_size = 4, 16, 8
-    c.rl.eval_every, c.rl.eval_prompts, c.rl.log_every, c.rl.save_every = 2, 16, 1, 2
-    c.rl.proxies, c.rl.kl_study_proxy, c.rl.kl_study_coefs = (
-      ("100k_d300_s0", "200k_d300_s0"),
-      "100k_d300_s0",
-      (0.1,),
-    )
+    c.reference.num_prompts, c.reference.samples_per_prompt = 16, 16
+    c.optimise.bon.num_n = 5
+    c.optimise.iterations, c.optimise.rollout_batch_size, c.optimise.minibatch_size = 4, 16, 8
+    c.optimise.eval_every, c.optimise.log_every, c.optimise.save_every = 2, 1, 2
+    c.optimise.proxies = ("100k_d300_s0", "200k_d300_s0")
+    c.optimise.kl_study = dict(method="ppo", proxy="100k_d300_s0", coefs=(0.1,))
     c.sample_batch_size, c.score_batch_size = 64, 128
     c.fit.num_bootstrap = 20
   return c

@@ -118,7 +118,6 @@ class BonCurve:
     return [
       dict(
         meta,
-        method="bon",
         n=int(n),
         kl=float(kl),
         proxy=float(p),

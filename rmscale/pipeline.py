@@ -21,17 +21,19 @@ from rmscale.errors import UserError
 from rmscale.data.world import World, WorldConfig
 from rmscale.parallel import distributed
 from rmscale.parallel import mesh as mesh_lib
-from rmscale.stages import bon_stage, common, fit, gold, label, policy_init, proxies, rl
+from rmscale.stages import common, fit, gold, label, optimise, policy_init, proxies, reference
 
 # Each stage is a module with ``validate(config, devices)`` (its config section, checked before
-# anything is written) and ``run(ctx) -> dict`` (its summary figures, the stage's done-marker).
+# anything is written) and ``run(ctx) -> dict`` (its summary figures, the stage's done-marker), and
+# optionally ``fingerprint(config)``: what its results depend on, kept in the marker, so that a
+# changed value (e.g. more methods in ``optimise.methods``) reruns the stage.
 STAGES = {
   "policy_init": policy_init,
   "gold": gold,
   "label": label,
   "proxies": proxies,
-  "bon": bon_stage,
-  "rl": rl,
+  "reference": reference,
+  "optimise": optimise,
   "fit": fit,
 }
 ORDER = tuple(STAGES)
@@ -167,18 +169,23 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: str, log: run_log.Lo
   _log.info("workdir %s (log: %s)", workdir, log.path)
   ctx = make_context(config, workdir)
   info: dict[str, dict] = {}
+  ran = False  # Once a stage runs, every later stage runs too: its inputs may have changed.
   for i, name in enumerate(names, 1):
     tag = f"[{i}/{len(names)}] {name}"
     marker = ctx.path("stages", f"{name}.json")
+    fingerprint = _fingerprint(STAGES[name], config)
     # Process 0 decides for all, so every host runs (or skips) the same stages and collectives.
-    if distributed.agree(fs.exists(marker)):
+    if distributed.agree(not ran and _done(marker, fingerprint)):
       info[name] = results.read_json(marker)
       _log.info("%s: done already, skipped%s", tag, _headline(info[name]))
       continue
+    ran = True
     start = time.time()
     _log.info("%s: starting", tag)
     out = STAGES[name].run(ctx)
     out = {**out, "seconds": round(time.time() - start, 1)}
+    if fingerprint is not None:
+      out["fingerprint"] = fingerprint
     results.write_json(marker, out)
     # Process 0 alone writes artefacts; the other hosts read them only after this point.
     distributed.barrier(f"stage {name} done")
@@ -193,6 +200,19 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: str, log: run_log.Lo
     _log.info("summary: %s", summary)
     return fs.read_text(summary)
   return json.dumps(info, indent=2)
+
+
+def _fingerprint(stage, config):
+  """The stage's fingerprint of ``config`` as JSON would store it (None: the stage has none)."""
+  fn = getattr(stage, "fingerprint", None)
+  return None if fn is None else json.loads(json.dumps(fn(config), default=str))
+
+
+def _done(marker: str, fingerprint) -> bool:
+  """The stage's marker exists and was written for this fingerprint."""
+  if not fs.exists(marker):
+    return False
+  return fingerprint is None or results.read_json(marker).get("fingerprint") == fingerprint
 
 
 def _headline(out: dict) -> str:

@@ -4,18 +4,17 @@
 - the world, shown: prompts and the human writer's responses with their human utility;
 - results from one workdir or every workdir under a sweep root, local or remote (``gs://...`` through
   ``etils.epath``, which uses TensorFlow's gfile or gcsfs), with per-prompt scores for bootstraps;
-- over-optimised samples: prompts where best-of-n or PPO against a proxy wrote a worse answer (by the
-  true utility) than the initial policy did, side by side with it;
+- over-optimised samples: prompts where best-of-n or an optimised policy (PPO, RLOO, ...) against a
+  proxy wrote a worse answer (by the true utility) than the initial policy did, side by side with it;
 - figures: fitted curves with bootstrap bands, and an extrapolated law against a held-out RM.
 
 Displayed proxy and gold scores are relative to the initial policy (proxy shifted to mean 0; gold
-to mean 0 and unit variance over the best-of-n samples, as on the plots); utility is in its own
+to mean 0 and unit variance over the reference samples, as on the plots); utility is in its own
 units (a perfect answer scores 4.5 with the default world).
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import importlib.util
 import io
@@ -24,21 +23,22 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from rmscale import fs, results
+from rmscale import curves, fs, methods, results
+from rmscale.methods.iterative import EVAL_SAMPLES
 from rmscale.scaling import analysis
+from rmscale.stages.reference import SAMPLES
 
-RESULT_KINDS = ("proxies", "bon", "rl", "rl_kl_study", "fits", "trends")
-SAMPLES = ("bon", "samples.npz")
-EVAL_SAMPLES = {
-  "initial": "initial_samples.npz",
-  "final": "final_samples.npz",
-}  # = stages.rl.EVAL_SAMPLES
-_PER_PROMPT = "gold_per_prompt__"
+RESULT_KINDS = ("proxies", "curves", "kl_study", "fits", "trends", "methods")
 PLOTS = (
   (
+    "methods",
+    "Every method side by side: gold against sqrt(KL), one panel per proxy, with each method's "
+    "fitted functional form (thin lines).",
+  ),
+  (
     "score_vs_sqrt_kl",
-    "Gold (solid) and proxy (dashed) score against sqrt(KL) for best-of-n and PPO, one "
-    "colour per proxy size, with the fitted functional forms (thin lines).",
+    "Gold (solid) and proxy (dashed) score against sqrt(KL), one panel per method, one colour per "
+    "proxy size, with the fitted functional forms (thin lines).",
   ),
   (
     "gold_vs_proxy",
@@ -49,7 +49,7 @@ PLOTS = (
     "coefficients_vs_size",
     "Fitted alpha and beta against proxy RM size (bootstrap intervals, dotted trend in log size).",
   ),
-  ("kl_penalty", "PPO against one proxy with several fixed KL coefficients."),
+  ("kl_penalty", "The KL study: one method against one proxy with several fixed KL coefficients."),
   (
     "rm_validation",
     "Proxy validation loss and accuracy against RM size, per number of comparisons.",
@@ -213,8 +213,7 @@ class Results:
 
   In a sweep each record gains ``run`` and its ``name`` becomes ``<run>/<name>``, so curves of
   different runs stay apart. ``per_prompt[(method, name)]`` is the [prompts, points] gold score of a
-  curve in increasing KL (best-of-n from ``bon/samples.npz``, PPO from the records' ``gold_per_prompt``,
-  which is moved there).
+  curve in increasing KL (from the records' ``gold_per_prompt``, which is moved there).
   """
 
   root: str
@@ -222,13 +221,13 @@ class Results:
   records: dict[str, list[dict]]
   per_prompt: dict[tuple[str, str], np.ndarray]
 
-  def curves(self, methods: Sequence[str] = ("bon", "rl")) -> list[analysis.Curve]:
-    """The best-of-n and PPO curves (the KL-penalty study apart: ``study_curves``)."""
-    records = [r for kind in methods for r in self.records[kind]]
+  def curves(self, names: Sequence[str] | None = None) -> list[analysis.Curve]:
+    """The curves of the methods ``names`` (default: all; the KL study apart: ``study_curves``)."""
+    records = [r for r in self.records["curves"] if names is None or r["method"] in names]
     return analysis.curves(records, self.per_prompt)
 
   def study_curves(self) -> list[analysis.Curve]:
-    return analysis.curves(self.records["rl_kl_study"], self.per_prompt)
+    return analysis.curves(self.records["kl_study"], self.per_prompt)
 
   def describe(self) -> str:
     """Markdown: what was loaded (runs, curves per method, RM sizes and data sizes)."""
@@ -236,15 +235,15 @@ class Results:
       f"{len(self.runs)} runs under `{self.root}`" if any(self.runs) else f"workdir `{self.root}`"
     )
     lines = [f"Loaded {where}:", ""]
-    for method, title in (("bon", "best-of-n"), ("rl", "PPO"), ("rl_kl_study", "KL-penalty study")):
-      recs = self.records[method]
+    groups = [
+      (m.title, [r for r in self.records["curves"] if r["method"] == name])
+      for name, m in methods.REGISTRY.items()
+    ]
+    for title, recs in groups + [("KL-penalty study", self.records["kl_study"])]:
       if recs:
         sizes = sorted({(r["rm_params"], r.get("rm_size", "")) for r in recs})
         data = sorted({r["data_size"] for r in recs})
-        boot = sum(
-          ("rl" if method != "bon" else "bon", n) in self.per_prompt
-          for n in {r["name"] for r in recs}
-        )
+        boot = sum(key in self.per_prompt for key in {(r["method"], r["name"]) for r in recs})
         lines.append(
           f"- {title}: {len({r['name'] for r in recs})} curves ({boot} with per-prompt scores), "
           f"RM sizes {', '.join(s or f'{p:,}' for p, s in sizes)}; "
@@ -262,31 +261,19 @@ def load_results(root: str, *, per_prompt: bool = True) -> Results:
     w = _path(workdir)
     for kind in RESULT_KINDS:
       f = w / "results" / f"{kind}.jsonl"
-      for r in _read_jsonl(f) if _exists(f) else []:
-        if run:
-          r = {**r, "run": run, **({"name": f"{run}/{r['name']}"} if "name" in r else {})}
-        if kind in ("rl", "rl_kl_study"):
-          g = r.pop("gold_per_prompt", None)
-          if per_prompt and g is not None:
-            r["_per_prompt"] = g
-        records[kind].append(r)
-    samples = w / SAMPLES[0] / SAMPLES[1]
-    if per_prompt and _exists(samples):
-      for k, v in _read_npz(samples, lambda k: k.startswith(_PER_PROMPT)).items():
-        name = k[len(_PER_PROMPT) :]
-        units[("bon", f"{run}/{name}" if run else name)] = v
-  for kind in ("rl", "rl_kl_study"):
-    by_curve = collections.defaultdict(dict)
-    for r in records[kind]:
-      if "_per_prompt" in r:
-        by_curve[r["name"]][r["iteration"]] = (r["kl"], r.pop("_per_prompt"))
-    for name, points in by_curve.items():
-      ordered = sorted(points.values(), key=lambda x: x[0])
-      units[("rl", name)] = np.stack([np.asarray(g, np.float64) for _, g in ordered], axis=1)
-  if not records["bon"] and not records["rl"]:
-    raise ValueError(
-      f"{root}: no best-of-n or RL results yet (results/bon.jsonl, results/rl.jsonl)"
-    )
+      loaded = _read_jsonl(f) if _exists(f) else []
+      if run:
+        loaded = [
+          {**r, "run": run, **({"name": f"{run}/{r['name']}"} if "name" in r else {})}
+          for r in loaded
+        ]
+      if per_prompt and kind in ("curves", "kl_study"):
+        units.update(curves.per_prompt(loaded))
+      for r in loaded:
+        r.pop("gold_per_prompt", None)
+      records[kind] += loaded
+  if not records["curves"]:
+    raise ValueError(f"{root}: no optimisation curves yet (results/curves.jsonl)")
   return Results(root=str(root), runs=runs, records=records, per_prompt=units)
 
 
@@ -301,19 +288,15 @@ def smallest_proxy(proxy_records: Sequence[Mapping], names: Sequence[str] | None
   return min(recs, key=lambda r: (r["rm_params"], r["data_size"], r.get("seed", 0)))["name"]
 
 
-def reference_scores(samples: Mapping[str, np.ndarray], proxy_name: str) -> dict:
-  """The initial policy's score statistics (the recentring origin), as the rl stage computes them."""
-  k = _proxy_index(samples, proxy_name)
-  return {
-    "gold": (float(samples["gold"].mean()), float(samples["gold"].std())),
-    "proxy": float(samples["proxy"][k].mean()),
-  }
+def reference(samples: Mapping[str, np.ndarray]) -> curves.Reference:
+  """The initial policy's score statistics (the recentring origin of every curve)."""
+  return curves.Reference.from_samples(samples)
 
 
 def _proxy_index(samples, proxy_name: str) -> int:
   names = [str(n) for n in samples["proxy_names"]]
   if proxy_name not in names:
-    raise ValueError(f"proxy {proxy_name!r} did not score the best-of-n samples; known: {names}")
+    raise ValueError(f"proxy {proxy_name!r} did not score the reference samples; known: {names}")
   return names.index(proxy_name)
 
 
@@ -339,43 +322,50 @@ def bon_pairs(samples: Mapping[str, np.ndarray], proxy_name: str) -> tuple[dict,
   return pick(np.zeros(P, np.int64)), pick(best_P)
 
 
-def load_bon_samples(workdir: str) -> dict[str, np.ndarray]:
-  p = _path(workdir) / SAMPLES[0] / SAMPLES[1]
+def load_reference_samples(workdir: str) -> dict[str, np.ndarray]:
+  """The initial policy's samples on the evaluation prompts (``reference/samples.npz``)."""
+  p = _path(workdir).joinpath(*SAMPLES)
   if not _exists(p):
-    raise FileNotFoundError(f"no best-of-n samples at {p}; run the bon stage")
+    raise FileNotFoundError(f"no reference samples at {p}; run the reference stage")
   return _read_npz(p)
 
 
-def load_eval_samples(workdir: str, run_name: str) -> tuple[dict, dict]:
-  """The initial and final policies' evaluation samples of one PPO run (``rl/<name>/*_samples.npz``)."""
+def load_eval_samples(workdir: str, method: str, run_name: str) -> tuple[dict, dict]:
+  """The initial and final policies' evaluation samples of one run of an iterative method
+  (``optimise/<method>/<run>/*_samples.npz``)."""
   out = []
   for which in ("initial", "final"):
-    p = _path(workdir) / "rl" / run_name / EVAL_SAMPLES[which]
+    p = _path(workdir) / "optimise" / method / run_name / EVAL_SAMPLES[which]
     if not _exists(p):
-      raise FileNotFoundError(
-        f"no {which} evaluation samples at {p}; rerun the rl stage with this version "
-        "(delete rl/ and stages/rl.json)"
-      )
+      raise FileNotFoundError(f"no {which} evaluation samples at {p}; run the optimise stage")
     out.append(_read_npz(p))
   return out[0], out[1]
 
 
 def overoptimised(
-  initial: Mapping, final: Mapping, world, reference: Mapping, *, k: int = 4, min_drop: float = 0.0
+  initial: Mapping,
+  final: Mapping,
+  world,
+  reference: curves.Reference,
+  proxy_name: str,
+  *,
+  k: int = 4,
+  min_drop: float = 0.0,
 ) -> list[dict]:
   """Up to ``k`` prompts where the optimised sample has lower utility than the initial one, worst first.
 
   ``initial`` and ``final`` hold one sample per prompt row (same prompts, same order): prompt_ids,
   response_ids, response_mask and raw utility, gold and proxy scores. Rows show texts side by side
-  with utility (raw), proxy and gold (relative to ``reference``, see ``reference_scores``).
+  with utility (raw), proxy and gold (relative to ``reference``: the proxy ``proxy_name``'s mean
+  and the gold's mean and spread under the initial policy).
   """
+  proxy_mean = reference.proxy[proxy_name]
   if not np.array_equal(initial["prompt_ids"], final["prompt_ids"]):
     raise ValueError("initial and final samples are for different prompts; pair them row by row")
   if k < 1:
     raise ValueError(f"k must be >= 1, got {k}")
   drop = np.asarray(initial["utility"], np.float64) - np.asarray(final["utility"], np.float64)
   order = [i for i in np.argsort(-drop, kind="stable") if drop[i] > min_drop][:k]
-  g_mean, g_std = reference["gold"]
   texts = {}
   for name, s in (("initial", initial), ("optimised", final)):
     texts[name] = world.texts(
@@ -387,8 +377,8 @@ def overoptimised(
     for name, s in (("initial", initial), ("optimised", final)):
       row[f"{name} response"] = texts[name][j][1]
       row[f"{name} u/proxy/gold"] = (
-        f"{float(s['utility'][i]):.2f} / {float(s['proxy'][i]) - reference['proxy']:+.2f}"
-        f" / {(float(s['gold'][i]) - g_mean) / g_std:+.2f}"
+        f"{float(s['utility'][i]):.2f} / {float(s['proxy'][i]) - proxy_mean:+.2f}"
+        f" / {float(reference.gold_scores(s['gold'][i])):+.2f}"
       )
     rows.append(row)
   return rows
@@ -428,28 +418,32 @@ def bon_overoptimised(
   workdir: str, world, *, proxy_name: str | None = None, k: int = 4
 ) -> tuple[str, list[dict]]:
   """Best-of-N by the smallest, least-data proxy (unless named) against the initial policy's samples."""
-  samples = load_bon_samples(workdir)
+  samples = load_reference_samples(workdir)
   names = [str(n) for n in samples["proxy_names"]]
   if proxy_name is None:
     proxy_name = smallest_proxy(_read_jsonl(_path(workdir) / "results" / "proxies.jsonl"), names)
   initial, best = bon_pairs(samples, proxy_name)
-  return proxy_name, overoptimised(initial, best, world, reference_scores(samples, proxy_name), k=k)
+  return proxy_name, overoptimised(initial, best, world, reference(samples), proxy_name, k=k)
 
 
-def ppo_overoptimised(
-  workdir: str, world, *, run_name: str | None = None, k: int = 4
+def run_overoptimised(
+  workdir: str, world, *, method: str = "ppo", run_name: str | None = None, k: int = 4
 ) -> tuple[str, list[dict]]:
-  """The final PPO policy's samples against the initial policy's on the same evaluation prompts, for
-  the PPO run against the smallest, least-data proxy (unless named)."""
-  rl_records = _read_jsonl(_path(workdir) / "results" / "rl.jsonl")
-  if not rl_records:
-    raise ValueError(f"{workdir}: no PPO results (results/rl.jsonl is empty)")
+  """The final policy of one run of ``method`` against the initial policy on the same evaluation
+  prompts, for the run against the smallest, least-data proxy (unless named)."""
+  recs = [
+    r
+    for r in _read_jsonl(_path(workdir).joinpath(*curves.FILE))
+    if r["method"] == method and "iteration" in r
+  ]
+  if not recs:
+    raise ValueError(f"{workdir}: no curves of method {method!r} in results/curves.jsonl")
   if run_name is None:
-    run_name = smallest_proxy(rl_records, sorted({r["name"] for r in rl_records}))
-  proxy_name = next(r["proxy_name"] for r in rl_records if r["name"] == run_name)
-  initial, final = load_eval_samples(workdir, run_name)
-  reference = reference_scores(load_bon_samples(workdir), proxy_name)
-  return run_name, overoptimised(initial, final, world, reference, k=k)
+    run_name = smallest_proxy(recs, sorted({r["name"] for r in recs}))
+  proxy_name = next(r["proxy_name"] for r in recs if r["name"] == run_name)
+  initial, final = load_eval_samples(workdir, method, run_name)
+  ref = reference(load_reference_samples(workdir))
+  return run_name, overoptimised(initial, final, world, ref, proxy_name, k=k)
 
 
 def plot_files(workdir: str) -> list[tuple[str, str]]:
@@ -494,12 +488,18 @@ def plot_bands(fitted: Sequence[analysis.FittedCurve]):
 
   if not fitted:
     raise ValueError("plot_bands: no fitted curves")
-  methods = [m for m in ("bon", "rl") if any(f.curve.method == m for f in fitted)]
+  present = {f.curve.method for f in fitted}
+  names = [m for m in methods.REGISTRY if m in present] + sorted(present - set(methods.REGISTRY))
   key = lambda f: (f.curve.meta.get("rm_params", 0), f.curve.meta.get("data_size", 0))  # noqa: E731
   colours = _colours(key(f) for f in fitted)
-  fig = Figure(figsize=(5.2 * len(methods), 4.0), layout="constrained")
-  axes = fig.subplots(1, len(methods), squeeze=False)[0]
-  for ax, method in zip(axes, methods):
+  cols = min(len(names), 4)
+  rows = -(-len(names) // cols)
+  fig = Figure(figsize=(5.2 * cols, 4.0 * rows), layout="constrained")
+  axes = fig.subplots(rows, cols, squeeze=False).ravel()
+  for ax in axes[len(names) :]:
+    ax.set_visible(False)
+  laws = {"bon": "R = d(alpha - beta d)", "rl": "R = d(alpha - beta log d)"}
+  for ax, method in zip(axes, names):
     labelled = set()
     for f in sorted((f for f in fitted if f.curve.method == method), key=key):
       c, colour, label = f.curve, colours[key(f)], _curve_label(f.curve.meta)
@@ -511,9 +511,9 @@ def plot_bands(fitted: Sequence[analysis.FittedCurve]):
       if f.lo is not None:
         ax.fill_between(f.d_grid, f.lo, f.hi, color=colour, alpha=0.15, lw=0)
     ax.axhline(0.0, color="0.7", lw=0.6, zorder=0)
-    ax.set_title(
-      {"bon": "Best-of-n: R = d(alpha - beta d)", "rl": "RL: R = d(alpha - beta log d)"}[method]
-    )
+    title = methods.REGISTRY[method].title if method in methods.REGISTRY else method
+    form = next(f.curve.form for f in fitted if f.curve.method == method)
+    ax.set_title(f"{title}: {laws[form]}")
     ax.set_xlabel("d = sqrt(KL) [sqrt nats]")
     ax.set_ylabel(f"gold score (fit, {int(round(100 * fitted[0].level))}% bootstrap band)")
     ax.legend(fontsize="small")
@@ -567,14 +567,14 @@ def plot_extrapolation(
     ax.plot(c.d, c.gold, "o", ms=3, color="C2")
   ax.plot(
     d,
-    fit_lib.predict(ex.method, ex.actual["alpha"], ex.actual["beta"], d),
+    fit_lib.predict(ex.form, ex.actual["alpha"], ex.actual["beta"], d),
     "-",
     color="C2",
     label=f"held-out fit (RMSE {ex.rmse_fitted:.3f})",
   )
   ax.plot(
     d,
-    fit_lib.predict(ex.method, ex.predicted["alpha"], ex.predicted["beta"], d),
+    fit_lib.predict(ex.form, ex.predicted["alpha"], ex.predicted["beta"], d),
     "--",
     color="C3",
     label=f"extrapolated law (RMSE {ex.rmse_predicted:.3f})",

@@ -41,6 +41,19 @@ class Curve:
   gold_se: np.ndarray
   proxy: np.ndarray
   gold_per_prompt: np.ndarray | None = None
+  form: str = ""  # The functional form fitted to it; default: the method's name if it is a form.
+
+  def __post_init__(self):
+    if not self.form:
+      object.__setattr__(self, "form", _form_of({"method": self.method}))
+
+
+def _form_of(rec: Mapping) -> str:
+  """A record's or fit row's functional form: its ``form``, else its method if that names a form."""
+  form = rec.get("form") or rec.get("method")
+  if form not in fit_lib.FORMS:
+    raise ValueError(f"{rec.get('method')!r} records carry no functional form in {fit_lib.FORMS}")
+  return form
 
 
 def curves(
@@ -79,6 +92,7 @@ def curves(
         gold_se=np.array([r.get("gold_se", np.nan) for r in recs], dtype=np.float64),
         proxy=np.array([r.get("proxy", np.nan) for r in recs], dtype=np.float64),
         gold_per_prompt=units,
+        form=_form_of(recs[0]),
       )
     )
   return out
@@ -146,7 +160,7 @@ def fit_with_band(
   The point fit is on the curve's mean scores (as the fit stage does); the band comes from
   `fit.bootstrap_fit` over prompts, evaluated on `num_grid` points from 0 to the curve's largest d.
   """
-  form = curve.method
+  form = curve.form
   f = fit_lib.fit_curve(form, curve.d, curve.gold)
   d_grid = np.linspace(0.0, float(curve.d.max()), num_grid)
   boot = lo = hi = None
@@ -194,6 +208,7 @@ class Extrapolation:
   """
 
   method: str
+  form: str  # The functional form of the method's curves.
   data_size: int | None
   heldout_params: int
   train_params: tuple[int, ...]
@@ -225,13 +240,15 @@ def extrapolate(
   Args:
     rows: fit rows (fits.jsonl or `FittedCurve.row()`): method, name, rm_params, data_size, alpha, beta.
     curves_: the measured curves, to score the predicted law on the held-out proxy's points.
-    method: 'bon' or 'rl'.
+    method: the method whose curves to extrapolate (its rows carry the form, or name one).
     data_size: restrict to proxies trained on this many comparisons (None: every row of the method,
       which only makes sense when the sweep has one data size).
   """
   rows = [
     r for r in rows if r["method"] == method and (data_size is None or r["data_size"] == data_size)
   ]
+  if not rows:
+    raise ValueError(f"no {method} fits" + (f" at {data_size:,} comparisons" if data_size else ""))
   if data_size is None and len({r["data_size"] for r in rows}) > 1:
     raise ValueError(
       f"{method} fits span data sizes {sorted({r['data_size'] for r in rows})}; pass data_size"
@@ -250,11 +267,12 @@ def extrapolate(
     predicted[coef], predicted[f"{coef}_se"] = trend_prediction(
       [r["rm_params"] for r in train], [r[coef] for r in train], held
     )
+  form = _form_of(rows[0])
   predicted["d_star"], predicted["r_star"] = fit_lib.peak(
-    method, predicted["alpha"], predicted["beta"]
+    form, predicted["alpha"], predicted["beta"]
   )
   actual = {c: float(np.mean([r[c] for r in test])) for c in ("alpha", "beta")}
-  actual["d_star"], actual["r_star"] = fit_lib.peak(method, actual["alpha"], actual["beta"])
+  actual["d_star"], actual["r_star"] = fit_lib.peak(form, actual["alpha"], actual["beta"])
   names = {r["name"] for r in test}
   held_curves = [c for c in curves_ if c.method == method and c.name in names]
   if len(held_curves) != len(names):
@@ -264,13 +282,14 @@ def extrapolate(
   by_name = {r["name"]: r for r in test}
   err_pred, err_fit = [], []
   for c in held_curves:
-    err_pred.append(c.gold - fit_lib.predict(method, predicted["alpha"], predicted["beta"], c.d))
+    err_pred.append(c.gold - fit_lib.predict(form, predicted["alpha"], predicted["beta"], c.d))
     err_fit.append(
-      c.gold - fit_lib.predict(method, by_name[c.name]["alpha"], by_name[c.name]["beta"], c.d)
+      c.gold - fit_lib.predict(form, by_name[c.name]["alpha"], by_name[c.name]["beta"], c.d)
     )
   rms = lambda e: float(np.sqrt(np.mean(np.concatenate(e) ** 2)))  # noqa: E731
   return Extrapolation(
     method=method,
+    form=form,
     data_size=data_size,
     heldout_params=held,
     train_params=tuple(sizes[:-1]),

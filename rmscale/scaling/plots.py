@@ -1,8 +1,11 @@
 """Figures for the overoptimization experiment, drawn from plain result records.
 
-Every function takes the flat dicts the pipeline writes to results/*.jsonl (one per point:
-`method` 'bon' | 'rl', `rm_size` label, `rm_params`, `data_size`, `seed`, `kl`, `proxy`, `gold`,
-optional `*_se`), so a figure can be redrawn from the jsonl alone, in a notebook or on a laptop.
+Every function takes the flat dicts the pipeline writes to results/*.jsonl (one per point, the
+schema of `rmscale.curves`: `method`, `form` ('bon' | 'rl', the functional form fitted to it),
+`rm_size` label, `rm_params`, `data_size`, `seed`, `kl`, `proxy`, `gold`, optional `*_se`), so a
+figure can be redrawn from the jsonl alone, in a notebook or on a laptop. Panels are titled by
+`titles` (method -> title; default: the method's name). Records without `form` whose method is a
+form's name ('bon', 'rl') are fitted with that form.
 Figures are built on `matplotlib.figure.Figure` rather than pyplot: no global state, no GUI
 backend, safe to call from any thread; PNGs are rendered by Agg and written atomically.
 """
@@ -21,7 +24,6 @@ from matplotlib.figure import Figure
 from rmscale import results
 from rmscale.scaling import fit as fit_lib
 
-_METHOD_TITLES = {"bon": "Best-of-n", "rl": "RL"}
 _CHANCE = {"val_loss": math.log(2.0), "val_accuracy": 0.5}  # A coin-flip RM.
 _DPI = 110
 
@@ -45,16 +47,22 @@ def _check_records(
     missing = [k for k in required if rec.get(k) is None]
     if missing:
       raise ValueError(f"{what}: record {i} lacks {missing}: {dict(rec)}")
-    method = rec.get("method", rec.get("form"))
-    if "method" in required and method not in _METHOD_TITLES:
-      raise ValueError(
-        f"{what}: record {i} has unknown method {method!r}; expected one of {tuple(_METHOD_TITLES)}"
-      )
   return records
 
 
 def _method(rec: Mapping[str, Any]) -> str:
   return rec.get("method", rec.get("form"))
+
+
+def _form(rec: Mapping[str, Any]) -> str:
+  form = rec.get("form", rec.get("method"))
+  if form not in fit_lib.FORMS:
+    raise ValueError(f"record has no functional form in {fit_lib.FORMS}: {dict(rec)}")
+  return form
+
+
+def _title(titles: Mapping[str, str] | None, method: str) -> str:
+  return (titles or {}).get(method, method)
 
 
 def _format_count(n: float) -> str:
@@ -119,15 +127,21 @@ def _curves(records, colour_by: str):
   return groups
 
 
-def _methods_present(records) -> list[str]:
+def _methods_present(records, titles: Mapping[str, str] | None) -> list[str]:
+  """Methods in the records, in the order of ``titles`` (the registry's), then by name."""
   present = {_method(r) for r in records}
-  return [m for m in _METHOD_TITLES if m in present]
+  order = list(titles or {})
+  return sorted(present, key=lambda m: (order.index(m) if m in order else len(order), m))
 
 
-def _panels(n: int, width: float = 5.0, height: float = 4.0):
-  fig = Figure(figsize=(width * n, height), layout="constrained")
-  axes = fig.subplots(1, n, squeeze=False)[0]
-  return fig, axes
+def _panels(n: int, width: float = 5.0, height: float = 4.0, columns: int = 4):
+  """``n`` axes in rows of at most ``columns``; unused cells of the last row are hidden."""
+  rows, cols = math.ceil(n / columns), min(n, columns)
+  fig = Figure(figsize=(width * cols, height * rows), layout="constrained")
+  axes = fig.subplots(rows, cols, squeeze=False).ravel()
+  for ax in axes[n:]:
+    ax.set_visible(False)
+  return fig, axes[:n]
 
 
 def _fit_matches(row: Mapping[str, Any], rec: Mapping[str, Any]) -> bool:
@@ -141,7 +155,9 @@ def _fit_matches(row: Mapping[str, Any], rec: Mapping[str, Any]) -> bool:
   )
 
 
-def plot_score_vs_sqrt_kl(records, fits, path, *, colour_by: str = "rm_params") -> str:
+def plot_score_vs_sqrt_kl(
+  records, fits, path, *, colour_by: str = "rm_params", titles: Mapping[str, str] | None = None
+) -> str:
   """Gold (solid) and proxy (dashed) score vs sqrt(KL), one panel per method (Gao et al. Fig. 1).
 
   Args:
@@ -156,14 +172,10 @@ def plot_score_vs_sqrt_kl(records, fits, path, *, colour_by: str = "rm_params") 
   """
   records = _check_records(records, ("method", "kl", "gold", colour_by), "plot_score_vs_sqrt_kl")
   fits = _check_records(fits, ("alpha", "beta"), "plot_score_vs_sqrt_kl fits") if fits else []
-  for i, row in enumerate(fits):
-    if _method(row) not in _METHOD_TITLES:
-      raise ValueError(
-        f"plot_score_vs_sqrt_kl fits: row {i} has no method/form in "
-        f"{tuple(_METHOD_TITLES)}: {dict(row)}"
-      )
+  for row in fits:
+    _form(row)
   colours = _colours(r[colour_by] for r in records)
-  methods = _methods_present(records)
+  methods = _methods_present(records, titles)
   fig, axes = _panels(len(methods))
   for ax, method in zip(axes, methods):
     labelled = set()
@@ -186,14 +198,14 @@ def plot_score_vs_sqrt_kl(records, fits, path, *, colour_by: str = "rm_params") 
           d_fit = np.linspace(0.0, d.max(), 200)
           ax.plot(
             d_fit,
-            fit_lib.predict(method, row["alpha"], row["beta"], d_fit),
+            fit_lib.predict(_form(row), row["alpha"], row["beta"], d_fit),
             "-",
             color=colour,
             lw=0.8,
             alpha=0.45,
           )
     ax.axhline(0.0, color="0.7", lw=0.6, zorder=0)
-    ax.set_title(_METHOD_TITLES[method])
+    ax.set_title(_title(titles, method))
     ax.set_xlabel("sqrt(KL) [sqrt nats]")
     ax.set_ylabel("score (gold solid, proxy dashed)")
     top = ax.secondary_xaxis("top", functions=(np.square, lambda k: np.sqrt(np.clip(k, 0, None))))
@@ -212,7 +224,7 @@ def _interval(row: Mapping[str, Any], name: str):
   return None
 
 
-def plot_coefficients_vs_size(fit_table, path) -> str:
+def plot_coefficients_vs_size(fit_table, path, *, titles: Mapping[str, str] | None = None) -> str:
   """alpha and beta against RM parameters (log x), one line per method (and data size if swept).
 
   Rows carry method (or form), rm_params, alpha, beta, optionally data_size and error bars as
@@ -222,18 +234,17 @@ def plot_coefficients_vs_size(fit_table, path) -> str:
   """
   rows = _check_records(fit_table, ("rm_params", "alpha", "beta"), "plot_coefficients_vs_size")
   for i, row in enumerate(rows):
-    if _method(row) not in _METHOD_TITLES:
-      raise ValueError(
-        f"plot_coefficients_vs_size: row {i} has no method/form in "
-        f"{tuple(_METHOD_TITLES)}: {dict(row)}"
-      )
     if not row["rm_params"] > 0:
       raise ValueError(f"plot_coefficients_vs_size: row {i} has rm_params <= 0")
   data_sizes = {r.get("data_size") for r in rows}
   lines = collections.defaultdict(list)
   for row in rows:
     lines[(_method(row), row.get("data_size") if len(data_sizes) > 1 else None)].append(row)
-  styles = {"bon": ("o", "C0"), "rl": ("s", "C3")}
+  markers = "osD^v<>p*h"
+  styles = {
+    m: (markers[i % len(markers)], f"C{i % 10}")
+    for i, m in enumerate(_methods_present(rows, titles))
+  }
   # With a data sweep, more data is drawn more opaque within each method's colour.
   swept = sorted(s for s in data_sizes if s is not None) if len(data_sizes) > 1 else []
   shade = {s: 0.35 + 0.65 * i / max(len(swept) - 1, 1) for i, s in enumerate(swept)}
@@ -244,7 +255,7 @@ def plot_coefficients_vs_size(fit_table, path) -> str:
       x = np.array([r["rm_params"] for r in line], dtype=np.float64)
       y = np.array([r[name] for r in line], dtype=np.float64)
       marker, colour = styles[method]
-      label = _METHOD_TITLES[method] + (f", {_format_count(data_size)}" if data_size else "")
+      label = _title(titles, method) + (f", {_format_count(data_size)}" if data_size else "")
       ax.plot(
         x, y, marker=marker, color=colour, lw=1.5, label=label, alpha=shade.get(data_size, 1.0)
       )
@@ -322,7 +333,9 @@ def plot_rm_validation(
   return _save_atomic(fig, path)
 
 
-def plot_gold_vs_proxy(records, path, *, colour_by: str = "rm_params") -> str:
+def plot_gold_vs_proxy(
+  records, path, *, colour_by: str = "rm_params", titles: Mapping[str, str] | None = None
+) -> str:
   """Gold score against proxy score along each optimisation curve, one panel per method.
 
   While the proxy tracks the gold the curve climbs; where it bends over, optimising the proxy
@@ -332,7 +345,7 @@ def plot_gold_vs_proxy(records, path, *, colour_by: str = "rm_params") -> str:
     records, ("method", "kl", "proxy", "gold", colour_by), "plot_gold_vs_proxy"
   )
   colours = _colours(r[colour_by] for r in records)
-  methods = _methods_present(records)
+  methods = _methods_present(records, titles)
   fig, axes = _panels(len(methods), width=4.5)
   for ax, method in zip(axes, methods):
     labelled = set()
@@ -352,8 +365,58 @@ def plot_gold_vs_proxy(records, path, *, colour_by: str = "rm_params") -> str:
         label=label,
       )
     ax.axhline(0.0, color="0.7", lw=0.6, zorder=0)
-    ax.set_title(_METHOD_TITLES[method])
+    ax.set_title(_title(titles, method))
     ax.set_xlabel("proxy score")
     ax.set_ylabel("gold score")
     ax.legend(title=colour_by.replace("_", " "), fontsize="small")
+  return _save_atomic(fig, path)
+
+
+def plot_methods(records, fits, path, *, titles: Mapping[str, str] | None = None) -> str:
+  """Every method side by side on the gold-vs-sqrt(KL) axis, one panel per proxy.
+
+  Gold (solid, +-1 SE band) and the method's fitted form (thin) per method, in one colour per
+  method, so where each method peaks and how much KL it spends to get there read off directly.
+  Proxies are ordered by size, then data size; runs of a KL study are not drawn (their own plot).
+  """
+  records = _check_records(records, ("method", "name", "kl", "gold"), "plot_methods")
+  fits = list(fits or [])
+  methods = _methods_present(records, titles)
+  colour = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+  proxies = sorted(
+    {r["name"] for r in records},
+    key=lambda n: next((r["rm_params"], r["data_size"], n) for r in records if r["name"] == n),
+  )
+  fig, axes = _panels(len(proxies), width=4.6, columns=3)
+  for ax, proxy in zip(axes, proxies):
+    for method in methods:
+      curve = sorted(
+        (r for r in records if r["name"] == proxy and _method(r) == method), key=lambda r: r["kl"]
+      )
+      if not curve:
+        continue
+      d = np.sqrt([r["kl"] for r in curve])
+      gold = np.array([r["gold"] for r in curve], dtype=np.float64)
+      ax.plot(
+        d, gold, "-", marker=".", ms=3, color=colour[method], lw=1.6, label=_title(titles, method)
+      )
+      se = np.array([r.get("gold_se", np.nan) for r in curve], dtype=np.float64)
+      if np.isfinite(se).all():
+        ax.fill_between(d, gold - se, gold + se, color=colour[method], alpha=0.12, lw=0)
+      for row in fits:
+        if _method(row) == method and row.get("name") == proxy:
+          d_fit = np.linspace(0.0, d.max(), 200)
+          ax.plot(
+            d_fit,
+            fit_lib.predict(_form(row), row["alpha"], row["beta"], d_fit),
+            "-",
+            color=colour[method],
+            lw=0.8,
+            alpha=0.5,
+          )
+    ax.axhline(0.0, color="0.7", lw=0.6, zorder=0)
+    ax.set_title(f"proxy {proxy}")
+    ax.set_xlabel("sqrt(KL) [sqrt nats]")
+    ax.set_ylabel("gold score")
+    ax.legend(fontsize="small")
   return _save_atomic(fig, path)

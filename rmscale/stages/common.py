@@ -47,10 +47,11 @@ class Context:
     return self.world.response_len
 
 
-def gold_peak_headline(records: list[dict], step: str) -> str:
-  """'best gold +0.94 (400k_d9000_s0, n=74, KL 3.38)': the highest recentred gold of any curve."""
+def gold_peak_headline(records: list[dict]) -> str:
+  """'best gold +0.94 (bon, 400k_d9000_s0, n=74, KL 3.38)': the highest gold of any curve."""
   best = max(records, key=lambda r: r["gold"])
-  return f"best gold {best['gold']:+.2f} ({best['name']}, {step}={best[step]}, KL {best['kl']:.2f})"
+  where = f"{best['method']}, {best['name']}, {best['x']}={best[best['x']]}"
+  return f"best gold {best['gold']:+.2f} ({where}, KL {best['kl']:.2f})"
 
 
 def model_config(ctx: Context, size: str, role: str) -> TransformerConfig:
@@ -187,10 +188,11 @@ def sample(
   params,
   prompt_ids,
   prompt_mask,
-  seed: int,
+  key: jax.Array,
   temperature: float | None = None,
 ) -> dict[str, np.ndarray]:
-  """Responses for every prompt row, in jitted batches of ``sample_batch_size``."""
+  """Responses for every prompt row, in jitted batches of ``sample_batch_size`` (batch i draws
+  with ``fold_in(key, i)``)."""
   c = ctx.config
   scfg = SamplingConfig(
     max_new_tokens=ctx.response_len,
@@ -224,7 +226,7 @@ def sample(
           params,
           distributed.global_array(p, data),
           distributed.global_array(m, data),
-          jax.random.fold_in(jax.random.key(seed), i),
+          jax.random.fold_in(key, i),
         )
       )
     out["ids"].append(res["tokens"][:k])

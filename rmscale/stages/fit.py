@@ -7,14 +7,13 @@ from collections import defaultdict
 
 import numpy as np
 
-from rmscale import checks, fs, provenance, results
+from rmscale import checks, curves, fs, methods, provenance, results
 from rmscale.scaling import fit as fit_lib
 from rmscale.scaling import plots
-from rmscale.stages import bon_stage, common, proxies, rl
+from rmscale.stages import common, proxies
 
 RESULTS = ("results", "fits.jsonl")
 _log = logging.getLogger(__name__)
-FORMS = {"bon": "bon", "rl": "rl"}
 KEYS = ("rm_size", "rm_params", "data_size", "seed", "name")
 
 
@@ -23,30 +22,23 @@ def validate(config, devices: int) -> None:
   checks.count(config, "fit.num_bootstrap", minimum=0)
 
 
-def _curves(records: list[dict]) -> dict[tuple, list[dict]]:
-  by = defaultdict(list)
-  for r in records:
-    by[(r["method"], r["name"])].append(r)
-  return by
+def fit_curves(records: list[dict], num_boot: int, seed: int) -> list[dict]:
+  """One row per curve (method, run): coefficients, peak, fit quality and bootstrap intervals.
 
-
-def fit_curves(
-  records: list[dict], per_unit: dict[tuple, np.ndarray], num_boot: int, seed: int
-) -> list[dict]:
-  """One row per (method, proxy): coefficients, peak, fit quality and bootstrap intervals.
-
-  A curve the form cannot be fitted to (e.g. fewer than two distinct KL > 0) gets a row with
-  ``fitted=False`` and the reason instead of coefficients; the other curves are fitted as usual.
+  Each curve is fitted with its method's form (``rmscale.methods``). A curve the form cannot be
+  fitted to (e.g. fewer than two distinct KL > 0) gets a row with ``fitted=False`` and the reason
+  instead of coefficients; the other curves are fitted as usual.
   """
   rows = []
   rng = np.random.default_rng(seed)
-  for (method, name), recs in sorted(_curves(records).items()):
-    recs = sorted(recs, key=lambda r: r["kl"])
+  per_unit = curves.per_prompt(records)
+  for (method, name), recs in curves.group(records).items():
+    form = methods.get(method).form
     d = np.sqrt([r["kl"] for r in recs])
     gold = np.array([r["gold"] for r in recs])
     row = {"method": method, **{k: recs[0][k] for k in KEYS}}
     try:
-      f = fit_lib.fit_curve(FORMS[method], d, gold)
+      f = fit_lib.fit_curve(form, d, gold)
     except fit_lib.FitError as e:
       _log.warning("%s curve of %s not fitted: %s", method, name, e)
       rows.append({**row, "fitted": False, "reason": str(e), "n_points": len(recs)})
@@ -54,7 +46,7 @@ def fit_curves(
     row.update(fitted=True, **f.to_dict())
     units = per_unit.get((method, name))
     if units is not None and num_boot:
-      boot = fit_lib.bootstrap_fit(FORMS[method], d, units, num_boot, rng)
+      boot = fit_lib.bootstrap_fit(form, d, units, num_boot, rng)
       for coef, (lo, hi) in boot.intervals.items():
         row[f"{coef}_lo"], row[f"{coef}_hi"] = lo, hi
     rows.append(row)
@@ -90,34 +82,19 @@ def trends(rows: list[dict]) -> list[dict]:
   return out
 
 
-def _per_unit(ctx: common.Context, rl_records: list[dict]) -> dict[tuple, np.ndarray]:
-  """Per-prompt gold curves [prompts, points] (the bootstrap's resampling units), in KL order."""
-  out = {}
-  path = ctx.path(*bon_stage.SAMPLES)
-  if fs.exists(path):
-    prefix = "gold_per_prompt__"
-    out.update(
-      {
-        ("bon", k[len(prefix) :]): v
-        for k, v in results.read_npz(path).items()
-        if k.startswith(prefix)
-      }
-    )
-  unique = {
-    (r["name"], r["iteration"]): r for r in rl_records
-  }  # The study's base run is a main run.
-  for (method, name), recs in _curves(list(unique.values())).items():
-    recs = sorted(recs, key=lambda r: r["kl"])
-    out[(method, name)] = np.stack([r["gold_per_prompt"] for r in recs], axis=1)
-  return out
-
-
 def _fmt(x, spec=".3f") -> str:
   return "-" if x is None or (isinstance(x, float) and not np.isfinite(x)) else format(x, spec)
 
 
 def summary_markdown(
-  ctx: common.Context, stage_info: dict, rm_records, fit_rows, trend_rows, study=(), study_rows=()
+  ctx: common.Context,
+  stage_info: dict,
+  rm_records,
+  fit_rows,
+  trend_rows,
+  method_rows=(),
+  study=(),
+  study_rows=(),
 ) -> str:
   lines = ["# rmscale experiment summary", "", f"workdir: `{ctx.workdir}`", ""]
   gold = stage_info.get("gold", {})
@@ -168,6 +145,23 @@ def summary_markdown(
       f"| {r['method']} | {r['rm_size']} | {r['data_size']:,} | {_fmt(r['alpha'])}{ci('alpha')} | "
       f"{_fmt(r['beta'])}{ci('beta')} | {_fmt(r['d_star'])} | {_fmt(r['r_star'])} | {_fmt(r['r2'])} |"
     )
+  if method_rows:
+    lines += [
+      "",
+      "## Methods side by side (gold peak, the KL spent on it, and which form fits)",
+      "",
+      "Peak: the highest evaluated gold (+- its standard error over prompts) and its KL in nats. "
+      "r2 of each form fitted to the curve: the law that describes the method has the higher r2.",
+      "",
+      "| method | run | peak gold | KL at peak | final gold | max KL | r2 BoN form | r2 RL form |",
+      "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(method_rows, key=lambda r: (r["rm_params"], r["name"], r["method"])):
+      lines.append(
+        f"| {r['method']} | {r['name']} | {r['peak_gold']:+.3f} +- {_fmt(r['peak_gold_se'])} | "
+        f"{r['peak_kl']:.2f} | {r['final_gold']:+.3f} | {r['max_kl']:.2f} | "
+        f"{_fmt(r['r2_bon'])} | {_fmt(r['r2_rl'])} |"
+      )
   if trend_rows:
     lines += [
       "",
@@ -184,7 +178,7 @@ def summary_markdown(
   if study:
     lines += [
       "",
-      "## KL-penalty study (PPO against one proxy, fixed KL coefficients)",
+      f"## KL-penalty study ({study[0]['method']} against one proxy, fixed KL coefficients)",
       "",
       "Does the penalty move the gold-vs-KL frontier, or only stop optimisation earlier?",
       "",
@@ -204,7 +198,7 @@ def summary_markdown(
       )
   lines += [
     "",
-    "Plots: `plots/score_vs_sqrt_kl.png`, `plots/coefficients_vs_size.png`, "
+    "Plots: `plots/score_vs_sqrt_kl.png`, `plots/methods.png`, `plots/coefficients_vs_size.png`, "
     "`plots/rm_validation.png`, `plots/gold_vs_proxy.png`"
     + (", `plots/kl_penalty.png`" if study else "")
     + ".",
@@ -218,35 +212,73 @@ def _read_optional(ctx: common.Context, parts: tuple) -> list[dict]:
   return results.read_jsonl(path) if fs.exists(path) else []
 
 
+def method_rows(records: list[dict]) -> list[dict]:
+  """Per curve: its empirical gold peak, the KL spent to reach it, and how well each form fits it
+  (r2 of the best-of-n and of the RL form), so a reader sees which law describes which method."""
+  rows = []
+  for (method, name), recs in curves.group(records).items():
+    best = max(recs, key=lambda r: r["gold"])
+    d = np.sqrt([r["kl"] for r in recs])
+    gold = np.array([r["gold"] for r in recs])
+    row = {
+      "method": method,
+      "name": name,
+      "rm_params": recs[0]["rm_params"],
+      "peak_gold": best["gold"],
+      "peak_gold_se": best.get("gold_se", float("nan")),
+      "peak_kl": best["kl"],
+      "final_gold": recs[-1]["gold"],
+      "max_kl": recs[-1]["kl"],
+    }
+    for form in fit_lib.FORMS:
+      try:
+        row[f"r2_{form}"] = fit_lib.fit_curve(form, d, gold).r2
+      except fit_lib.FitError:
+        row[f"r2_{form}"] = float("nan")
+    rows.append(row)
+  return rows
+
+
 def run(ctx: common.Context) -> dict:
-  rl_records = _read_optional(ctx, rl.RESULTS)
-  study = _read_optional(ctx, rl.STUDY)
-  records = results.read_jsonl(ctx.path(*bon_stage.RESULTS)) + rl_records
+  records = curves.load(ctx.workdir)
+  study = curves.load(ctx.workdir, curves.STUDY_FILE)
   rm_records = proxies.load(ctx)
-  per_unit = _per_unit(ctx, rl_records + study)
-  fit_rows = fit_curves(records, per_unit, ctx.config.fit.num_bootstrap, ctx.config.seed)
-  study_rows = fit_curves(study, per_unit, ctx.config.fit.num_bootstrap, ctx.config.seed)
+  num_boot, seed = ctx.config.fit.num_bootstrap, ctx.config.seed
+  fit_rows = fit_curves(records, num_boot, seed)
+  study_rows = fit_curves(study, num_boot, seed)
+  titles = methods.titles()
   if study:
-    results.write_jsonl(ctx.path("results", "rl_kl_study_fits.jsonl"), study_rows)
+    results.write_jsonl(ctx.path("results", "kl_study_fits.jsonl"), study_rows)
     plots.plot_score_vs_sqrt_kl(
-      study, fitted_rows(study_rows), ctx.path("plots", "kl_penalty.png"), colour_by="kl_coef"
+      study,
+      fitted_rows(study_rows),
+      ctx.path("plots", "kl_penalty.png"),
+      colour_by="kl_coef",
+      titles=titles,
     )
   fitted = fitted_rows(fit_rows)
   trend_rows = trends(fitted)
+  by_method = method_rows(records)
   results.write_jsonl(ctx.path(*RESULTS), fit_rows)
   results.write_jsonl(ctx.path("results", "trends.jsonl"), trend_rows)
-  plots.plot_score_vs_sqrt_kl(records, fitted, ctx.path("plots", "score_vs_sqrt_kl.png"))
-  plots.plot_gold_vs_proxy(records, ctx.path("plots", "gold_vs_proxy.png"))
+  results.write_jsonl(ctx.path("results", "methods.jsonl"), by_method)
+  plots.plot_score_vs_sqrt_kl(
+    records, fitted, ctx.path("plots", "score_vs_sqrt_kl.png"), titles=titles
+  )
+  plots.plot_methods(records, fitted, ctx.path("plots", "methods.png"), titles=titles)
+  plots.plot_gold_vs_proxy(records, ctx.path("plots", "gold_vs_proxy.png"), titles=titles)
   plots.plot_rm_validation(rm_records, ctx.path("plots", "rm_validation.png"))
   if len({r["rm_params"] for r in fitted}) > 1:
-    plots.plot_coefficients_vs_size(fitted, ctx.path("plots", "coefficients_vs_size.png"))
+    plots.plot_coefficients_vs_size(
+      fitted, ctx.path("plots", "coefficients_vs_size.png"), titles=titles
+    )
   # From the stages' markers, so a fit run on its own (`--config.stages=fit`) describes the whole run.
   info = {}
   for name in ("gold", "label"):
     marker = ctx.path("stages", f"{name}.json")
     if fs.exists(marker):
       info[name] = results.read_json(marker)
-  text = summary_markdown(ctx, info, rm_records, fit_rows, trend_rows, study, study_rows)
+  text = summary_markdown(ctx, info, rm_records, fit_rows, trend_rows, by_method, study, study_rows)
   text += "\n".join(["", *provenance.markdown(_read_optional(ctx, (provenance.FILE,)))])
   results.write_text(ctx.path("summary.md"), text)
   missing = len(fit_rows) - len(fitted)

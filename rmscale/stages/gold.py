@@ -11,13 +11,13 @@ import dataclasses
 
 import numpy as np
 
-from rmscale import checks, losses
+from rmscale import checks, losses, rng
 from rmscale.data.world import World
 from rmscale.stages import common, policy_init
 from rmscale.train import rm
 
 
-def human_comparisons(ctx: common.Context, n: int, seed: int, split: str) -> dict[str, np.ndarray]:
+def human_comparisons(ctx: common.Context, n: int, split: str) -> dict[str, np.ndarray]:
   """``n`` pairs of the raters' writer that the human utility decides, the better one chosen.
 
   Pairs the utility leaves exactly tied (about 2%: e.g. two perfect answers) are dropped, as a rater
@@ -34,12 +34,12 @@ def human_comparisons(ctx: common.Context, n: int, seed: int, split: str) -> dic
       p_repeat=g.p_repeat,
     )
   )
-  rng = np.random.default_rng(seed)
+  gen = rng.numpy(ctx.config.seed, "gold", "comparisons", split)
   drawn = n + n // 8 + 16  # Enough that n decided pairs remain.
-  prompts = broad.sample_prompts(rng, drawn, split)
+  prompts = broad.sample_prompts(gen, drawn, split)
   a, b = (
-    broad.sample_responses(rng, prompts["index"]),
-    broad.sample_responses(rng, prompts["index"]),
+    broad.sample_responses(gen, prompts["index"]),
+    broad.sample_responses(gen, prompts["index"]),
   )
   ua = ctx.world.utility(prompts["ids"], a["ids"], a["mask"])
   ub = ctx.world.utility(prompts["ids"], b["ids"], b["mask"])
@@ -113,7 +113,7 @@ def run(ctx: common.Context) -> dict:
   if g.kind == "oracle":
     return {"kind": "oracle", "headline": "the human utility itself (oracle)"}
   model_cfg = common.model_config(ctx, g.size, "rm")
-  data = human_comparisons(ctx, g.num_comparisons, ctx.config.seed + 2, "train")
+  data = human_comparisons(ctx, g.num_comparisons, "train")
   init = policy_init.pretrained_lm(ctx, g.size) if g.init == "pretrained" else None
   params, _ = common.train(
     ctx,
@@ -124,10 +124,10 @@ def run(ctx: common.Context) -> dict:
     batch_size=g.batch_size,
     steps=g.steps,
     optim=common.optim_config(g, g.steps),
-    seed=ctx.config.seed + 2,
+    seed=rng.integer(ctx.config.seed, "gold", "train"),
     init_params=init,
   )
-  held_out = human_comparisons(ctx, g.eval_comparisons, ctx.config.seed + 3, "eval")
+  held_out = human_comparisons(ctx, g.eval_comparisons, "eval")
   metrics = evaluate(common.reward_fn(ctx, model_cfg, params), held_out)
   return {
     "kind": "trained",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rmscale import checks, results
+from rmscale import checks, results, rng
 from rmscale.stages import common
 from rmscale.stages.gold import comparison_arrays
 
@@ -35,16 +35,22 @@ def run(ctx: common.Context) -> dict:
   c, seed = ctx.config.label, ctx.config.seed
   policy_cfg = common.model_config(ctx, ctx.config.policy.size, "policy")
   params = common.load_params(ctx, ctx.path("policy_init", "params"), policy_cfg)
-  prompts = ctx.world.sample_prompts(np.random.default_rng(seed + 4), c.num_comparisons, "train")
-  a = common.sample(ctx, policy_cfg, params, prompts["ids"], prompts["mask"], seed + 5)
-  b = common.sample(ctx, policy_cfg, params, prompts["ids"], prompts["mask"], seed + 6)
+  prompts = ctx.world.sample_prompts(
+    rng.numpy(seed, "label", "prompts"), c.num_comparisons, "train"
+  )
+  a = common.sample(
+    ctx, policy_cfg, params, prompts["ids"], prompts["mask"], rng.key(seed, "label", "a")
+  )
+  b = common.sample(
+    ctx, policy_cfg, params, prompts["ids"], prompts["mask"], rng.key(seed, "label", "b")
+  )
   gold = common.gold_fn(ctx)
   ga = gold(*common.sequences(prompts["ids"], prompts["mask"], a["ids"], a["mask"]))
   gb = gold(*common.sequences(prompts["ids"], prompts["mask"], b["ids"], b["mask"]))
   ua = ctx.world.utility(prompts["ids"], a["ids"], a["mask"])
   ub = ctx.world.utility(prompts["ids"], b["ids"], b["mask"])
   a_wins = ga >= gb
-  flip = np.random.default_rng(seed + 7).random(len(a_wins)) < c.noise
+  flip = rng.numpy(seed, "label", "noise").random(len(a_wins)) < c.noise
   labels = a_wins ^ flip
   arrays = comparison_arrays(prompts["ids"], prompts["mask"], a, b, labels)
   n_val = int(round(c.val_fraction * len(labels)))

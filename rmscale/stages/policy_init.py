@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rmscale import checks
+from rmscale import checks, rng
 from rmscale.stages import common
 from rmscale.train import sft
 
@@ -19,8 +19,9 @@ def validate(config, devices: int) -> None:
     checks.optimizer(config, section)
 
 
-def sft_corpus(ctx: common.Context, n: int, seed: int) -> dict[str, np.ndarray]:
-  ex = ctx.world.sft_examples(np.random.default_rng(seed), n, split="train")
+def sft_corpus(ctx: common.Context, n: int) -> dict[str, np.ndarray]:
+  """The human writer's SFT corpus (one stream, so every LM of the run learns from the same text)."""
+  ex = ctx.world.sft_examples(rng.numpy(ctx.config.seed, "sft_corpus"), n, split="train")
   tokens, mask = common.sequences(
     ex["prompt_ids"], ex["prompt_mask"], ex["response_ids"], ex["response_mask"]
   )
@@ -32,7 +33,7 @@ def sft_corpus(ctx: common.Context, n: int, seed: int) -> dict[str, np.ndarray]:
 def train_lm(ctx: common.Context, name: str, size: str, section) -> tuple:
   """SFT of an LM of ``size`` on the writer corpus (the policy, and pretrained RM trunks)."""
   model_cfg = common.model_config(ctx, size, "policy")
-  data = sft_corpus(ctx, section.num_examples, ctx.config.seed + 1)
+  data = sft_corpus(ctx, section.num_examples)
   params, history = common.train(
     ctx,
     name,
@@ -42,7 +43,7 @@ def train_lm(ctx: common.Context, name: str, size: str, section) -> tuple:
     batch_size=section.batch_size,
     steps=section.steps,
     optim=common.optim_config(section, section.steps),
-    seed=ctx.config.seed,
+    seed=rng.integer(ctx.config.seed, name, "train"),
   )
   return params, history
 

@@ -22,7 +22,7 @@ import os
 
 import jax
 
-from rmscale import hf
+from rmscale import hf, rng
 from rmscale.errors import UserError
 from rmscale.data import hf_tokenize
 from rmscale.models.config import TransformerConfig
@@ -127,7 +127,7 @@ def init_policy(ctx: common.Context) -> dict:
 
   p, path = ctx.config.policy, policy_dir(ctx.config)
   cfg = common.model_config(ctx, p.size, "policy")
-  params = load(ctx, path, cfg, "policy", ctx.config.seed)
+  params = load(ctx, path, cfg, "policy", rng.integer(ctx.config.seed, "policy_init", "heads"))
   # How many prompts the length limits kept, for the record.
   out = {"hf_dir": path, "prompt_filter": getattr(ctx.world, "filter_report", None)}
   if not p.get("sft", False):
@@ -138,11 +138,11 @@ def init_policy(ctx: common.Context) -> dict:
     "policy_init",
     cfg,
     sft.make_sft_loss(cfg),
-    policy_init.sft_corpus(ctx, p.num_examples, ctx.config.seed + 1),
+    policy_init.sft_corpus(ctx, p.num_examples),
     batch_size=p.batch_size,
     steps=p.steps,
     optim=common.optim_config(p, p.steps),
-    seed=ctx.config.seed,
+    seed=rng.integer(ctx.config.seed, "policy_init", "train"),
     init_params=params,
   )
   loss = history[-1]["loss"]
@@ -161,7 +161,7 @@ def gold_scorer(ctx: common.Context):
   """``score(tokens_NxL, mask_NxL) -> float32[N]`` of the Hugging Face gold RM."""
   g = ctx.config.gold
   cfg = config_for(ctx, g.hf_dir, "gold", "gold.hf_dir")
-  params = load(ctx, g.hf_dir, cfg, "gold", ctx.config.seed)
+  params = load(ctx, g.hf_dir, cfg, "gold", rng.integer(ctx.config.seed, "gold", "heads"))
   if not gold_retokenizes(ctx):
     return common.reward_fn(ctx, cfg, params)
   try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 
-from rmscale import checks, fs, results
+from rmscale import checks, fs, results, rng
 from rmscale.errors import UserError
 from rmscale.models import sizes
 from rmscale.models.sizes import count_params
@@ -73,11 +73,13 @@ def train_proxy(ctx: common.Context, spec: dict, train_data: dict, val_data: dic
       f"{len(train_data['chosen'])} training comparisons (label.num_comparisons)"
     )
   model_cfg = common.model_config(ctx, spec["rm_size"], "rm")
+  # Init and data order: one stream per proxy (its size, data size and seed).
+  seed = rng.integer(ctx.config.seed, "proxies", name)
   init = None
   if p.init == "pretrained":
     init = policy_init.pretrained_lm(ctx, spec["rm_size"])
   elif p.init == "hf":  # The local Hugging Face LM of this size (pretrained.py).
-    init = pretrained.proxy_init(ctx, spec["rm_size"], ctx.config.seed + 100 * spec["seed"] + 11)
+    init = pretrained.proxy_init(ctx, spec["rm_size"], seed)
   subset = {k: v[: spec["data_size"]] for k, v in train_data.items() if k in rm.BATCH_KEYS}
   steps = max(1, math.ceil(p.epochs * spec["data_size"] / p.batch_size))
   params, history = common.train(
@@ -89,7 +91,7 @@ def train_proxy(ctx: common.Context, spec: dict, train_data: dict, val_data: dic
     batch_size=p.batch_size,
     steps=steps,
     optim=common.optim_config(p, steps),
-    seed=ctx.config.seed + 100 * spec["seed"] + 11,
+    seed=seed,
     init_params=init,
   )
   val = evaluate(common.reward_fn(ctx, model_cfg, params), val_data)

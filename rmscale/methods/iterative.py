@@ -1,0 +1,215 @@
+"""The run every iterative policy method shares: PPO, REINFORCE, ReMax, RLOO, GRPO and
+rejection-sampling finetuning differ only in the jitted step a method builds (``Trainer``).
+
+A run against one proxy starts from the initial policy, draws its training prompts from one named
+stream (every method sees the same prompts in the same order), and every ``optimise.eval_every``
+iterations samples the reference stage's evaluation prompts once each, measuring KL(pi || pi_init)
+per sequence, the proxy in the jit, and gold and human utility on the host; each evaluation is one
+record of ``rmscale.curves``, recentred by the reference. Runs resume from orbax checkpoints under
+``optimise/<method>/<run>/ckpt`` and cache their records in ``records.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import numpy as np
+
+from rmscale import curves, fs, results, rng
+from rmscale.methods.base import Method, Run
+from rmscale.models.config import TransformerConfig
+from rmscale.stages import common, reference
+from rmscale.train import policy
+from rmscale.train.loop import train_loop
+from rmscale.train.state import OptimConfig, make_optimizer
+
+EVAL_SAMPLES = {"initial": "initial_samples.npz", "final": "final_samples.npz"}
+_EVALUATORS: dict = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+  """What an iterative method builds for one run.
+
+  ``step(state, init_params, reward_params, prompts) -> (state, metrics)`` is one iteration on
+  ``prompts_per_iteration`` prompts; ``policy_cfg`` is the trained model (e.g. the policy with PPO's
+  value head) whose parameters are ``state['params']``; ``rollout`` sets how it is evaluated.
+  """
+
+  state: dict
+  shardings: dict
+  step: Callable
+  policy_cfg: TransformerConfig
+  rollout: policy.RolloutConfig
+  prompts_per_iteration: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What a method's ``build`` gets: the run context, its section, the models and the KL coefficient."""
+
+  ctx: common.Context
+  section: object
+  policy_cfg: TransformerConfig  # The initial policy's architecture.
+  init_params: object
+  rm_cfg: TransformerConfig
+  kl_coef: float
+
+  def optimizer(self, updates_per_iteration: int):
+    """The method's optimizer: its ``lr``, the shared warm-up, decayed over the whole run."""
+    o = self.ctx.config.optimise
+    optim = OptimConfig(
+      learning_rate=self.section.lr,
+      warmup_steps=o.warmup_steps,
+      total_steps=o.iterations * updates_per_iteration,
+    )
+    return optim, make_optimizer(optim)
+
+  def rollout_fields(self) -> dict:
+    """The rollout options every method shares (sampling temperature, response layout)."""
+    tok = self.ctx.world.tokenizer
+    return dict(
+      temperature=self.ctx.config.sampling.temperature,
+      max_new_tokens=self.ctx.response_len,
+      eos_id=tok.eos_id,
+      pad_id=tok.pad_id,
+    )
+
+  def init_key(self, method: str, run: str):
+    return rng.key(self.ctx.config.seed, "optimise", method, run, "init")
+
+
+def evaluator(ctx: common.Context, trainer: Trainer, rm_cfg: TransformerConfig):
+  """The jitted evaluator of a run's policy (cached: runs of one shape share it)."""
+  key = (trainer.rollout, trainer.policy_cfg, rm_cfg, ctx.mesh, ctx.rules)
+  if key not in _EVALUATORS:
+    _EVALUATORS[key] = policy.make_evaluator(
+      trainer.rollout,
+      trainer.policy_cfg,
+      trainer.shardings["params"],
+      ctx.mesh,
+      ctx.rules,
+      reward_fn=policy.rm_reward_fn(rm_cfg),
+      reward_shardings=common.param_shardings(ctx, rm_cfg),
+    )
+  return _EVALUATORS[key]
+
+
+def save_eval_samples(path: str, samples: dict, prompt_len: int, gold_raw, utility_raw) -> None:
+  """One evaluation's samples with their raw scores (prompt/response tokens and masks, gold, utility,
+  proxy, KL), so a notebook can show side by side what the initial and the final policy wrote."""
+  tokens, mask = np.asarray(samples["tokens"]), np.asarray(samples["mask"])
+  results.write_npz(
+    path,
+    prompt_ids=tokens[:, :prompt_len],
+    prompt_mask=mask[:, :prompt_len],
+    response_ids=tokens[:, prompt_len:],
+    response_mask=np.asarray(samples["response_mask"]),
+    gold=np.asarray(gold_raw),
+    utility=np.asarray(utility_raw),
+    proxy=np.asarray(samples["score"]),
+    kl=np.asarray(samples["kl"]),
+  )
+
+
+def runner(build: Callable[[Setup], Trainer]) -> Callable[..., list[dict]]:
+  """A ``Method.run`` for an iterative method whose step ``build`` makes."""
+  return functools.partial(run, build)
+
+
+def run(
+  build: Callable[[Setup], Trainer],
+  method: Method,
+  ctx: common.Context,
+  section,
+  spec: Run,
+  ref: curves.Reference,
+) -> list[dict]:
+  """One run of an iterative method against ``spec.proxy``; its curve's records (cached)."""
+  o, seed, P = ctx.config.optimise, ctx.config.seed, ctx.prompt_len
+  run_dir = ("optimise", method.name, spec.name)
+  done = ctx.path(*run_dir, "records.json")
+  if fs.exists(done):
+    return results.read_json(done)
+  proxy = spec.proxy
+  policy_cfg = common.model_config(ctx, ctx.config.policy.size, "policy")
+  init = common.load_params(ctx, ctx.path("policy_init", "params"), policy_cfg)
+  rm_cfg = common.model_config(ctx, proxy["rm_size"], "rm")
+  rm_params = common.load_params(ctx, ctx.path("proxies", proxy["name"], "params"), rm_cfg)
+  trainer = build(Setup(ctx, section, policy_cfg, init, rm_cfg, spec.kl_coef))
+  evaluate_policy = evaluator(ctx, trainer, rm_cfg)
+  eval_prompts = reference.prompts(ctx)
+  gold = common.gold_fn(ctx)
+
+  def prompts(it: int) -> dict:
+    p = ctx.world.sample_prompts(
+      rng.numpy(seed, "optimise", "prompts", it), trainer.prompts_per_iteration, "train"
+    )
+    return {"ids": p["ids"], "mask": p["mask"]}
+
+  def evaluate(state, it: int) -> dict:
+    s = policy.evaluate(
+      evaluate_policy,
+      state["params"],
+      init,
+      eval_prompts["ids"],
+      eval_prompts["mask"],
+      rng.key(seed, "optimise", "eval"),  # The same draws at every evaluation: common noise.
+      reward_params=rm_params,
+    )
+    gold_raw = gold(s["tokens"], s["mask"])
+    util_raw = ctx.world.utility(s["tokens"][:, :P], s["tokens"][:, P:], s["response_mask"])
+    if it in (
+      0,
+      o.iterations,
+    ):  # Written before that iteration's checkpoint, so a resume keeps them.
+      which = "initial" if it == 0 else "final"
+      save_eval_samples(ctx.path(*run_dir, EVAL_SAMPLES[which]), s, P, gold_raw, util_raw)
+    return curves.point(
+      kl=s["kl_mean"],
+      kl_se=s["kl_se"],
+      proxy=ref.proxy_scores(proxy["name"], s["score"]),
+      gold=ref.gold_scores(gold_raw),
+      utility=ref.utility_scores(util_raw),
+      length=s["length"],
+    )
+
+  _, history, evals = train_loop(
+    trainer.state,
+    trainer.shardings,
+    lambda st, batch: trainer.step(st, init, rm_params, batch),
+    prompts,
+    o.iterations,
+    ckpt_dir=ctx.path(*run_dir, "ckpt"),
+    save_every=o.save_every,
+    log_every=o.log_every,
+    eval_every=o.eval_every,
+    evaluate=evaluate,
+    writer=ctx.writer,
+    desc=f"{method.name}/{spec.name}",
+    postfix=("score_mean", "kl_mean"),
+  )
+  train_by_step = {h["step"]: h for h in history}
+  meta = {k: proxy[k] for k in ("rm_size", "rm_params", "data_size", "seed")}
+  records = []
+  for e in evals:
+    it = e.pop("step")
+    h = train_by_step.get(it, {})
+    records.append(
+      {
+        "method": method.name,
+        "form": method.form,
+        "x": method.x,
+        "name": spec.name,
+        "proxy_name": proxy["name"],
+        **meta,
+        "kl_coef": spec.kl_coef,
+        "iteration": it,
+        **e,
+        **{f"train_{k}": v for k, v in h.items() if k != "step"},
+      }
+    )
+  results.write_json(done, records)
+  return records
