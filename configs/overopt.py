@@ -11,7 +11,8 @@ Arguments after ``:`` (comma-separated; lists joined with ``+``):
   seeds   number of proxy seeds (0 .. seeds-1).
   gold    gold RM size (default ``pythia-6.9b``: the GPT-NeoX shape of Pythia 6.9B, like Gao's 6B gold).
   policy  policy size (default ``1.2b``, Gao's policy; ``3b`` for a larger-policy study).
-  n       best-of-n samples per prompt (``10k``).
+  n       the initial policy's samples per reference prompt: best-of-n's largest n (``10k``).
+  methods alignment methods to run, ``+``-joined (default ``bon+ppo``, METHODS; ``all`` too).
   runlocal  the same protocol shrunk to CPU sizes (seconds-scale compiles and runs; tests, AOT smoke).
 
 The world is the offline one (rmscale/data/world.py), so nothing is downloaded; only the scale of
@@ -20,12 +21,37 @@ models and data follows the paper. Steps and learning rates are starting points,
 
 import ml_collections
 
+from rmscale import methods
 from rmscale.configs import parse_arg, parse_count, parse_list
 from rmscale.parallel.mesh import DEFAULT_RULES
 
 LADDER = ("3m", "12m", "25m", "42m", "85m", "300m", "680m", "1.2b", "3b")  # Gao et al.'s proxies.
 # Below ~2k comparisons, RMs are near chance.
 DATA_LADDER = (2_000, 4_000, 8_000, 16_000, 32_000, 64_000, 90_000)
+# The alignment methods run by default (and by ``methods=all``), each registered in rmscale/methods/.
+# Adding one (reinforce, remax, rloo, grpo, rejection, once registered) is one more name here, and
+# its real-scale values in SECTIONS where its defaults are CPU-scale.
+METHODS = ("bon", "ppo")
+# Real-scale values of each method's own section, over its defaults (rmscale/methods/<name>.py).
+SECTIONS = {
+  "bon": dict(
+    num_n=20
+  ),  # Points on the geometric grid of n from 1 to reference.samples_per_prompt.
+  "ppo": dict(
+    lr=3e-6,
+    epochs=4,  # Passes over each rollout.
+    clip_eps=0.2,  # Gao: 0.2.
+    value_clip=0.2,
+    vf_coef=0.1,
+    gae_lambda=0.95,  # Gao: 0.95.
+    entropy_coef=0.0,
+    critic="shared",  # shared (value head on the policy) | separate (own model from the policy).
+    kl_mode="fixed",  # fixed | adaptive (then optimise.kl_coef is the start and kl_target the aim).
+    kl_target=6.0,
+  ),
+}
+# ... and their CPU-sized values under ``runlocal``.
+RUNLOCAL_SECTIONS = {"bon": dict(num_n=5), "ppo": dict(lr=1e-3)}
 
 
 def _count(text) -> int:
@@ -34,11 +60,20 @@ def _count(text) -> int:
 
 def get_config(arg=None):
   a = parse_arg(
-    arg, rm="85m", data="90k", seeds=1, gold="pythia-6.9b", policy="1.2b", n="10k", runlocal=False
+    arg,
+    rm="85m",
+    data="90k",
+    seeds=1,
+    gold="pythia-6.9b",
+    policy="1.2b",
+    n="10k",
+    methods="+".join(METHODS),
+    runlocal=False,
   )
   c = ml_collections.ConfigDict()
   c.seed = 0  # Seeds the world's samples, every model init and every data order.
-  c.stages = "policy_init,gold,label,proxies,bon,rl,fit"  # Stages to run, in order; finished ones are skipped.
+  # Stages to run, in order; finished ones are skipped.
+  c.stages = "policy_init,gold,label,proxies,reference,optimise,fit"
   c.log_every = 100  # Steps between metric fetches (and NaN checks).
   c.save_every = 1000  # Steps between orbax checkpoints (a preempted pod loses at most this much).
   c.sample_batch_size = 1024  # Rows per jitted sampler call; divisible by mesh data x fsdp.
@@ -128,40 +163,34 @@ def get_config(arg=None):
   c.proxies.weight_decay = 0.0
   c.proxies.score_l2 = 0.0  # L2 on reward scores (Coste et al.: 1e-3).
 
-  # Best-of-n on held-out prompts (Gao fitted n <= 1000 and checked up to 60,000).
-  c.bon = ml_collections.ConfigDict()
-  c.bon.num_prompts = 1000
-  c.bon.n_samples = _count(a.n)  # N samples per prompt; n runs over a geometric grid up to N.
-  c.bon.num_n = 20
+  # The initial policy on held-out prompts: every curve's origin (recentring), the prompts every
+  # method is evaluated on, and the samples best-of-n picks from (Gao fitted n <= 1000 and checked
+  # up to 60,000). 1024 prompts cover both what best-of-n used (1000) and what each PPO evaluation
+  # sampled (1024, four rollout batches of 256).
+  c.reference = ml_collections.ConfigDict()
+  c.reference.num_prompts = 1024
+  c.reference.samples_per_prompt = _count(a.n)  # Best-of-n's n runs over a geometric grid up to N.
 
-  # PPO against every proxy (rmscale/train/ppo.py), gold-evaluated along the KL axis (Gao et al. Table 1).
-  c.rl = ml_collections.ConfigDict()
-  # PPO iterations (one rollout each) per proxy; RL spends far more KL than BoN.
-  c.rl.iterations = 2000
-  c.rl.rollout_batch_size = 256  # Prompts per rollout (Gao: RL batch 256).
+  # Every method of optimise.methods against every proxy (rmscale/methods/), gold-evaluated along
+  # the KL axis (Gao et al. Table 1 for PPO).
+  c.optimise = ml_collections.ConfigDict()
+  c.optimise.methods = parse_list(a.methods, METHODS, str)
+  c.optimise.proxies = ()  # Proxy names to optimise against; () means every proxy.
+  # Iterations (one rollout each) of every iterative method per proxy; RL spends far more KL than BoN.
+  c.optimise.iterations = 2000
+  c.optimise.rollout_batch_size = 256  # Prompts per rollout (Gao: RL batch 256).
   # Gao: 128 minibatches per epoch; 64 rows keep every data-parallel device busy.
-  c.rl.minibatch_size = 64
-  c.rl.epochs = 4  # Passes over each rollout.
-  c.rl.lr = 3e-6
-  c.rl.warmup_steps = 20
-  c.rl.clip_eps = 0.2  # Gao: 0.2.
-  c.rl.value_clip = 0.2
-  c.rl.vf_coef = 0.1
-  c.rl.gae_lambda = 0.95  # Gao: 0.95.
-  c.rl.entropy_coef = 0.0
-  # shared (value head on the policy) | separate (own model from the policy).
-  c.rl.critic = "shared"
-  c.rl.kl_coef = 0.0  # KL penalty per token (Gao: 0 except in the KL-penalty study).
-  c.rl.kl_mode = "fixed"  # fixed | adaptive (then kl_coef is the start and kl_target the aim).
-  c.rl.kl_target = 6.0
-  c.rl.eval_every = 50  # Iterations between gold evaluations on held-out prompts.
-  c.rl.eval_prompts = 1024  # Held-out prompts per evaluation (a multiple of rollout_batch_size).
-  c.rl.log_every = 10
-  c.rl.save_every = 50  # Iterations between checkpoints.
-  c.rl.proxies = ()  # Proxy names to optimise against; () means every proxy.
-  # Proxy name for the KL-penalty study, e.g. "85m_d90000_s0" ("" skips it).
-  c.rl.kl_study_proxy = ""
-  c.rl.kl_study_coefs = (0.01, 0.05)  # Fixed KL coefficients compared with rl.kl_coef.
+  c.optimise.minibatch_size = 64
+  c.optimise.warmup_steps = 20
+  c.optimise.kl_coef = 0.0  # KL penalty per token (Gao: 0 except in the KL-penalty study).
+  c.optimise.eval_every = 50  # Iterations between gold evaluations on the reference prompts.
+  c.optimise.log_every = 10
+  c.optimise.save_every = 50  # Iterations between checkpoints.
+  # The KL-penalty study: one KL-penalised method (e.g. "ppo"; "" skips it) against one proxy (e.g.
+  # "85m_d90000_s0") with fixed KL coefficients, compared with optimise.kl_coef.
+  c.optimise.kl_study = dict(method="", proxy="", coefs=(0.01, 0.05))
+  for name in c.optimise.methods:  # Each method's defaults under its real-scale values.
+    c.optimise[name] = {**methods.sections([name])[name], **SECTIONS.get(name, {})}
 
   c.sampling = ml_collections.ConfigDict()
   c.sampling.temperature = 1.0
@@ -202,9 +231,13 @@ def get_config(arg=None):
       64,
       2,
     )
-    c.bon.num_prompts, c.bon.n_samples, c.bon.num_n = 8, 16, 5
-    c.rl.iterations, c.rl.rollout_batch_size, c.rl.minibatch_size, c.rl.lr = 4, 16, 8, 1e-3
-    c.rl.eval_every, c.rl.eval_prompts, c.rl.log_every, c.rl.save_every = 2, 16, 1, 2
+    # 16 prompts: what best-of-n (8) and each PPO evaluation (16) used before the reference stage.
+    c.reference.num_prompts, c.reference.samples_per_prompt = 16, 16
+    for name, values in RUNLOCAL_SECTIONS.items():
+      if name in c.optimise.methods:
+        c.optimise[name].update(values)
+    c.optimise.iterations, c.optimise.rollout_batch_size, c.optimise.minibatch_size = 4, 16, 8
+    c.optimise.eval_every, c.optimise.log_every, c.optimise.save_every = 2, 1, 2
     c.sample_batch_size, c.score_batch_size = 64, 128
     c.fit.num_bootstrap = 20
   return c

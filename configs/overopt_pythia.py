@@ -30,6 +30,7 @@ Arguments after ``:`` (comma-separated; lists joined with ``+``):
   dataset  hh_rlhf | tldr | ultrafeedback | unified_feedback (default ``hh_rlhf``).
   data     comparisons per proxy: ``46k``, ``2k+8k+46k``, or ``all``.
   seeds    number of proxy seeds.
+  methods  alignment methods to run, ``+``-joined (default ``bon+ppo``, METHODS; ``all`` too).
   sft      SFT the policy on the dataset's chosen responses first (default True; False for an
            already fine-tuned policy checkpoint).
   shrink   seconds-scale run on tiny checkpoints (the tests): every stage, a few steps and prompts.
@@ -41,11 +42,37 @@ import os
 
 import ml_collections
 
+from rmscale import methods
 from rmscale.configs import parse_arg, parse_count, parse_list
 from rmscale.parallel.mesh import DEFAULT_RULES
 
 LADDER = ("pythia-70m", "pythia-160m", "pythia-410m", "pythia-1b", "pythia-1.4b")
 DATA_LADDER = (2_000, 4_000, 8_000, 16_000, 32_000, 46_000)  # Coste et al. train on ~46k pairs.
+# The alignment methods run by default (and by ``methods=all``), each registered in rmscale/methods/.
+# Adding one (reinforce, remax, rloo, grpo, rejection, once registered) is one more name here, and
+# its values at this scale in SECTIONS where its defaults do not fit.
+METHODS = ("bon", "ppo")
+# Each method's own section at this scale, over its defaults (rmscale/methods/<name>.py).
+SECTIONS = {
+  "bon": dict(
+    num_n=16
+  ),  # Points on the geometric grid of n from 1 to reference.samples_per_prompt.
+  "ppo": dict(
+    lr=1e-6,
+    epochs=4,  # Passes over each rollout.
+    clip_eps=0.2,
+    value_clip=0.2,
+    vf_coef=0.1,
+    gae_lambda=0.95,
+    entropy_coef=0.0,
+    critic="shared",  # shared (value head on the policy) | separate.
+    kl_mode="fixed",  # fixed | adaptive.
+    kl_target=6.0,
+  ),
+}
+# ... and under ``shrink``: enough movement in PPO's 4 updates (2 iterations x 2 epochs) for a
+# KL > 0 to fit.
+SHRINK_SECTIONS = {"bon": dict(num_n=3), "ppo": dict(epochs=2, lr=1e-2)}
 
 
 def _count(text) -> int:
@@ -62,6 +89,7 @@ def get_config(arg=None):
     dataset="hh_rlhf",
     data="all",
     seeds=1,
+    methods="+".join(METHODS),
     sft=True,
     shrink=False,
   )
@@ -69,7 +97,7 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.seed = 0  # Seeds every model init, sample and data order.
   # Stages to run, in order; finished ones are skipped.
-  c.stages = "policy_init,gold,label,proxies,bon,rl,fit"
+  c.stages = "policy_init,gold,label,proxies,reference,optimise,fit"
   c.log_every = 50  # Steps between metric fetches (and NaN checks).
   c.save_every = 500  # Steps between orbax checkpoints of a training run.
   c.sample_batch_size = 256  # Rows per jitted sampler call; divisible by mesh data x fsdp.
@@ -165,36 +193,31 @@ def get_config(arg=None):
   c.proxies.weight_decay = 0.0
   c.proxies.score_l2 = 0.0  # L2 on reward scores (Coste et al.: 1e-3 in their ensembles).
 
-  # Best-of-n on held-out (test-split) prompts.
-  c.bon = ml_collections.ConfigDict()
-  c.bon.num_prompts = 500
-  c.bon.n_samples = 1_024  # N samples per prompt; n runs over a geometric grid up to N.
-  c.bon.num_n = 16
+  # The initial policy on held-out (test-split) prompts: every curve's origin (recentring), the
+  # prompts every method is evaluated on, and the samples best-of-n picks from. 512 prompts cover
+  # both what best-of-n used (500) and what each PPO evaluation sampled (512).
+  c.reference = ml_collections.ConfigDict()
+  c.reference.num_prompts = 512
+  c.reference.samples_per_prompt = 1_024  # Best-of-n's n runs over a geometric grid up to this.
 
-  # PPO against every proxy, gold-evaluated along the KL axis (Gao et al. Table 1 settings).
-  c.rl = ml_collections.ConfigDict()
-  c.rl.iterations = 500
-  c.rl.rollout_batch_size = 256
-  c.rl.minibatch_size = 64
-  c.rl.epochs = 4
-  c.rl.lr = 1e-6
-  c.rl.warmup_steps = 20
-  c.rl.clip_eps = 0.2
-  c.rl.value_clip = 0.2
-  c.rl.vf_coef = 0.1
-  c.rl.gae_lambda = 0.95
-  c.rl.entropy_coef = 0.0
-  c.rl.critic = "shared"  # shared (value head on the policy) | separate.
-  c.rl.kl_coef = 0.0  # KL penalty per token (Gao et al.: 0).
-  c.rl.kl_mode = "fixed"  # fixed | adaptive.
-  c.rl.kl_target = 6.0
-  c.rl.eval_every = 25  # Iterations between gold evaluations on held-out prompts.
-  c.rl.eval_prompts = 512  # A multiple of rollout_batch_size.
-  c.rl.log_every = 5
-  c.rl.save_every = 25
-  c.rl.proxies = ()  # Proxy names to optimise against; () means every proxy.
-  c.rl.kl_study_proxy = ""  # A proxy name for the KL-penalty study ("" skips it).
-  c.rl.kl_study_coefs = (0.01, 0.05)
+  # Every method of optimise.methods against every proxy (rmscale/methods/), gold-evaluated along
+  # the KL axis (Gao et al. Table 1 settings for PPO).
+  c.optimise = ml_collections.ConfigDict()
+  c.optimise.methods = parse_list(a.methods, METHODS, str)
+  c.optimise.proxies = ()  # Proxy names to optimise against; () means every proxy.
+  c.optimise.iterations = 500  # Iterations (one rollout each) of every iterative method.
+  c.optimise.rollout_batch_size = 256
+  c.optimise.minibatch_size = 64
+  c.optimise.warmup_steps = 20
+  c.optimise.kl_coef = 0.0  # KL penalty per token (Gao et al.: 0).
+  c.optimise.eval_every = 25  # Iterations between gold evaluations on the reference prompts.
+  c.optimise.log_every = 5
+  c.optimise.save_every = 25
+  # The KL-penalty study: one KL-penalised method (e.g. "ppo"; "" skips it) against one proxy name
+  # with fixed KL coefficients, compared with optimise.kl_coef.
+  c.optimise.kl_study = dict(method="", proxy="", coefs=(0.01, 0.05))
+  for name in c.optimise.methods:  # Each method's defaults under its values at this scale.
+    c.optimise[name] = {**methods.sections([name])[name], **SECTIONS.get(name, {})}
 
   c.sampling = ml_collections.ConfigDict()
   c.sampling.temperature = 1.0
@@ -216,10 +239,16 @@ def get_config(arg=None):
     c.label.num_comparisons, c.label.val_fraction = 64, 0.25
     c.proxies.data_sizes = (48,)
     c.proxies.batch_size, c.proxies.lr, c.proxies.warmup_steps = 8, 1e-3, 1
-    c.bon.num_prompts, c.bon.n_samples, c.bon.num_n = 4, 8, 3
-    c.rl.iterations, c.rl.rollout_batch_size, c.rl.minibatch_size, c.rl.epochs = 2, 8, 8, 2
-    c.rl.lr, c.rl.warmup_steps = 1e-2, 0  # Enough movement in 4 updates for a KL > 0 to fit.
-    c.rl.eval_every, c.rl.eval_prompts, c.rl.log_every, c.rl.save_every = 1, 8, 1, 1
-    c.rl.proxies = (f"{c.proxies.sizes[0]}_d48_s0",)
+    # 8 prompts: what best-of-n (4) and each PPO evaluation (8) used before the reference stage.
+    c.reference.num_prompts, c.reference.samples_per_prompt = 8, 8
+    for name, values in SHRINK_SECTIONS.items():
+      if name in c.optimise.methods:
+        c.optimise[name].update(values)
+    c.optimise.iterations, c.optimise.rollout_batch_size, c.optimise.minibatch_size = 2, 8, 8
+    c.optimise.warmup_steps = 0  # With SHRINK_SECTIONS' lr, the 4 updates move the policy.
+    c.optimise.eval_every, c.optimise.log_every, c.optimise.save_every = 1, 1, 1
+    # One proxy: each iterative method's compiled step dominates the run time (every method of
+    # optimise.methods runs against it, best-of-n too).
+    c.optimise.proxies = (f"{c.proxies.sizes[0]}_d48_s0",)
     c.fit.num_bootstrap = 5
   return c

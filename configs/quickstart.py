@@ -18,7 +18,9 @@ def get_config(arg=None):
   a = parse_arg(arg, tiny=False, oracle=False)
   c = ml_collections.ConfigDict()
   c.seed = 0  # Seeds the world's samples, every model init and every data order.
-  c.stages = "policy_init,gold,label,proxies,reference,optimise,fit"  # Run in order; finished ones skipped.
+  c.stages = (
+    "policy_init,gold,label,proxies,reference,optimise,fit"  # Run in order; finished ones skipped.
+  )
   c.log_every = 50  # Steps between metric fetches (and NaN checks).
   c.save_every = 500  # Steps between orbax checkpoints of a training run (and always at its end).
   c.sample_batch_size = 512  # Rows per jitted sampler call.

@@ -12,7 +12,7 @@ A sweep file defines ``get_sweep(arg)`` returning a dict:
     name           the sweep's name (prefix of pod and job names)
     config         base config file, e.g. "configs/overopt.py"
     arg            get_config arguments shared by every run, e.g. {"data": "90k"}
-    overrides      --config.<key> overrides shared by every run, e.g. {"bon.num_prompts": 500}
+    overrides      --config.<key> overrides shared by every run, e.g. {"reference.num_prompts": 512}
     grid           swept values, one run per combination: {"rm": ["3m", "12m"]}   (or:)
     runs           a list of points, e.g. [{"rm": "3m"}, {"rm": "12m", "name": "twelve"}]
     shared_stages  stages run once in <root>/shared and linked into every run, e.g.
@@ -64,9 +64,8 @@ UPSTREAM_KEYS = (
 class Run:
   name: str
   config: str  # "path.py" or "path.py:k=v,k2=v2"
-  overrides: tuple[
-    tuple[str, Any], ...
-  ]  # (("bon.num_prompts", 500), ...) -> --config.bon.num_prompts=500
+  # (("reference.num_prompts", 512), ...) -> --config.reference.num_prompts=512
+  overrides: tuple[tuple[str, Any], ...]
   workdir: str
   stages: tuple[str, ...]  # The run config's stages; the last one's marker means "finished".
   link: tuple[str, ...] = ()  # Shared stages linked into the workdir before the run starts.
@@ -302,15 +301,25 @@ def state(run: Run) -> dict:
   return {"state": s, "stages": done, "detail": detail}
 
 
-def _fit_summary(run: Run) -> str:
+def _fit_summary(run: Run, per_method: int = 1) -> str:
+  """The run's fitted coefficients (``results/fits.jsonl``): the first ``per_method`` curves of
+  every method there, in the order the fit stage wrote them, then how many more were fitted."""
   from rmscale import results
 
   path = os.path.join(run.workdir, "results", "fits.jsonl")
   if not os.path.exists(path):
     return ""
-  rows = results.read_jsonl(path)
-  bon = [r for r in rows if r.get("method") == "bon"]
-  return "  ".join(f"{r['name']}: alpha={r['alpha']:.3f} beta={r['beta']:.3f}" for r in bon[:3])
+  shown, more = {}, 0
+  for r in results.read_jsonl(path):
+    if not r.get("fitted", True):  # A curve the fit stage could not fit has no coefficients.
+      continue
+    rows = shown.setdefault(r["method"], [])
+    if len(rows) < per_method:
+      rows.append(f"{r['method']} {r['name']}: alpha={r['alpha']:.3f} beta={r['beta']:.3f}")
+    else:
+      more += 1
+  text = "  ".join(line for rows in shown.values() for line in rows)
+  return text + (f"  (+{more} more)" if more else "")
 
 
 def status_table(sweep: Sweep) -> str:
@@ -324,7 +333,7 @@ def status_table(sweep: Sweep) -> str:
   lines = [
     f"sweep {sweep.name} ({sweep.root}): {len(runs)} runs, "
     + ", ".join(f"{v} {k}" for k, v in counts.items()),
-    f"{'run':<{width}}  {'state':<8} {'stages':<18} best-of-n fit",
+    f"{'run':<{width}}  {'state':<8} {'stages':<18} fits (method proxy: alpha, beta)",
   ]
   for r, s in zip(runs, states):
     stages = f"{len(s['stages'])}/{len(r.stages)}" + (f" {s['stages'][-1]}" if s["stages"] else "")

@@ -123,15 +123,15 @@ def copy_run():
 # written by hand from exact laws: alpha and beta linear in ln(RM params), per-prompt scores that
 # average exactly to the law. Fits recover the laws and the trend extrapolates without error.
 SWEEP_SIZES = {"100k": 100_000, "400k": 400_000, "1.6m": 1_600_000, "6.4m": 6_400_000}
-SWEEP_LAWS = {
-  "bon": lambda x: (0.4 + 0.1 * x, 0.30 - 0.04 * x),
-  "rl": lambda x: (0.5 + 0.05 * x, 0.4 - 0.03 * x),
+SWEEP_LAWS = {  # Method -> (its functional form, alpha and beta against ln(RM params / 1e5)).
+  "bon": ("bon", lambda x: (0.4 + 0.1 * x, 0.30 - 0.04 * x)),
+  "ppo": ("rl", lambda x: (0.5 + 0.05 * x, 0.4 - 0.03 * x)),
 }
 SWEEP_PROMPTS = 6
 
 
 def sweep_law(method: str, rm_params: int) -> tuple[float, float]:
-  return SWEEP_LAWS[method](math.log(rm_params / 100_000))
+  return SWEEP_LAWS[method][1](math.log(rm_params / 100_000))
 
 
 def write_sweep(root: str, data_size: int = 1000) -> str:
@@ -149,39 +149,35 @@ def write_sweep(root: str, data_size: int = 1000) -> str:
     meta = dict(rm_size=size, rm_params=params, data_size=data_size, seed=0, name=name)
     bon_d = np.sqrt(bon.kl_bon(ns))
     rl_d = np.linspace(0.0, 2.5, 6)
-    per_prompt = {}
-    recs = {"bon": [], "rl": []}
-    for method, d in (("bon", bon_d), ("rl", rl_d)):
-      gold = fit.predict(method, *sweep_law(method, params), d)
+    recs = []
+    for method, d in (("bon", bon_d), ("ppo", rl_d)):
+      form = SWEEP_LAWS[method][0]
+      gold = fit.predict(form, *sweep_law(method, params), d)
       units_UxD = (
         gold[None] + 0.3 * offsets_U[:, None] * d[None] + 0.1 * offsets2_U[:, None] * d[None] ** 2
       )
-      per_prompt[method] = units_UxD
+      x = "n" if method == "bon" else "iteration"
       for i, (di, g) in enumerate(zip(d, gold)):
-        r = {
-          **meta,
-          "method": method,
-          "kl": float(di * di),
-          "d": float(di),
-          "gold": float(g),
-          "gold_se": float(units_UxD[:, i].std(ddof=1) / np.sqrt(SWEEP_PROMPTS)),
-          "proxy": float(2 * di),
-        }
-        if method == "bon":
-          r["n"] = int(ns[i])
-        else:
-          r.update(
-            iteration=i, proxy_name=name, kl_coef=0.0, gold_per_prompt=units_UxD[:, i].tolist()
-          )
-        recs[method].append(r)
-    results.write_jsonl(os.path.join(run, "results", "bon.jsonl"), recs["bon"])
-    results.write_jsonl(os.path.join(run, "results", "rl.jsonl"), recs["rl"])
+        recs.append(
+          {
+            **meta,
+            "method": method,
+            "form": form,
+            "x": x,
+            x: int(ns[i]) if method == "bon" else i,
+            "proxy_name": name,
+            "kl": float(di * di),
+            "d": float(di),
+            "gold": float(g),
+            "gold_se": float(units_UxD[:, i].std(ddof=1) / np.sqrt(SWEEP_PROMPTS)),
+            "proxy": float(2 * di),
+            "gold_per_prompt": units_UxD[:, i].tolist(),
+          }
+        )
+    results.write_jsonl(os.path.join(run, "results", "curves.jsonl"), recs)
     results.write_jsonl(
       os.path.join(run, "results", "proxies.jsonl"),
       [{**meta, "val_loss": 0.6, "val_accuracy": 0.7}],
-    )
-    results.write_npz(
-      os.path.join(run, "bon", "samples.npz"), **{f"gold_per_prompt__{name}": per_prompt["bon"]}
     )
   return root
 

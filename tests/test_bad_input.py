@@ -184,18 +184,18 @@ def _truncate_arrays(path) -> None:
 DAMAGE_CASES = [
   pytest.param(_truncate, "label/comparisons.npz", "proxies", id="truncated-labels-npz"),
   pytest.param(
-    lambda p: _append(p, "{garbage\n"), "results/bon.jsonl", "fit", id="garbage-results-jsonl"
+    lambda p: _append(p, "{garbage\n"), "results/curves.jsonl", "fit", id="garbage-results-jsonl"
   ),
   pytest.param(_truncate, "stages/gold.json", None, id="truncated-stage-marker"),
   pytest.param(
-    _truncate_arrays, "proxies/100k_d100_s0/params", "bon", id="truncated-proxy-checkpoint"
+    _truncate_arrays, "proxies/100k_d100_s0/params", "reference", id="truncated-proxy-checkpoint"
   ),
   pytest.param(
     lambda p: _append(p, "not json\n"), "provenance.jsonl", None, id="garbage-provenance-jsonl"
   ),
   pytest.param(_remove, "results/proxies.jsonl", "fit", id="missing-results-jsonl"),
   pytest.param(_remove, "policy_init/params", "label", id="missing-params-dir"),
-  pytest.param(_remove, "bon/samples.npz", "rl", id="missing-bon-samples"),
+  pytest.param(_remove, "reference/samples.npz", "optimise", id="missing-reference-samples"),
 ]
 
 

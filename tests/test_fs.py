@@ -80,29 +80,29 @@ ARRAYS = {"ids": np.arange(12, dtype=np.int32).reshape(3, 4), "gold": np.linspac
 def test_round_trips_match_the_local_files_byte_for_byte(gcs, tmp_path):
   for base in (gcs, str(tmp_path)):
     results.write_json(f"{base}/stages/gold.json", {"kind": "oracle", "acc": np.float32(0.75)})
-    results.write_jsonl(f"{base}/results/bon.jsonl", RECORDS)
+    results.write_jsonl(f"{base}/results/curves.jsonl", RECORDS)
     results.write_text(f"{base}/summary.md", "# rmscale — résumé\n")
-    results.write_npz(f"{base}/bon/samples.npz", **ARRAYS)
+    results.write_npz(f"{base}/reference/samples.npz", **ARRAYS)
   assert results.read_json(f"{gcs}/stages/gold.json") == {"kind": "oracle", "acc": 0.75}
-  assert results.read_jsonl(f"{gcs}/results/bon.jsonl") == [
+  assert results.read_jsonl(f"{gcs}/results/curves.jsonl") == [
     {"name": "100k_d300_s0", "kl": 0.25, "gold": 0.5},
     {"n": 4},
   ]
   assert fs.read_text(f"{gcs}/summary.md") == "# rmscale — résumé\n"
-  got = results.read_npz(f"{gcs}/bon/samples.npz")
+  got = results.read_npz(f"{gcs}/reference/samples.npz")
   assert sorted(got) == ["gold", "ids"]
   for k, v in ARRAYS.items():
     np.testing.assert_array_equal(got[k], v)
     assert got[k].dtype == v.dtype
-  assert list(results.read_npz(f"{gcs}/bon/samples.npz", lambda k: k == "ids")) == ["ids"]
+  assert list(results.read_npz(f"{gcs}/reference/samples.npz", lambda k: k == "ids")) == ["ids"]
   objects = _objects(gcs)
   assert sorted(objects) == [
-    "bon/samples.npz",
-    "results/bon.jsonl",
+    "reference/samples.npz",
+    "results/curves.jsonl",
     "stages/gold.json",
     "summary.md",
   ]
-  for name in ("results/bon.jsonl", "stages/gold.json", "summary.md"):  # npz embeds a timestamp.
+  for name in ("results/curves.jsonl", "stages/gold.json", "summary.md"):  # npz embeds a timestamp.
     with open(os.path.join(tmp_path, name), "rb") as f:
       assert objects[name] == f.read(), name
 
@@ -125,7 +125,7 @@ class Unserialisable:
 
 
 def test_a_failed_write_never_leaves_a_half_written_file(root):
-  path = f"{root}/results/bon.jsonl"
+  path = f"{root}/results/curves.jsonl"
   results.write_jsonl(path, RECORDS)
   before = fs.read_bytes(path)
   # json.dumps fails on the second record, after the first one was serialised.
@@ -143,15 +143,15 @@ def test_a_failed_write_never_leaves_a_half_written_file(root):
   assert fs.read_bytes(path) == before
   assert not fs.exists(f"{root}/results/new.jsonl")
   if fs.is_remote(root):
-    assert sorted(_objects(root)) == ["results/bon.jsonl"]
+    assert sorted(_objects(root)) == ["results/curves.jsonl"]
   else:  # No temporary file left beside it either.
-    assert os.listdir(f"{root}/results") == ["bon.jsonl"]
+    assert os.listdir(f"{root}/results") == ["curves.jsonl"]
 
 
 def test_the_stand_in_publishes_a_streamed_failure(gcs):
   # Why the test above can fail: writing into the store directly and failing midway publishes
   # the half file, which is what fs.write's in-memory buffer prevents.
-  path = f"{gcs}/results/bon.jsonl"
+  path = f"{gcs}/results/curves.jsonl"
   with pytest.raises(RuntimeError):
     with fs.as_path(path).open("wb") as f:
       f.write(b'{"half": ')
@@ -162,14 +162,14 @@ def test_the_stand_in_publishes_a_streamed_failure(gcs):
 def test_remote_errors_name_the_path(gcs):
   with pytest.raises(FileNotFoundError, match=f"cannot read {gcs}/stages/gold.json"):
     results.read_json(f"{gcs}/stages/gold.json")
-  with pytest.raises(FileNotFoundError, match=f"cannot read {gcs}/bon/samples.npz"):
-    results.read_npz(f"{gcs}/bon/samples.npz")
+  with pytest.raises(FileNotFoundError, match=f"cannot read {gcs}/reference/samples.npz"):
+    results.read_npz(f"{gcs}/reference/samples.npz")
   results.write_text(f"{gcs}/summary.md", "x")
   with pytest.raises(OSError, match=f"cannot write {gcs}/summary.md/x.json: FileExistsError"):
     results.write_json(f"{gcs}/summary.md/x.json", {})  # Under an object, not a prefix.
-  fs.write(f"{gcs}/bon/samples.npz", lambda f: f.write(b"PK\x03\x04 truncated"))
-  with pytest.raises(ValueError, match=f"{gcs}/bon/samples.npz: corrupt or truncated"):
-    results.read_npz(f"{gcs}/bon/samples.npz")
+  fs.write(f"{gcs}/reference/samples.npz", lambda f: f.write(b"PK\x03\x04 truncated"))
+  with pytest.raises(ValueError, match=f"{gcs}/reference/samples.npz: corrupt or truncated"):
+    results.read_npz(f"{gcs}/reference/samples.npz")
   with pytest.raises(ValueError, match="memory://run/x.json: unsupported URL scheme"):
     fs.exists("memory://run/x.json")
 
@@ -227,7 +227,7 @@ def test_tensorboard_events_on_the_remote_store(gcs, tmp_path):
 
 # Artefacts of the fit stage (recomputed remotely) and orbax checkpoints (TensorStore, see above).
 _FIT_OUTPUTS = {"stages/fit.json", "results/fits.jsonl", "results/trends.jsonl", "summary.md"}
-_FIT_OUTPUTS |= {"results/rl_kl_study_fits.jsonl", "config.json"}
+_FIT_OUTPUTS |= {"results/methods.jsonl", "results/kl_study_fits.jsonl", "config.json"}
 _NOT_COPIED = {"ckpt", "params", "tensorboard", "plots"}
 
 
@@ -253,7 +253,8 @@ def test_pipeline_resumes_and_finishes_on_a_remote_workdir(tiny_run, gcs):
 
   # The finished stages were skipped (rerunning any would need orbax on gs://), fit ran remotely
   # and matches the local run exactly: same inputs, same seeded bootstrap.
-  for name in ("results/fits.jsonl", "results/trends.jsonl", "results/rl_kl_study_fits.jsonl"):
+  fit_results = ("fits", "trends", "methods", "kl_study_fits")
+  for name in (f"results/{r}.jsonl" for r in fit_results):
     with open(os.path.join(local, name), "rb") as f:
       assert fs.read_bytes(f"{gcs}/{name}") == f.read(), name
   assert summary == local_summary.replace(f"workdir: `{local}`", f"workdir: `{gcs}`")

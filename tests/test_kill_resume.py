@@ -6,24 +6,24 @@ stages and started again on the same workdir, until a last start runs it to the 
 exercises one way of resuming:
 
 - policy_init, mid-SFT: its one checkpoint is at the end, so the training restarts;
-- label, mid-sampling: a single-shot stage, redone (bon is one too, and is not killed, to keep the
-  test within about four minutes);
+- label, mid-sampling: a single-shot stage, redone (reference is one too, and is not killed, to keep
+  the test within about four minutes);
 - proxies, after one proxy finished: finished proxies are skipped, the interrupted one is redone;
-- rl, between a PPO run's first committed checkpoint and its records.json: the run is restored from
+- optimise, between a PPO run's first committed checkpoint and its records.json: the run is restored from
   orbax (state, training history, evaluations) and finished in a new process. That window is only
   0.15-0.25 s (PPO iterations of the tiny models are fast; compiling them is what takes the time), so
   the process is run in 10 ms slices, stopped with SIGSTOP between them, while the test looks for
   the checkpoint.
 
 The kill moments come from a seeded numpy Generator: a fraction of the unit's wall time in run A
-(the stage; one proxy), or for rl up to 30 ms of run time, counted from an event the killed process
+(the stage; one proxy), or for optimise up to 30 ms of run time, counted from an event the killed process
 reports or writes (a resumed process skips finished stages and JAX takes seconds to import, so a
 delay from process start would not say what it hits).
 
 This proves what README.md promises ("a killed run resumes where it stopped"): every artefact of B
 reads back (each JSONL parses, each npz loads, each orbax checkpoint directory restores, holding
 only committed steps) and equals A's exactly: every file under results/, every npz array, every
-stage marker but its wall time, proxies/*/metrics.json, rl/*/records.json, plots, summary.md but
+stage marker but its wall time, proxies/*/metrics.json, optimise/*/*/records.json, plots, summary.md but
 its workdir line, and every array of every checkpoint step (train states and saved parameters),
 the policy's and the proxies' parameters also through `common.load_params`, the reader the stages
 use. provenance.jsonl has one record per invocation; logs/ and tensorboard/ are per invocation and
@@ -79,7 +79,7 @@ TARGETS = (
   Target("policy_init", None, "policy_init started"),
   Target("label", None, "label started"),
   Target("proxies", "proxies/*/metrics.json", "a proxy finished"),
-  Target("rl", "rl/*/ckpt/[0-9]*", "a PPO checkpoint was committed", stepped=True),
+  Target("optimise", "optimise/*/*/ckpt/[0-9]*", "a PPO checkpoint was committed", stepped=True),
 )
 
 
@@ -233,13 +233,13 @@ def _first_unfinished(workdir: str) -> str:
 
 def _delays(reference: str) -> list[float]:
   """One seeded delay per target: a fraction of run A's wall time of the stage (of one proxy), for
-  rl up to 30 ms (3 slices) of run time."""
+  optimise up to 30 ms (3 slices) of run time."""
   marker = lambda s: results.read_json(os.path.join(reference, "stages", f"{s}.json"))  # noqa: E731
   unit = {
     "policy_init": marker("policy_init")["seconds"],
     "label": marker("label")["seconds"],
     "proxies": marker("proxies")["seconds"] / marker("proxies")["num_proxies"],
-    "rl": 3 * SLICE,
+    "optimise": 3 * SLICE,
   }
   rng = np.random.default_rng(SEED)
   return [float(rng.uniform(0.1, 0.75)) * unit[t.stage] for t in TARGETS]
@@ -491,8 +491,8 @@ def test_killed_and_resumed_pipeline_ends_identical_to_an_uninterrupted_run(tmp_
   )
   assert len(kills) == len(TARGETS), report
   assert len({k.hit for k in kills}) >= 3, f"kills landed in too few stages:\n{report}"
-  # Not vacuous: at least one training run continued from an orbax checkpoint (the rl kill).
-  assert any("rl/" in line for line in resumes), report
+  # Not vacuous: at least one training run continued from an orbax checkpoint (the optimise kill).
+  assert any("optimise/" in line for line in resumes), report
 
   diffs = _compare_workdirs(ref, killed)
   assert not diffs, (

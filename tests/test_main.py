@@ -38,7 +38,7 @@ def test_readme_smoke_run_as_typed(cli, monkeypatch):
   workdir = cwd / "runs" / "tiny"
 
   # The relative workdir is the user's directory, orbax's checkpoints included.
-  for stage in ("policy_init", "gold", "label", "proxies", "bon", "rl", "fit"):
+  for stage in ("policy_init", "gold", "label", "proxies", "reference", "optimise", "fit"):
     assert (workdir / "stages" / f"{stage}.json").exists(), stage
   assert any((workdir / "policy_init" / "ckpt").iterdir())
   assert "## Fitted functional forms" in (workdir / "summary.md").read_text()
@@ -62,7 +62,7 @@ def test_readme_smoke_run_as_typed(cli, monkeypatch):
   assert not (cwd / "~").exists() and not (cwd / "runs" / "~").exists()
   records = results.read_jsonl(str(workdir / "provenance.jsonl"))
   assert [r["stages"] for r in records] == [
-    ["policy_init", "gold", "label", "proxies", "bon", "rl", "fit"],
+    ["policy_init", "gold", "label", "proxies", "reference", "optimise", "fit"],
     ["fit"],
   ]
   import jax

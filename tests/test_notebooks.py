@@ -76,9 +76,8 @@ def test_quickstart_notebook(tiny_run, copy_run, tmp_path):
   md = "\n".join(outputs(nb, "text/markdown"))
   assert "### The offline world" in md and "| prompt | response | words | requested |" in md
   assert "## Proxy reward models" in md and "## KL-penalty study" in md  # summary.md
-  assert (
-    len(outputs(nb, "image/png")) == 5
-  )  # score_vs_sqrt_kl, gold_vs_proxy, coefficients, kl_penalty, rm_validation
+  # methods, score_vs_sqrt_kl, gold_vs_proxy, coefficients, kl_penalty, rm_validation
+  assert len(outputs(nb, "image/png")) == 6
   assert "Best-of-16 by proxy `100k_d100_s0`" in md
   assert "PPO against `100k_d300_s0` after 4 iterations" in md
   assert md.count("| prompt | initial response |") + md.count("No prompt where") == 2
@@ -92,7 +91,7 @@ def test_scaling_laws_notebook_on_a_workdir(tiny_run, tmp_path):
     tmp_path,
   )
   md = "\n".join(outputs(nb, "text/markdown"))
-  assert "- best-of-n: 4 curves (4 with per-prompt scores)" in md
+  assert "- Best-of-n: 2 curves (2 with per-prompt scores)" in md
   assert "| method | name | alpha | alpha_lo |" in md
   # The tiny run has proxies of two sizes: the notebook says why it cannot extrapolate.
   assert md.count("_Not extrapolated:") == 3
@@ -111,7 +110,7 @@ def test_scaling_laws_notebook_on_a_sweep(synthetic_sweep, tmp_path):
   )
   md = "\n".join(outputs(nb, "text/markdown"))
   assert "Loaded 4 runs under" in md and "_Not extrapolated" not in md
-  for method in ("bon", "rl"):
+  for method in ("bon", "ppo"):
     assert (
       f"**{method}, 1,000 comparisons: trend on 3 sizes predicts the 6,400,000-parameter proxy**"
       in md

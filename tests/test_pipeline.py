@@ -21,8 +21,11 @@ def tiny_config(**overrides):
   c = quickstart.get_config("tiny,oracle")
   with c.unlocked():
     for k, v in overrides.items():
-      section, field = k.split(".") if "." in k else (None, k)
-      (c[section] if section else c)[field] = v
+      *path, field = k.split(".")
+      node = c
+      for part in path:
+        node = node[part]
+      node[field] = v
   return c
 
 
@@ -42,9 +45,11 @@ def test_all_stages_write_their_artefacts(finished):
   workdir, summary = finished
   for stage in pipeline.ORDER:
     assert os.path.exists(os.path.join(workdir, "stages", f"{stage}.json")), stage
-  bon = results.read_jsonl(os.path.join(workdir, "results", "bon.jsonl"))
+  records = results.read_jsonl(os.path.join(workdir, "results", "curves.jsonl"))
+  assert {r["method"] for r in records} == {"bon", "ppo"}  # config.optimise.methods
+  bon = [r for r in records if r["method"] == "bon"]
   names = {r["name"] for r in bon}
-  assert len(names) == 4  # 2 sizes x 2 data sizes x 1 seed
+  assert names == {"100k_d300_s0", "200k_d300_s0"}  # The tiny config's optimise.proxies.
   n1 = [r for r in bon if r["n"] == 1]
   # n = 1 is the initial policy: recentred gold and utility are 0 there by construction.
   np.testing.assert_allclose([r["gold"] for r in n1], 0.0, atol=1e-9)
@@ -53,22 +58,28 @@ def test_all_stages_write_their_artefacts(finished):
     curve = sorted((r for r in bon if r["name"] == name), key=lambda r: r["n"])
     proxy = [r["proxy"] for r in curve]
     assert all(b >= a - 1e-9 for a, b in zip(proxy, proxy[1:]))  # BoN never lowers the proxy score.
-  rl = results.read_jsonl(os.path.join(workdir, "results", "rl.jsonl"))
-  assert {r["name"] for r in rl} == {"100k_d300_s0", "200k_d300_s0"}  # config.rl.proxies
+  ppo = [r for r in records if r["method"] == "ppo"]
+  assert {r["name"] for r in ppo} == names
   for name in ("100k_d300_s0", "200k_d300_s0"):
-    curve = sorted((r for r in rl if r["name"] == name), key=lambda r: r["iteration"])
+    curve = sorted((r for r in ppo if r["name"] == name), key=lambda r: r["iteration"])
     assert [r["iteration"] for r in curve] == [0, 2, 4]
     assert curve[0]["kl"] < 1e-3  # Iteration 0 evaluates the initial policy: no KL spent yet.
     assert curve[-1]["kl"] > curve[0]["kl"]
-  study = results.read_jsonl(os.path.join(workdir, "results", "rl_kl_study.jsonl"))
+    # The same evaluation prompts as best-of-n: at KL 0 both are the initial policy, recentred to
+    # gold 0 on the reference samples (one evaluation sample per prompt: only near 0).
+    assert abs(curve[0]["gold"]) < 3 * curve[0]["gold_se"] + 0.05
+    assert len(curve[0]["gold_per_prompt"]) == len(bon[0]["gold_per_prompt"]) == 16
+  study = results.read_jsonl(os.path.join(workdir, "results", "kl_study.jsonl"))
   assert {r["kl_coef"] for r in study} == {0.0, 0.1}
   # The study's runs share compiled programs; the penalty must still reach the rewards.
   last = {r["kl_coef"]: r for r in study if r["iteration"] == 4}
   assert last[0.1]["kl"] != last[0.0]["kl"] and last[0.1]["proxy"] != last[0.0]["proxy"]
   fits = results.read_jsonl(os.path.join(workdir, "results", "fits.jsonl"))
-  assert sorted(f["method"] for f in fits) == ["bon"] * 4 + ["rl"] * 2
+  assert sorted(f["method"] for f in fits) == ["bon"] * 2 + ["ppo"] * 2
+  assert {(f["method"], f["form"]) for f in fits} == {("bon", "bon"), ("ppo", "rl")}
   assert all(np.isfinite(f["alpha"]) for f in fits)
   for png in (
+    "methods",
     "score_vs_sqrt_kl",
     "gold_vs_proxy",
     "rm_validation",
@@ -76,7 +87,7 @@ def test_all_stages_write_their_artefacts(finished):
     "kl_penalty",
   ):
     assert os.path.getsize(os.path.join(workdir, "plots", f"{png}.png")) > 1000
-  assert "Proxy reward models" in summary
+  assert "Proxy reward models" in summary and "Methods side by side" in summary
   assert os.listdir(os.path.join(workdir, "tensorboard"))
 
 
@@ -91,12 +102,35 @@ def test_finished_stages_are_skipped(finished, monkeypatch):
     raise AssertionError("a finished stage ran again")
 
   patched = {
-    k: types.SimpleNamespace(run=boom, validate=m.validate) for k, m in pipeline.STAGES.items()
+    k: types.SimpleNamespace(
+      run=boom, validate=m.validate, fingerprint=getattr(m, "fingerprint", None)
+    )
+    for k, m in pipeline.STAGES.items()
   }
+  for k, m in patched.items():
+    if m.fingerprint is None:
+      del m.fingerprint
   monkeypatch.setattr(pipeline, "STAGES", patched)
   pipeline.run(tiny_config(), workdir)
   after = {f: os.path.getmtime(os.path.join(workdir, "results", f)) for f in before}
   assert before == after
+
+
+def test_changed_methods_rerun_optimise_and_fit_reusing_finished_runs(finished, tmp_path, copy_run):
+  """The optimise stage's marker holds its config's fingerprint: other methods rerun it (and fit),
+  and runs already done are read back, not trained again."""
+  workdir = copy_run(finished[0], tmp_path)
+  ppo_run = os.path.join(workdir, "optimise", "ppo", "100k_d300_s0", "records.json")
+  cached = os.path.getmtime(ppo_run)
+  pipeline.run(tiny_config(**{"optimise.methods": ("ppo",)}), workdir)
+  records = results.read_jsonl(os.path.join(workdir, "results", "curves.jsonl"))
+  assert {r["method"] for r in records} == {"ppo"}
+  fits = results.read_jsonl(os.path.join(workdir, "results", "fits.jsonl"))
+  assert {f["method"] for f in fits} == {"ppo"}  # fit ran again after optimise.
+  assert os.path.getmtime(ppo_run) == cached  # Read back, not retrained.
+  stamp = os.path.getmtime(os.path.join(workdir, "stages", "optimise.json"))
+  pipeline.run(tiny_config(**{"optimise.methods": ("ppo",)}), workdir)  # Same config: skipped.
+  assert os.path.getmtime(os.path.join(workdir, "stages", "optimise.json")) == stamp
 
 
 def test_rerunning_fit_alone_keeps_the_whole_summary(finished):
@@ -138,7 +172,7 @@ def test_labels_are_deterministic(finished, tmp_path):
 
 def test_gold_comparisons_are_decided_by_the_utility(tmp_path):
   ctx = pipeline.make_context(tiny_config(), str(tmp_path))
-  data = gold.human_comparisons(ctx, 500, seed=3, split="eval")
+  data = gold.human_comparisons(ctx, 500, split="eval")
   P = ctx.prompt_len
   utility = lambda s, m: ctx.world.utility(s[:, :P], s[:, P:], m[:, P:])  # noqa: E731
   chosen = utility(data["chosen"], data["chosen_mask"])
@@ -161,12 +195,18 @@ def test_gold_comparisons_are_decided_by_the_utility(tmp_path):
     ({"policy.size": "huge"}, "config.policy.size='huge' is not a known size"),
     ({"mesh": dict(data=3)}, "needs 3 devices"),
     ({"label.noise": 0.7}, "config.label.noise"),
-    ({"rl.proxies": ("12m_d1_s0",)}, "config.rl.proxies names"),
-    ({"rl.minibatch_size": 12}, "config.rl.minibatch_size=12 is not divisible by the 8"),
+    ({"optimise.proxies": ("12m_d1_s0",)}, "config.optimise.proxies names"),
     (
-      {"rl.minibatch_size": 48},
-      "config.rl.minibatch_size=48 does not divide rl.rollout_batch_size",
+      {"optimise.minibatch_size": 12},
+      "config.optimise.minibatch_size=12 is not divisible by the 8",
     ),
+    (
+      {"optimise.minibatch_size": 48},
+      "config.optimise.minibatch_size=48 does not divide optimise.rollout_batch_size",
+    ),
+    ({"optimise.methods": ("bon", "dpo_typo")}, "config.optimise.methods.*names 'dpo_typo'"),
+    ({"optimise.ppo.clip_epsilon": 0.1}, "config.optimise.ppo has unknown keys"),
+    ({"optimise.ppo.clip_eps": -0.1}, "config.optimise.ppo.clip_eps=-0.1"),
   ],
 )
 def test_config_errors_name_the_key(overrides, message, tmp_path):
@@ -214,13 +254,14 @@ def test_cli_rejects_unknown_config_argument(tmp_path):
 def test_an_unfittable_curve_is_reported_and_every_other_curve_fitted(
   synthetic_sweep, copy_run, tmp_path
 ):
-  # A hand-written run (tests/conftest.py) whose rl curve has one distinct KL > 0, as PPO gives when
-  # its KL estimates are clamped at 0: two coefficients cannot be fitted to it.
+  # A hand-written run (tests/conftest.py) whose PPO curve has one distinct KL > 0, as PPO gives
+  # when its KL estimates are clamped at 0: two coefficients cannot be fitted to it.
   run = copy_run(os.path.join(synthetic_sweep, "rm-400k"), tmp_path)
-  path = os.path.join(run, "results", "rl.jsonl")
+  path = os.path.join(run, "results", "curves.jsonl")
   recs = results.read_jsonl(path)
-  last = max(r["iteration"] for r in recs)
-  for r in recs:
+  ppo = [r for r in recs if r["method"] == "ppo"]
+  last = max(r["iteration"] for r in ppo)
+  for r in ppo:
     r["kl"] = 0.0204 if r["iteration"] == last else 0.0
     r["d"] = float(np.sqrt(r["kl"]))
   results.write_jsonl(path, recs)
@@ -228,12 +269,12 @@ def test_an_unfittable_curve_is_reported_and_every_other_curve_fitted(
   summary = pipeline.run(tiny_config(stages="fit"), run)
 
   fits = {f["method"]: f for f in results.read_jsonl(os.path.join(run, "results", "fits.jsonl"))}
-  assert fits["rl"]["fitted"] is False and "alpha" not in fits["rl"]
-  assert fits["rl"]["reason"].startswith("need at least two distinct d > 0")
-  assert fits["rl"]["n_points"] == len(recs)
+  assert fits["ppo"]["fitted"] is False and "alpha" not in fits["ppo"]
+  assert fits["ppo"]["reason"].startswith("need at least two distinct d > 0")
+  assert fits["ppo"]["n_points"] == len(ppo)
   assert fits["bon"]["fitted"] is True  # The other curve is fitted, to its exact law.
   law = (0.4 + 0.1 * np.log(4.0), 0.30 - 0.04 * np.log(4.0))  # conftest's SWEEP_LAWS at 400k
   assert (fits["bon"]["alpha"], fits["bon"]["beta"]) == pytest.approx(law, abs=1e-9)
-  assert "| rl | 400k | 1,000 | not fitted: need at least two distinct d > 0" in summary
+  assert "| ppo | 400k | 1,000 | not fitted: need at least two distinct d > 0" in summary
   assert os.path.getsize(os.path.join(run, "plots", "score_vs_sqrt_kl.png")) > 1000
   assert results.read_json(os.path.join(run, "stages", "fit.json"))["num_not_fitted"] == 1

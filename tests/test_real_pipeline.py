@@ -114,9 +114,10 @@ def real_root(tmp_path_factory):
 def finished(real_root, tmp_path_factory):
   root, _, _ = real_root
   workdir = str(tmp_path_factory.mktemp("work") / "run")
-  config = overopt_pythia.get_config(f"root={root},{ARGS}")
-  # PPO would double the run time (its compiled step dominates); tests/test_pipeline.py covers rl.
-  config.stages = "policy_init,gold,label,proxies,bon,fit"
+  # PPO would double the run time (its compiled step dominates); tests/test_pipeline.py covers it.
+  # Best-of-n alone is cheap: against both proxies (shrink optimises against the first only).
+  config = overopt_pythia.get_config(f"root={root},{ARGS},methods=bon")
+  config.optimise.proxies = ()
   summary = pipeline.run(config, workdir)
   return workdir, summary
 
@@ -134,7 +135,7 @@ def _torch_reward(model, tokens, mask) -> np.ndarray:
 def test_every_stage_runs_on_checkpoints_and_data(finished, real_root):
   workdir, summary = finished
   root, gold_model, proxy_models = real_root
-  stages = ("policy_init", "gold", "label", "proxies", "bon", "fit")
+  stages = ("policy_init", "gold", "label", "proxies", "reference", "optimise", "fit")
   info = {s: results.read_json(os.path.join(workdir, "stages", f"{s}.json")) for s in stages}
   assert info["policy_init"]["sft"] is True and math.isfinite(info["policy_init"]["final_loss"])
   assert info["policy_init"]["hf_dir"] == os.path.join(root, "ckpts", "tiny-policy")
@@ -172,17 +173,30 @@ def test_every_stage_runs_on_checkpoints_and_data(finished, real_root):
     assert rec["rm_params"] == non_embedding
     assert math.isfinite(rec["val_loss"]) and 0.0 <= rec["val_accuracy"] <= 1.0
 
-  bon = results.read_jsonl(os.path.join(workdir, "results", "bon.jsonl"))
+  # The reference stage: the initial policy's samples on the 8 held-out prompts, 8 each.
+  assert (info["reference"]["num_prompts"], info["reference"]["samples_per_prompt"]) == (8, 8)
+  samples = results.read_npz(os.path.join(workdir, "reference", "samples.npz"))
+  assert samples["gold"].shape == (8, 8) and samples["proxy"].shape == (2, 8, 8)
+  assert info["optimise"]["methods"] == ["bon"]
+  assert info["optimise"]["fingerprint"]["methods"] == ["bon"]
+
+  bon = results.read_jsonl(os.path.join(workdir, "results", "curves.jsonl"))
   assert len(bon) == 2 * 3  # Two proxies x num_n.
   for r in bon:
+    assert (r["method"], r["form"], r["x"]) == ("bon", "bon", "n")
     assert all(math.isfinite(r[k]) for k in ("gold", "proxy", "kl", "d"))
     assert math.isnan(r["utility"])  # Real data has no hidden utility.
   n1 = [r for r in bon if r["n"] == 1]
   np.testing.assert_allclose([r["gold"] for r in n1], 0.0, atol=1e-9)  # Recentred on the policy.
 
   fits = results.read_jsonl(os.path.join(workdir, "results", "fits.jsonl"))
-  assert sorted(f["method"] for f in fits) == ["bon", "bon"]
+  assert sorted((f["method"], f["form"]) for f in fits) == [("bon", "bon")] * 2
   assert all(math.isfinite(f["alpha"]) and math.isfinite(f["beta"]) for f in fits)
+  by_method = results.read_jsonl(os.path.join(workdir, "results", "methods.jsonl"))
+  assert sorted((r["method"], r["name"]) for r in by_method) == [
+    ("bon", "tiny-rm-a_d48_s0"),
+    ("bon", "tiny-rm-b_d48_s0"),
+  ]
   assert "Proxy reward models" in summary
   config = json.load(open(os.path.join(workdir, "config.json")))
   assert config["data"]["kind"] == "preferences"

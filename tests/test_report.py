@@ -9,12 +9,12 @@ import jax
 import numpy as np
 import pytest
 
-from rmscale import report, results
+from rmscale import curves, report, results
+from rmscale.methods import iterative
 from rmscale.data.world import World
 from rmscale.scaling import analysis
 from rmscale.scaling import fit as fit_lib
 from rmscale.stages import fit as fit_stage
-from rmscale.stages import rl as rl_stage
 
 SIZES = {
   "100k": 100_000,
@@ -48,9 +48,10 @@ def test_runtime_sees_the_fake_cpu_devices():
 
 def test_quickstart_config_follows_settings():
   c = report.quickstart_config("tiny,oracle")
-  assert (c.gold.kind, c.bon.n_samples, c.proxies.sizes) == ("oracle", 16, ("100k", "200k"))
+  N = c.reference.samples_per_prompt
+  assert (c.gold.kind, N, c.proxies.sizes) == ("oracle", 16, ("100k", "200k"))
   full = report.quickstart_config("")
-  assert full.gold.kind == "trained" and full.bon.n_samples > c.bon.n_samples  # Not the tiny one.
+  assert full.gold.kind == "trained" and full.reference.samples_per_prompt > N  # Not the tiny one.
   with pytest.raises(ValueError, match="unknown config argument 'huge'"):
     report.quickstart_config("huge")
 
@@ -95,9 +96,9 @@ def test_bon_pairs_pick_the_proxys_favourite(world):
   np.testing.assert_array_equal(best["utility"], [0.5, 4.0, 2.0])  # Samples 3, 3, 1.
   np.testing.assert_array_equal(best["proxy"], [5.0, 9.0, 4.0])
   np.testing.assert_array_equal(best["response_ids"][2], s["response_ids"][2, 1])
-  ref = report.reference_scores(s, "small")
-  assert ref["proxy"] == pytest.approx(23.0 / 12)
-  assert ref["gold"] == pytest.approx((s["gold"].mean(), s["gold"].std()))
+  ref = report.reference(s)
+  assert ref.proxy["small"] == pytest.approx(23.0 / 12)
+  assert ref.gold == pytest.approx((s["gold"].mean(), s["gold"].std()))
   with pytest.raises(ValueError, match="proxy 'nope' did not score"):
     report.bon_pairs(s, "nope")
 
@@ -105,8 +106,8 @@ def test_bon_pairs_pick_the_proxys_favourite(world):
 def test_overoptimised_rows_worst_first(world):
   s = _samples(world)
   initial, best = report.bon_pairs(s, "small")
-  reference = {"gold": (1.0, 2.0), "proxy": 1.0}
-  rows = report.overoptimised(initial, best, world, reference, k=4)
+  reference = curves.Reference(gold=(1.0, 2.0), utility=(0.0, 1.0), proxy={"small": 1.0})
+  rows = report.overoptimised(initial, best, world, reference, "small", k=4)
   # Utility lost: 3 - 0.5 = 2.5 (prompt 0), 1 - 4 = -3 (gained), 2 - 2 = 0 (not strictly lost).
   assert [r["utility lost"] for r in rows] == [2.5]
   r = rows[0]
@@ -119,12 +120,12 @@ def test_overoptimised_rows_worst_first(world):
   # utility raw; proxy - 1; (gold - 1) / 2 with gold = 2 utility.
   assert r["initial u/proxy/gold"] == "3.00 / -1.00 / +2.50"
   assert r["optimised u/proxy/gold"] == "0.50 / +4.00 / +0.00"
-  assert len(report.overoptimised(initial, best, world, reference, min_drop=-10.0)) == 3
-  assert report.overoptimised(initial, best, world, reference, min_drop=2.5) == []
+  assert len(report.overoptimised(initial, best, world, reference, "small", min_drop=-10.0)) == 3
+  assert report.overoptimised(initial, best, world, reference, "small", min_drop=2.5) == []
   assert "No prompt" in report.examples_markdown([])
   with pytest.raises(ValueError, match="different prompts"):
     report.overoptimised(
-      initial, {**best, "prompt_ids": best["prompt_ids"][::-1]}, world, reference
+      initial, {**best, "prompt_ids": best["prompt_ids"][::-1]}, world, reference, "small"
     )
 
 
@@ -153,35 +154,35 @@ def test_eval_samples_round_trip(tmp_path):
     "kl": np.ones(4),
   }
   for which in ("initial", "final"):
-    rl_stage.save_eval_samples(
-      str(tmp_path / "rl" / "run" / rl_stage.EVAL_SAMPLES[which]),
+    iterative.save_eval_samples(
+      str(tmp_path / "optimise" / "ppo" / "run" / iterative.EVAL_SAMPLES[which]),
       s,
       P,
       np.full(4, 2.0),
       np.full(4, 3.0),
     )
-  assert rl_stage.EVAL_SAMPLES == report.EVAL_SAMPLES
-  initial, final = report.load_eval_samples(str(tmp_path), "run")
+  initial, final = report.load_eval_samples(str(tmp_path), "ppo", "run")
   np.testing.assert_array_equal(final["prompt_ids"], tokens[:, :P])
   np.testing.assert_array_equal(final["response_ids"], tokens[:, P:])
   np.testing.assert_array_equal(final["prompt_mask"], mask[:, :P])
   np.testing.assert_array_equal(initial["proxy"], np.arange(4.0))
   assert (final["gold"] == 2.0).all() and (final["utility"] == 3.0).all()
-  with pytest.raises(FileNotFoundError, match="rerun the rl stage"):
-    report.load_eval_samples(str(tmp_path), "other")
+  with pytest.raises(FileNotFoundError, match="run the optimise stage"):
+    report.load_eval_samples(str(tmp_path), "ppo", "other")
 
 
 def test_load_results_from_a_sweep_root(synthetic_sweep):
   res = report.load_results(synthetic_sweep)
   assert sorted(res.runs) == sorted(f"rm-{s}" for s in SIZES)  # shared/ has no results: not a run.
-  names = {r["name"] for r in res.records["bon"]}
+  names = {r["name"] for r in res.records["curves"]}
   assert names == {f"rm-{s}/{s}_d1000_s0" for s in SIZES}
-  assert all(r["run"] == r["name"].split("/")[0] for r in res.records["rl"])
-  assert all("gold_per_prompt" not in r for r in res.records["rl"])  # Moved to per_prompt.
+  assert all(r["run"] == r["name"].split("/")[0] for r in res.records["curves"])
+  assert all("gold_per_prompt" not in r for r in res.records["curves"])  # Moved to per_prompt.
   assert {k: v.shape for k, v in res.per_prompt.items()} == {
     **{("bon", n): (6, 8) for n in names},
-    **{("rl", n.replace("bon", "rl")): (6, 6) for n in names},
+    **{("ppo", n): (6, 6) for n in names},
   }
+  assert len(res.curves(["ppo"])) == 4
   curves = res.curves()
   assert len(curves) == 8 and all(np.all(np.diff(c.d) > 0) for c in curves)
   # Per-prompt scores average to the curve's gold (same points, same order).
@@ -190,7 +191,7 @@ def test_load_results_from_a_sweep_root(synthetic_sweep):
   assert res.describe().splitlines() == [
     f"Loaded 4 runs under `{synthetic_sweep}`:",
     "",
-    "- best-of-n: 4 curves (4 with per-prompt scores), RM sizes 100k, 400k, 1.6m, 6.4m; comparisons 1,000",
+    "- Best-of-n: 4 curves (4 with per-prompt scores), RM sizes 100k, 400k, 1.6m, 6.4m; comparisons 1,000",
     "- PPO: 4 curves (4 with per-prompt scores), RM sizes 100k, 400k, 1.6m, 6.4m; comparisons 1,000",
   ]
 
@@ -198,8 +199,8 @@ def test_load_results_from_a_sweep_root(synthetic_sweep):
 def test_load_results_from_one_workdir(synthetic_sweep):
   one = report.load_results(os.path.join(synthetic_sweep, "rm-400k"))
   assert one.runs == {"": os.path.join(synthetic_sweep, "rm-400k")}
-  assert {r["name"] for r in one.records["rl"]} == {"400k_d1000_s0"}
-  assert ("bon", "400k_d1000_s0") in one.per_prompt and "run" not in one.records["bon"][0]
+  assert {r["name"] for r in one.records["curves"]} == {"400k_d1000_s0"}
+  assert ("bon", "400k_d1000_s0") in one.per_prompt and "run" not in one.records["curves"][0]
   assert not report.load_results(
     os.path.join(synthetic_sweep, "rm-400k"), per_prompt=False
   ).per_prompt
@@ -212,7 +213,7 @@ def test_load_results_errors(tmp_path):
   with pytest.raises(ValueError, match="neither a workdir"):
     report.load_results(str(tmp_path / "empty"))
   results.write_jsonl(str(tmp_path / "w" / "results" / "proxies.jsonl"), [{"name": "x"}])
-  with pytest.raises(ValueError, match="no best-of-n or RL results"):
+  with pytest.raises(ValueError, match="no optimisation curves yet"):
     report.load_results(str(tmp_path / "w"))
 
 
@@ -227,10 +228,9 @@ def test_gcs_path_without_a_backend_fails_clearly():
 
 def test_fit_rows_match_the_fit_stage(synthetic_sweep):
   """Refitting from loaded results reproduces the fit stage's coefficients and bootstrap intervals."""
-  res = report.load_results(os.path.join(synthetic_sweep, "rm-1.6m"))
-  expected = fit_stage.fit_curves(
-    res.records["bon"] + res.records["rl"], res.per_prompt, num_boot=30, seed=7
-  )
+  workdir = os.path.join(synthetic_sweep, "rm-1.6m")
+  res = report.load_results(workdir)
+  expected = fit_stage.fit_curves(curves.load(workdir), num_boot=30, seed=7)
   got = [f.row() for f in analysis.fit_all(res.curves(), 30, np.random.default_rng(7))]
   assert len(got) == len(expected) == 2
   for g, e in zip(got, expected):
@@ -359,7 +359,7 @@ def test_extrapolation_recovers_an_exact_log_linear_sweep(synthetic_sweep):
   curves = res.curves()
   rows = [f.row() for f in analysis.fit_all(curves, 0, np.random.default_rng(0))]
   done, skipped = analysis.extrapolate_all(rows, curves)
-  assert skipped == [] and [e.method for e in done] == ["bon", "rl"]
+  assert skipped == [] and [e.method for e in done] == ["bon", "ppo"]
   for ex in done:
     assert ex.heldout_params == 6_400_000 and ex.train_params == (100_000, 400_000, 1_600_000)
     for coef in ("alpha", "beta"):

@@ -234,6 +234,8 @@ def plot_coefficients_vs_size(fit_table, path, *, titles: Mapping[str, str] | No
   """
   rows = _check_records(fit_table, ("rm_params", "alpha", "beta"), "plot_coefficients_vs_size")
   for i, row in enumerate(rows):
+    if _method(row) is None:
+      raise ValueError(f"plot_coefficients_vs_size: row {i} has no method/form: {dict(row)}")
     if not row["rm_params"] > 0:
       raise ValueError(f"plot_coefficients_vs_size: row {i} has rm_params <= 0")
   data_sizes = {r.get("data_size") for r in rows}

@@ -5,17 +5,19 @@ The four methods are PPO without a critic: each response gets one scalar advanta
 the rewards of other responses instead of a learned value. An iteration is one pure function of
 ``(state, ref_params, reward_params, prompts)``, structured like ``rmscale.train.ppo``: repeat each
 prompt k times -> sample responses -> one forward pass of the policy and the frozen reference over
-``[left-padded prompt | right-padded response]`` -> rewards ``R = score - kl_coef * KL(pi || pi_ref)``
-per sequence (k1) -> advantages -> ``lax.scan`` over epochs of ``lax.scan`` over shuffled minibatches
-of optax updates. The estimators (``PGConfig.estimator``) differ only in the advantage and the loss:
+``[left-padded prompt | right-padded response]`` -> rewards
+``R = score - kl_coef * KL(pi || pi_ref)`` per sequence (k1) -> advantages -> ``lax.scan`` over
+epochs of ``lax.scan`` over shuffled minibatches of optax updates. The estimators
+(``PGConfig.estimator``) differ only in the advantage and the loss:
 
 - ``reinforce``: ``A = R - b``, b a moving average of past batches' mean reward (Williams 1992);
 - ``remax`` (Li et al. 2023): ``A = R(sampled) - R(greedy)``, the greedy response to the same prompt
   (sampled at temperature 0) as the baseline;
 - ``rloo`` (Ahmadian et al. 2024): k samples per prompt, ``A_i = R_i - mean_{j != i} R_j``;
-- ``grpo`` (Shao et al. 2024): k samples per prompt, ``A_i = (R_i - mean_j R_j) / (std_j R_j + eps)``
-  on every token of response i, PPO's clipped ratio surrogate averaged over each response's tokens
-  then over responses, plus ``kl_beta`` times the k3 estimate of KL(pi || pi_ref) in the loss.
+- ``grpo`` (Shao et al. 2024): k samples per prompt,
+  ``A_i = (R_i - mean_j R_j) / (std_j R_j + eps)`` on every token of response i, PPO's clipped
+  ratio surrogate averaged over each response's tokens then over responses, plus ``kl_beta`` times
+  the k3 estimate of KL(pi || pi_ref) in the loss.
 
 The first three minimise ``-mean_b A_b log pi(y_b | x_b)`` (``reinforce_loss``): an on-policy score
 function estimator, so they take one pass over each rollout (``epochs=1``); with several minibatches
@@ -26,9 +28,9 @@ Batches: an iteration takes ``prompts_per_iteration = rollout_batch_size // k`` 
 each k times contiguously, so group g is rollout rows ``g*k .. g*k + k - 1``; every method spends
 ``rollout_batch_size`` samples per iteration (ReMax also decodes one greedy response per prompt).
 
-The train state is ``rmscale.train.state.init_state``'s (``params``, ``opt_state``, ``step``, ``rng``)
-plus ``baseline``: REINFORCE's moving average (a replicated float32 scalar, 0 and unused for the
-other estimators), so a resumed run continues it exactly.
+The train state is ``rmscale.train.state.init_state``'s (``params``, ``opt_state``, ``step``,
+``rng``) plus ``baseline``: REINFORCE's moving average (a replicated float32 scalar, 0 and unused
+for the other estimators), so a resumed run continues it exactly.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ GRPO_EPS = 1e-4
 
 @dataclasses.dataclass(frozen=True)
 class PGConfig:
-  """Policy-gradient hyper-parameters; the KL options are PPO's (no penalty by default, like Gao)."""
+  """Policy-gradient hyper-parameters; KL options as PPO's (no penalty by default, like Gao)."""
 
   estimator: str = "rloo"  # 'reinforce' | 'remax' | 'rloo' | 'grpo'.
   rollout_batch_size: int = 64  # Sequences per iteration (the same sample budget for every method).
@@ -205,9 +207,7 @@ def grpo_loss(logp_BxN, old_logp_BxN, ref_logp_BxN, adv_B, mask_BxN, clip_eps, k
   unclipped = -adv * ratio
   clipped = -adv * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
   pg = jnp.mean(sequence_token_mean(jnp.maximum(unclipped, clipped), mask_BxN))
-  kl = jnp.mean(
-    sequence_token_mean(rl_losses.kl_per_token(logp_BxN, ref_logp_BxN, "k3"), mask_BxN)
-  )
+  kl = jnp.mean(sequence_token_mean(rl_losses.kl_per_token(logp_BxN, ref_logp_BxN, "k3"), mask_BxN))
   metrics = {
     "pg_loss": pg,
     "kl_loss": kl,
@@ -269,7 +269,8 @@ def pg_iteration(
   reward_fn: RewardFn,
   tx: optax.GradientTransformation,
 ) -> tuple[State, dict]:
-  """One iteration on ``batch = {'ids', 'mask'}`` of ``cfg.prompts_per_iteration`` left-padded prompts.
+  """One iteration on ``batch = {'ids', 'mask'}``: ``cfg.prompts_per_iteration`` left-padded
+  prompts, each sampled k times.
 
   Pure and jittable; the iteration's randomness is ``fold_in(rng, step)``, so a resumed run repeats
   it exactly. Returns the new state and a flat dict of scalar metrics.

@@ -28,7 +28,15 @@ def test_rm_size_sweep_expands_into_named_runs_over_shared_stages():
   assert [r.workdir for r in s.runs] == [f"/sw/rm-{x}" for x in sizes]
   assert [r.config for r in s.runs] == [f"configs/overopt.py:data=90k,rm={x}" for x in sizes]
   assert all(r.overrides == () and r.link == SHARED for r in s.runs)
-  assert s.runs[0].stages == ("policy_init", "gold", "label", "proxies", "bon", "rl", "fit")
+  assert s.runs[0].stages == (
+    "policy_init",
+    "gold",
+    "label",
+    "proxies",
+    "reference",
+    "optimise",
+    "fit",
+  )
   assert s.shared == sweep.Run(
     "shared",
     "configs/overopt.py:data=90k",
@@ -134,10 +142,14 @@ def test_finished_runs_are_skipped_and_the_status_table_tells_states(tmp_path, c
   with open(os.path.join(s.runs[0].workdir, "stages", "fit.json"), "w") as f:
     json.dump({}, f)
   os.makedirs(os.path.join(s.runs[0].workdir, "results"))
+  fits = [
+    {"method": "bon", "name": "100k_d900_s0", "alpha": 0.61234, "beta": 0.1},
+    {"method": "ppo", "name": "100k_d900_s0", "fitted": False, "reason": "one point"},
+    {"method": "ppo", "name": "100k_d900_s1", "alpha": 1.5, "beta": 0.25, "fitted": True},
+    {"method": "bon", "name": "100k_d900_s1", "alpha": 0.5, "beta": 0.1},
+  ]
   with open(os.path.join(s.runs[0].workdir, "results", "fits.jsonl"), "w") as f:
-    f.write(
-      json.dumps({"method": "bon", "name": "100k_d900_s0", "alpha": 0.61234, "beta": 0.1}) + "\n"
-    )
+    f.writelines(json.dumps(r) + "\n" for r in fits)
 
   assert sweep.run_local(s, "py", dry_run=True) == 0
   out = capsys.readouterr().out.splitlines()
@@ -161,7 +173,9 @@ def test_finished_runs_are_skipped_and_the_status_table_tells_states(tmp_path, c
   rows = {line.split()[0]: line.split()[1:] for line in table[2:]}
   assert rows == {
     "shared": ["done", "3/3", "label"],
-    "rm-3m": ["done", "7/7", "fit", "100k_d900_s0:", "alpha=0.612", "beta=0.100"],
+    # The first fitted curve of each method, in the file's order (the unfitted one is passed over).
+    "rm-3m": ["done", "7/7", "fit", *"bon 100k_d900_s0: alpha=0.612 beta=0.100".split()]
+    + [*"ppo 100k_d900_s1: alpha=1.500 beta=0.250 (+1 more)".split()],
     "rm-12m": ["partial", "4/7", "proxies"],
     "rm-25m": ["failed", "0/7", "exit", "code", "2"],
     "rm-42m": ["running", "0/7"],

@@ -87,6 +87,20 @@ def test_score_vs_sqrt_kl(tmp_path, records, fit_table):
   _assert_png(one_panel, 5.0, 4.0)
 
 
+def test_methods_side_by_side(tmp_path, records, fit_table):
+  """One panel per proxy (3 sizes: one row of 3), every method a colour, titles from the registry."""
+  named = [dict(r, name=r["rm_size"]) for r in records if r["seed"] == 0]
+  named += [
+    dict(r, method="rloo", form="rl", gold=r["gold"] / 2) for r in named if r["method"] == "rl"
+  ]
+  fits = [dict(f, name=f["rm_size"]) for f in fit_table]
+  titles = {"bon": "Best-of-n", "rl": "PPO", "rloo": "RLOO"}
+  path = plots.plot_methods(named, fits, tmp_path / "methods.png", titles=titles)
+  _assert_png(path, 3 * 4.6, 4.0)
+  seven = [dict(r, name=f"p{i}") for i in range(7) for r in named[:20]]
+  _assert_png(plots.plot_methods(seven, None, tmp_path / "seven.png"), 3 * 4.6, 3 * 4.0)
+
+
 def test_score_plot_fits_are_drawn(tmp_path, records, fit_table):
   """Adding the fitted curves changes the picture (they are matched to the data curves)."""
   without = mpimg.imread(plots.plot_score_vs_sqrt_kl(records, [], tmp_path / "a.png"))
@@ -138,8 +152,8 @@ def test_bad_input_raises_and_writes_nothing(tmp_path, records):
   no_gold = [{k: v for k, v in r.items() if k != "gold"} for r in records]
   with pytest.raises(ValueError, match="lacks \\['gold'\\]"):
     plots.plot_score_vs_sqrt_kl(no_gold, None, out)
-  with pytest.raises(ValueError, match="unknown method 'dpo'"):
-    plots.plot_gold_vs_proxy([dict(records[0], method="dpo")], out)
+  with pytest.raises(ValueError, match="no functional form"):  # A fit row needs its law.
+    plots.plot_score_vs_sqrt_kl(records, [dict(method="dpo", alpha=0.5, beta=0.1)], out)
   with pytest.raises(ValueError, match="method/form"):
     plots.plot_coefficients_vs_size([dict(rm_params=1e6, alpha=0.5, beta=0.1)], out)
   with pytest.raises(ValueError, match="finite numbers"):
