@@ -2,7 +2,7 @@
 
     python -m rmscale.main --config=configs/overopt.py:rm=85m,data=90k --workdir=/mnt/shared/overopt/rm85m
     python -m rmscale.main --config=configs/overopt.py:rm=all,data=90k,seeds=3 --workdir=...
-    python -m rmscale.parallel.aot --config=configs/overopt.py:rm=3b        # per-device memory first
+    python -m rmscale.aot --config=configs/overopt.py:rm=3b        # per-device memory first
     python -m launch.sweep --config=configs/sweeps/rm_size.py --target=tpu --dry_run
 
 Arguments after ``:`` (comma-separated; lists joined with ``+``):

@@ -1,4 +1,4 @@
-"""What the absl entry points with a config file share (``rmscale.main``, ``rmscale.parallel.aot``):
+"""What the absl entry points with a config file share (``rmscale.main``, ``rmscale.aot``):
 flags parsed with any error in them, or in the config file, as
 one line, ``error: ...``, and exit status 2 (``--debug`` re-raises it with its traceback).
 """

@@ -56,6 +56,8 @@ class Reference:
   gold: tuple[float, float]  # (mean, std) of the raw gold score.
   utility: tuple[float, float]  # (mean, std) of the human utility (NaN on real data).
   proxy: dict[str, float]  # Mean raw score of each proxy.
+  # Recentred per-prompt means over the N samples ('gold', 'utility', 'proxy/<name>'), [prompts].
+  per_prompt: dict[str, np.ndarray] = dataclasses.field(default_factory=dict, compare=False)
 
   @classmethod
   def from_samples(cls, samples: Mapping[str, np.ndarray]) -> Reference:
@@ -68,10 +70,26 @@ class Reference:
       raise ValueError(
         "the reference gold scores have zero variance; cannot scale to unit variance"
       )
-    return cls(
+    ref = cls(
       gold=(float(gold.mean()), float(gold.std())),
       utility=(float(utility.mean()), float(utility.std())),
       proxy={str(n): float(p.mean()) for n, p in zip(samples["proxy_names"], samples["proxy"])},
+    )
+    ref.per_prompt["gold"] = ref.gold_scores(gold).mean(axis=1)
+    ref.per_prompt["utility"] = ref.utility_scores(utility).mean(axis=1)
+    for n, p in zip(samples["proxy_names"], samples["proxy"]):
+      ref.per_prompt[f"proxy/{n}"] = ref.proxy_scores(str(n), p).mean(axis=1)
+    return ref
+
+  def origin(self, proxy_name: str) -> dict:
+    """The initial policy's point of every curve (KL 0), from all N reference samples per prompt:
+    gold and proxy exactly 0 on average, per-prompt scores for the bootstrap."""
+    return dict(
+      kl=0.0,
+      kl_se=0.0,
+      proxy=self.per_prompt[f"proxy/{proxy_name}"],
+      gold=self.per_prompt["gold"],
+      utility=self.per_prompt["utility"],
     )
 
   def gold_scores(self, raw) -> np.ndarray:

@@ -410,13 +410,13 @@ MAIN = ["--config=configs/overopt.py"]
     ),
     pytest.param(
       None,
-      "rmscale.parallel.aot",
+      "rmscale.aot",
       ["--config=configs/overopt.py:runlocal", "--config.proxies.lr=-1", "--steps=rm"],
       ["config.proxies.lr=-1"],
       id="aot-config-value",
     ),
     pytest.param(
-      None, "rmscale.parallel.aot", ["--config=configs/nope.py"], ["configs/nope.py"], id="aot-file"
+      None, "rmscale.aot", ["--config=configs/nope.py"], ["configs/nope.py"], id="aot-file"
     ),
     pytest.param(
       None, "benchmarks.train_step", ["--sizes=9z"], ["--sizes", "'9z'"], id="train_step"

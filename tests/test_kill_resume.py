@@ -52,7 +52,7 @@ import pytest
 from rmscale import pipeline, provenance, results
 from rmscale.checkpoint import Checkpointer
 from rmscale.parallel import mesh as mesh_lib
-from rmscale.stages import common
+from rmscale.stages import common, roles
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "quickstart.py") + ":tiny,oracle"
@@ -421,7 +421,7 @@ def _compare_params_as_stages_load_them(a: str, b: str) -> list[str]:
   ]
   diffs = []
   for name, size, role in models:
-    cfg = common.model_config(ctxs[0], size, role)
+    cfg = roles.model_config(ctxs[0], size, role)
     pa, pb = (common.load_params(ctx, ctx.path(name, "params"), cfg) for ctx in ctxs)
     flat = [
       {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(p)}

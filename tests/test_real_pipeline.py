@@ -17,8 +17,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from rmscale import pipeline, results  # noqa: E402
-from rmscale.parallel import aot  # noqa: E402
-from rmscale.stages import label  # noqa: E402
+from rmscale import aot  # noqa: E402
+from rmscale.stages import label, roles  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -218,8 +218,6 @@ def test_gold_with_its_own_tokenizer_scores_through_text(real_root, tmp_path):
   policy samples: a random policy emits ids beyond the tokenizer's vocabulary, which text drops.)"""
   import shutil
 
-  from rmscale.stages import common
-
   root, _, _ = real_root
   own = shutil.copytree(os.path.join(root, "ckpts", "tiny-policy"), tmp_path / "gold-tokenizer")
   for f in os.listdir(own):
@@ -228,11 +226,11 @@ def test_gold_with_its_own_tokenizer_scores_through_text(real_root, tmp_path):
   c = overopt_pythia.get_config(f"root={root},{ARGS}")
   direct = pipeline.make_context(c, str(tmp_path / "w1"))
   pairs, _ = direct.world.comparisons("train", 16)
-  want = common.gold_fn(direct)(pairs["chosen"], pairs["chosen_mask"])
+  want = roles.gold_fn(direct)(pairs["chosen"], pairs["chosen_mask"])
   c.gold.tokenizer_dir = str(own)
   c.gold.prompt_len, c.gold.response_len = 20, 8  # Its own layout: longer prompts.
   via_text = pipeline.make_context(c, str(tmp_path / "w2"))
-  got = common.gold_fn(via_text)(pairs["chosen"], pairs["chosen_mask"])
+  got = roles.gold_fn(via_text)(pairs["chosen"], pairs["chosen_mask"])
   np.testing.assert_allclose(got, want, atol=1e-5)
   for ctx in (direct, via_text):
     ctx.writer.close()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ml_collections
 
 from rmscale.errors import UserError
-from rmscale.methods import base, bon, ppo
+from rmscale.methods import base, bon, policy_gradient, ppo, rejection
 from rmscale.methods.base import Method, Run
 
 REGISTRY: dict[str, Method] = {
@@ -19,6 +19,8 @@ REGISTRY: dict[str, Method] = {
   for m in (
     bon.METHOD,
     ppo.METHOD,
+    *policy_gradient.METHODS,  # reinforce, remax, rloo, grpo
+    rejection.METHOD,
   )
 }
 

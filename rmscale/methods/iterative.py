@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import os
 from collections.abc import Callable
 
 import numpy as np
 
 from rmscale import curves, fs, results, rng
+from rmscale.errors import UserError
 from rmscale.methods.base import Method, Run
 from rmscale.models.config import TransformerConfig
-from rmscale.stages import common, reference
+from rmscale.stages import common, reference, roles
 from rmscale.train import policy
 from rmscale.train.loop import train_loop
 from rmscale.train.state import OptimConfig, make_optimizer
@@ -57,13 +60,15 @@ class Setup:
   rm_cfg: TransformerConfig
   kl_coef: float
 
-  def optimizer(self, updates_per_iteration: int):
-    """The method's optimizer: its ``lr``, the shared warm-up, decayed over the whole run."""
+  def optimizer(self, updates_per_iteration: int, *, per_round: bool = False):
+    """The method's optimizer: its ``lr``, the shared warm-up, decayed over the whole run (or, for
+    a method that restarts every iteration from fresh optimizer state, over one iteration)."""
     o = self.ctx.config.optimise
+    rounds = 1 if per_round else o.iterations
     optim = OptimConfig(
       learning_rate=self.section.lr,
-      warmup_steps=o.warmup_steps,
-      total_steps=o.iterations * updates_per_iteration,
+      warmup_steps=min(o.warmup_steps, rounds * updates_per_iteration - 1),
+      total_steps=rounds * updates_per_iteration,
     )
     return optim, make_optimizer(optim)
 
@@ -114,6 +119,42 @@ def save_eval_samples(path: str, samples: dict, prompt_len: int, gold_raw, utili
   )
 
 
+def settings(ctx: common.Context, section, spec: Run) -> dict:
+  """What a run's results depend on (beyond the earlier stages): the shared optimise options, the
+  method's section, the proxy and the KL coefficient."""
+  shared = {  # Scalars and lists: the method sections and the KL study are dicts.
+    k: v
+    for k, v in ctx.config.optimise.to_dict().items()
+    if not isinstance(v, dict) and k not in ("methods", "proxies", "log_every", "save_every")
+  }
+  wanted = {
+    "optimise": shared,
+    "method": section.to_dict(),
+    "proxy": spec.proxy["name"],
+    "kl_coef": spec.kl_coef,
+  }
+  return json.loads(json.dumps(wanted, default=str))
+
+
+def _check_settings(path: str, wanted: dict) -> None:
+  """A run directory is reused (resumed, or its records read back) only for the same settings."""
+  if not fs.exists(path):
+    results.write_json(path, wanted)
+    return
+  had = results.read_json(path)
+  if had != wanted:
+    changed = sorted(
+      f"{section}.{k}"
+      for section in ("optimise", "method")
+      for k in set(had.get(section, {})) | set(wanted.get(section, {}))
+      if had.get(section, {}).get(k) != wanted.get(section, {}).get(k)
+    ) + [k for k in ("proxy", "kl_coef") if had.get(k) != wanted.get(k)]
+    raise UserError(
+      f"{os.path.dirname(path)} was run with other settings ({', '.join(changed)} differ); "
+      "delete that directory to rerun it, or use another workdir"
+    )
+
+
 def runner(build: Callable[[Setup], Trainer]) -> Callable[..., list[dict]]:
   """A ``Method.run`` for an iterative method whose step ``build`` makes."""
   return functools.partial(run, build)
@@ -130,18 +171,19 @@ def run(
   """One run of an iterative method against ``spec.proxy``; its curve's records (cached)."""
   o, seed, P = ctx.config.optimise, ctx.config.seed, ctx.prompt_len
   run_dir = ("optimise", method.name, spec.name)
+  _check_settings(ctx.path(*run_dir, "settings.json"), settings(ctx, section, spec))
   done = ctx.path(*run_dir, "records.json")
   if fs.exists(done):
     return results.read_json(done)
   proxy = spec.proxy
-  policy_cfg = common.model_config(ctx, ctx.config.policy.size, "policy")
+  policy_cfg = roles.model_config(ctx, ctx.config.policy.size, "policy")
   init = common.load_params(ctx, ctx.path("policy_init", "params"), policy_cfg)
-  rm_cfg = common.model_config(ctx, proxy["rm_size"], "rm")
+  rm_cfg = roles.model_config(ctx, proxy["rm_size"], "rm")
   rm_params = common.load_params(ctx, ctx.path("proxies", proxy["name"], "params"), rm_cfg)
   trainer = build(Setup(ctx, section, policy_cfg, init, rm_cfg, spec.kl_coef))
   evaluate_policy = evaluator(ctx, trainer, rm_cfg)
   eval_prompts = reference.prompts(ctx)
-  gold = common.gold_fn(ctx)
+  gold = roles.gold_fn(ctx)
 
   def prompts(it: int) -> dict:
     p = ctx.world.sample_prompts(
@@ -161,12 +203,12 @@ def run(
     )
     gold_raw = gold(s["tokens"], s["mask"])
     util_raw = ctx.world.utility(s["tokens"][:, :P], s["tokens"][:, P:], s["response_mask"])
-    if it in (
-      0,
-      o.iterations,
-    ):  # Written before that iteration's checkpoint, so a resume keeps them.
-      which = "initial" if it == 0 else "final"
+    last = it == o.iterations  # Samples written before that iteration's checkpoint: kept on resume.
+    if it == 0 or last:
+      which = "final" if last else "initial"
       save_eval_samples(ctx.path(*run_dir, EVAL_SAMPLES[which]), s, P, gold_raw, util_raw)
+    if it == 0:  # The initial policy: every curve's common origin, from all reference samples.
+      return curves.point(**ref.origin(proxy["name"]), length=s["length"])
     return curves.point(
       kl=s["kl_mean"],
       kl_se=s["kl_se"],

@@ -15,7 +15,6 @@ from rmscale import checkpoint as ckpt_lib
 from rmscale import fs
 from rmscale.data.batching import make_batch_fn
 from rmscale.data.world import World
-from rmscale.models import sizes
 from rmscale.models.config import TransformerConfig
 from rmscale.models.transformer import abstract_params
 from rmscale.parallel import distributed
@@ -52,31 +51,6 @@ def gold_peak_headline(records: list[dict]) -> str:
   best = max(records, key=lambda r: r["gold"])
   where = f"{best['method']}, {best['name']}, {best['x']}={best[best['x']]}"
   return f"best gold {best['gold']:+.2f} ({where}, KL {best['kl']:.2f})"
-
-
-def model_config(ctx: Context, size: str, role: str) -> TransformerConfig:
-  """The model of a role ('policy' or 'rm') at a named size, sized to the world's sequences."""
-  from rmscale.stages import pretrained  # Late: it imports this module.
-
-  hf_cfg = pretrained.model_config(ctx, size, role)  # A local Hugging Face checkpoint's shape.
-  if hf_cfg is not None:
-    return hf_cfg
-  m = ctx.config.model
-  common = dict(
-    vocab_size=ctx.world.tokenizer.vocab_size,
-    vocab_multiple=m.get("vocab_multiple", 8),  # Padded: splits over tensor axes of up to 8.
-    family=m.family,
-    rotary_pct=m.rotary_pct,
-    max_len=ctx.prompt_len + ctx.response_len,
-    dtype=m.dtype,
-    param_dtype=m.param_dtype,
-    matmul=m.matmul,
-  )
-  if role == "policy":
-    return sizes.model_config(size, **common)
-  if role == "rm":
-    return sizes.model_config(size, lm_head=False, reward_head=m.reward_head, **common)
-  raise ValueError(f"unknown model role {role!r}")
 
 
 def optim_config(section: ml_collections.ConfigDict, steps: int) -> OptimConfig:
@@ -167,19 +141,6 @@ def reward_fn(ctx: Context, model_cfg: TransformerConfig, params):
     distributed.global_array(m, data),
   )
   return lambda tokens, mask: rm_lib.score_in_batches(global_scorer, params, tokens, mask, batch)
-
-
-def gold_fn(ctx: Context):
-  """The gold scorer: the world's human utility ('oracle') or the trained gold RM."""
-  if ctx.config.gold.kind == "hf":  # A local sequence-classification checkpoint (pretrained.py).
-    from rmscale.stages import pretrained
-
-    return pretrained.gold_scorer(ctx)
-  if ctx.config.gold.kind == "oracle":
-    P = ctx.prompt_len
-    return lambda tokens, mask: ctx.world.utility(tokens[:, :P], tokens[:, P:], mask[:, P:])
-  cfg = model_config(ctx, ctx.config.gold.size, "rm")
-  return reward_fn(ctx, cfg, load_params(ctx, ctx.path("gold", "params"), cfg))
 
 
 def sample(

@@ -13,7 +13,7 @@ import numpy as np
 
 from rmscale import checks, losses, rng
 from rmscale.data.world import World
-from rmscale.stages import common, policy_init
+from rmscale.stages import common, policy_init, roles
 from rmscale.train import rm
 
 
@@ -100,7 +100,7 @@ def run(ctx: common.Context) -> dict:
   g = ctx.config.gold
   if g.kind == "hf":  # A local checkpoint: nothing to train; measured on the data's own labels.
     held_out, report = ctx.world.comparisons("eval", g.eval_comparisons)
-    metrics = evaluate(common.gold_fn(ctx), held_out)
+    metrics = evaluate(roles.gold_fn(ctx), held_out)
     return {
       "kind": "hf",
       "hf_dir": g.hf_dir,
@@ -112,7 +112,7 @@ def run(ctx: common.Context) -> dict:
     }
   if g.kind == "oracle":
     return {"kind": "oracle", "headline": "the human utility itself (oracle)"}
-  model_cfg = common.model_config(ctx, g.size, "rm")
+  model_cfg = roles.model_config(ctx, g.size, "rm")
   data = human_comparisons(ctx, g.num_comparisons, "train")
   init = policy_init.pretrained_lm(ctx, g.size) if g.init == "pretrained" else None
   params, _ = common.train(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from rmscale import checks, results, rng
-from rmscale.stages import common
+from rmscale.stages import common, roles
 from rmscale.stages.gold import comparison_arrays
 
 PATH = ("label", "comparisons.npz")
@@ -33,7 +33,7 @@ def num_train(config) -> int:
 
 def run(ctx: common.Context) -> dict:
   c, seed = ctx.config.label, ctx.config.seed
-  policy_cfg = common.model_config(ctx, ctx.config.policy.size, "policy")
+  policy_cfg = roles.model_config(ctx, ctx.config.policy.size, "policy")
   params = common.load_params(ctx, ctx.path("policy_init", "params"), policy_cfg)
   prompts = ctx.world.sample_prompts(
     rng.numpy(seed, "label", "prompts"), c.num_comparisons, "train"
@@ -44,7 +44,7 @@ def run(ctx: common.Context) -> dict:
   b = common.sample(
     ctx, policy_cfg, params, prompts["ids"], prompts["mask"], rng.key(seed, "label", "b")
   )
-  gold = common.gold_fn(ctx)
+  gold = roles.gold_fn(ctx)
   ga = gold(*common.sequences(prompts["ids"], prompts["mask"], a["ids"], a["mask"]))
   gb = gold(*common.sequences(prompts["ids"], prompts["mask"], b["ids"], b["mask"]))
   ua = ctx.world.utility(prompts["ids"], a["ids"], a["mask"])

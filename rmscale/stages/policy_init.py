@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from rmscale import checks, rng
-from rmscale.stages import common
+from rmscale.stages import common, roles
 from rmscale.train import sft
 
 
@@ -32,7 +32,7 @@ def sft_corpus(ctx: common.Context, n: int) -> dict[str, np.ndarray]:
 
 def train_lm(ctx: common.Context, name: str, size: str, section) -> tuple:
   """SFT of an LM of ``size`` on the writer corpus (the policy, and pretrained RM trunks)."""
-  model_cfg = common.model_config(ctx, size, "policy")
+  model_cfg = roles.model_config(ctx, size, "policy")
   data = sft_corpus(ctx, section.num_examples)
   params, history = common.train(
     ctx,
@@ -56,17 +56,44 @@ def pretrained_lm(ctx: common.Context, size: str):
   """
   if size == ctx.config.policy.size:
     return common.load_params(
-      ctx, ctx.path("policy_init", "params"), common.model_config(ctx, size, "policy")
+      ctx, ctx.path("policy_init", "params"), roles.model_config(ctx, size, "policy")
     )
   params, _ = train_lm(ctx, f"pretrained/{size}", size, ctx.config.pretrain)
   return params
 
 
 def run(ctx: common.Context) -> dict:
-  if ctx.config.policy.get("hf_dir"):  # A local Hugging Face LM (pretrained.py), SFT optional.
-    from rmscale.stages import pretrained
-
-    return pretrained.init_policy(ctx)
+  if ctx.config.policy.get("hf_dir"):  # A local Hugging Face LM (roles.py), SFT optional.
+    return init_hf_policy(ctx)
   _, history = train_lm(ctx, "policy_init", ctx.config.policy.size, ctx.config.policy)
   loss = history[-1]["loss"]
   return {"final_loss": loss, "headline": f"final SFT loss {loss:.3f}"}
+
+
+def init_hf_policy(ctx: common.Context) -> dict:
+  """Stage policy_init for a Hugging Face policy: load, optionally SFT, save to the workdir."""
+  p, path = ctx.config.policy, roles.policy_dir(ctx.config)
+  cfg = roles.model_config(ctx, p.size, "policy")
+  params = roles.load_hf(
+    ctx, path, cfg, "policy", rng.integer(ctx.config.seed, "policy_init", "heads")
+  )
+  # How many prompts the length limits kept, for the record.
+  out = {"hf_dir": path, "prompt_filter": getattr(ctx.world, "filter_report", None)}
+  if not p.get("sft", False):
+    common.save_params(ctx.path("policy_init", "params"), params)
+    return {**out, "sft": False, "headline": f"loaded {path}, no SFT"}
+  params, history = common.train(
+    ctx,
+    "policy_init",
+    cfg,
+    sft.make_sft_loss(cfg),
+    sft_corpus(ctx, p.num_examples),
+    batch_size=p.batch_size,
+    steps=p.steps,
+    optim=common.optim_config(p, p.steps),
+    seed=rng.integer(ctx.config.seed, "policy_init", "train"),
+    init_params=params,
+  )
+  loss = history[-1]["loss"]
+  headline = f"loaded {path}, final SFT loss {loss:.3f}"
+  return {**out, "sft": True, "final_loss": loss, "headline": headline}

@@ -14,7 +14,7 @@ from rmscale import checks, fs, results, rng
 from rmscale.errors import UserError
 from rmscale.models import sizes
 from rmscale.models.sizes import count_params
-from rmscale.stages import common, label, policy_init, pretrained
+from rmscale.stages import common, label, policy_init, roles
 from rmscale.stages.gold import evaluate
 from rmscale.train import rm
 
@@ -72,14 +72,14 @@ def train_proxy(ctx: common.Context, spec: dict, train_data: dict, val_data: dic
       f"proxies.data_sizes has {spec['data_size']} but label produced only "
       f"{len(train_data['chosen'])} training comparisons (label.num_comparisons)"
     )
-  model_cfg = common.model_config(ctx, spec["rm_size"], "rm")
+  model_cfg = roles.model_config(ctx, spec["rm_size"], "rm")
   # Init and data order: one stream per proxy (its size, data size and seed).
   seed = rng.integer(ctx.config.seed, "proxies", name)
   init = None
   if p.init == "pretrained":
     init = policy_init.pretrained_lm(ctx, spec["rm_size"])
-  elif p.init == "hf":  # The local Hugging Face LM of this size (pretrained.py).
-    init = pretrained.proxy_init(ctx, spec["rm_size"], seed)
+  elif p.init == "hf":  # The local Hugging Face LM of this size (roles.py).
+    init = roles.proxy_init(ctx, spec["rm_size"], seed)
   subset = {k: v[: spec["data_size"]] for k, v in train_data.items() if k in rm.BATCH_KEYS}
   steps = max(1, math.ceil(p.epochs * spec["data_size"] / p.batch_size))
   params, history = common.train(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from rmscale import checks, curves, fs, results, rng
-from rmscale.stages import common, proxies
+from rmscale.stages import common, proxies, roles
 
 SAMPLES = ("reference", "samples.npz")
 
@@ -47,20 +47,20 @@ def load(ctx: common.Context) -> curves.Reference:
 def run(ctx: common.Context) -> dict:
   c = ctx.config.reference
   P, N = c.num_prompts, c.samples_per_prompt
-  policy_cfg = common.model_config(ctx, ctx.config.policy.size, "policy")
+  policy_cfg = roles.model_config(ctx, ctx.config.policy.size, "policy")
   policy = common.load_params(ctx, ctx.path("policy_init", "params"), policy_cfg)
   p = prompts(ctx)
   prompt_ids, prompt_mask = np.repeat(p["ids"], N, 0), np.repeat(p["mask"], N, 0)
   key = rng.key(ctx.config.seed, "reference", "samples")
   resp = common.sample(ctx, policy_cfg, policy, prompt_ids, prompt_mask, key)
   tokens, mask = common.sequences(prompt_ids, prompt_mask, resp["ids"], resp["mask"])
-  gold = common.gold_fn(ctx)(tokens, mask).reshape(P, N)
+  gold = roles.gold_fn(ctx)(tokens, mask).reshape(P, N)
   # Real preference data has no hidden utility: NaN, and its curves are then NaN too.
   utility = ctx.world.utility(prompt_ids, resp["ids"], resp["mask"]).reshape(P, N)
   records = proxies.load(ctx)
   proxy_scores = []
   for rec in records:
-    cfg = common.model_config(ctx, rec["rm_size"], "rm")
+    cfg = roles.model_config(ctx, rec["rm_size"], "rm")
     params = common.load_params(ctx, ctx.path("proxies", rec["name"], "params"), cfg)
     proxy_scores.append(common.reward_fn(ctx, cfg, params)(tokens, mask).reshape(P, N))
   arrays = dict(

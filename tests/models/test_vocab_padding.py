@@ -23,7 +23,7 @@ from rmscale.models.config import TransformerConfig
 from rmscale.models.transformer import Transformer, init_params
 from rmscale.parallel import mesh as mesh_lib
 from rmscale.sampling import SamplingConfig, sample
-from rmscale.stages import common
+from rmscale.stages import common, roles
 from rmscale.train import sft
 from rmscale.train.state import OptimConfig, init_state, make_optimizer, train_step
 
@@ -186,8 +186,8 @@ def test_pipeline_models_split_the_offline_vocabulary_on_a_tensor_mesh():
     world=World(WorldConfig(**config.world)),
   )
   assert ctx.world.tokenizer.vocab_size == V
-  policy = common.model_config(ctx, config.policy.size, "policy")
-  rm_cfg = common.model_config(ctx, config.proxies.sizes[0], "rm")
+  policy = roles.model_config(ctx, config.policy.size, "policy")
+  rm_cfg = roles.model_config(ctx, config.proxies.sizes[0], "rm")
   assert policy.vocab_size == rm_cfg.vocab_size == V
   assert policy.padded_vocab == rm_cfg.padded_vocab == 296
   tx = make_optimizer(OptimConfig())

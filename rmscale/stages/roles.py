@@ -1,4 +1,7 @@
-"""Real checkpoints per role, from local Hugging Face directories (``rmscale.hf``).
+"""One place maps a role (the policy, a proxy RM, the gold RM) to its model, parameters and scorer.
+
+A role's model is a named size of ``rmscale/models/sizes.py`` sized to the world's sequences, or a
+real checkpoint from a local Hugging Face directory (``rmscale.hf``):
 
 - policy: ``config.policy.hf_dir`` (a causal LM); ``policy_init`` copies it into the workdir,
   optionally after SFT on the dataset's chosen responses (``policy.sft``);
@@ -10,9 +13,9 @@
   a Llama-based RM judging a Pythia policy, as in Coste et al.) sees the samples as text,
   re-tokenised into its own ``[prompt | response]`` layout.
 
-Architectures come from each checkpoint's config.json (rotary fraction, vocabulary, widths), not from
-``config.model``, which only sets dtypes, the reward-head type and the matmul kind. Every error names
-the config key and the file at fault.
+A checkpoint's architecture comes from its config.json (rotary fraction, vocabulary, widths), not
+from ``config.model``, which only sets dtypes, the reward-head type and the matmul kind. Every error
+names the config key and the file at fault.
 """
 
 from __future__ import annotations
@@ -23,10 +26,34 @@ import os
 import jax
 
 from rmscale import hf, rng
-from rmscale.errors import UserError
 from rmscale.data import hf_tokenize
+from rmscale.errors import UserError
+from rmscale.models import sizes
 from rmscale.models.config import TransformerConfig
 from rmscale.stages import common
+
+
+def model_config(ctx: common.Context, size: str, role: str) -> TransformerConfig:
+  """The model of a role ('policy' or 'rm') at a named size, sized to the world's sequences."""
+  hf_cfg = hf_model_config(ctx, size, role)  # A local Hugging Face checkpoint's shape.
+  if hf_cfg is not None:
+    return hf_cfg
+  m = ctx.config.model
+  common = dict(
+    vocab_size=ctx.world.tokenizer.vocab_size,
+    vocab_multiple=m.get("vocab_multiple", 8),  # Padded: splits over tensor axes of up to 8.
+    family=m.family,
+    rotary_pct=m.rotary_pct,
+    max_len=ctx.prompt_len + ctx.response_len,
+    dtype=m.dtype,
+    param_dtype=m.param_dtype,
+    matmul=m.matmul,
+  )
+  if role == "policy":
+    return sizes.model_config(size, **common)
+  if role == "rm":
+    return sizes.model_config(size, lm_head=False, reward_head=m.reward_head, **common)
+  raise ValueError(f"unknown model role {role!r}")
 
 
 def policy_dir(config) -> str:
@@ -83,7 +110,7 @@ def config_for(ctx: common.Context, path: str, role: str, key: str) -> Transform
   return cfg
 
 
-def model_config(ctx: common.Context, size: str, role: str) -> TransformerConfig | None:
+def hf_model_config(ctx: common.Context, size: str, role: str) -> TransformerConfig | None:
   """The checkpoint config of a role/size that this run loads from Hugging Face, else None."""
   c = ctx.config
   if role == "policy" and size == c.policy.size and policy_dir(c):
@@ -93,7 +120,7 @@ def model_config(ctx: common.Context, size: str, role: str) -> TransformerConfig
   return None
 
 
-def load(ctx: common.Context, path: str, cfg: TransformerConfig, role: str, seed: int):
+def load_hf(ctx: common.Context, path: str, cfg: TransformerConfig, role: str, seed: int):
   """Parameters of ``path`` for ``role``, placed straight into this run's sharding."""
   _, params = hf.load_pretrained(
     path,
@@ -112,42 +139,12 @@ def proxy_init(ctx: common.Context, size: str, seed: int):
   initialised eagerly, seconds per load on a CPU).
   """
   path = proxy_dir(ctx.config, size)
-  cfg = common.model_config(ctx, size, "rm")
+  cfg = model_config(ctx, size, "rm")
   stored = _load_config(path, "proxies.hf_dir_template", (("lm_head", None), ("reward_head", None)))
   if stored.reward_head != "none" or not stored.lm_head:
-    return load(ctx, path, cfg, "rm", seed)
+    return load_hf(ctx, path, cfg, "rm", seed)
   lm_cfg = config_for(ctx, path, "policy", "proxies.hf_dir_template")
-  return load(ctx, path, lm_cfg, "policy", seed)
-
-
-def init_policy(ctx: common.Context) -> dict:
-  """Stage policy_init for a Hugging Face policy: load, optionally SFT, save to the workdir."""
-  from rmscale.stages import policy_init
-  from rmscale.train import sft
-
-  p, path = ctx.config.policy, policy_dir(ctx.config)
-  cfg = common.model_config(ctx, p.size, "policy")
-  params = load(ctx, path, cfg, "policy", rng.integer(ctx.config.seed, "policy_init", "heads"))
-  # How many prompts the length limits kept, for the record.
-  out = {"hf_dir": path, "prompt_filter": getattr(ctx.world, "filter_report", None)}
-  if not p.get("sft", False):
-    common.save_params(ctx.path("policy_init", "params"), params)
-    return {**out, "sft": False, "headline": f"loaded {path}, no SFT"}
-  params, history = common.train(
-    ctx,
-    "policy_init",
-    cfg,
-    sft.make_sft_loss(cfg),
-    policy_init.sft_corpus(ctx, p.num_examples),
-    batch_size=p.batch_size,
-    steps=p.steps,
-    optim=common.optim_config(p, p.steps),
-    seed=rng.integer(ctx.config.seed, "policy_init", "train"),
-    init_params=params,
-  )
-  loss = history[-1]["loss"]
-  headline = f"loaded {path}, final SFT loss {loss:.3f}"
-  return {**out, "sft": True, "final_loss": loss, "headline": headline}
+  return load_hf(ctx, path, lm_cfg, "policy", seed)
 
 
 def gold_retokenizes(ctx: common.Context) -> bool:
@@ -161,7 +158,7 @@ def gold_scorer(ctx: common.Context):
   """``score(tokens_NxL, mask_NxL) -> float32[N]`` of the Hugging Face gold RM."""
   g = ctx.config.gold
   cfg = config_for(ctx, g.hf_dir, "gold", "gold.hf_dir")
-  params = load(ctx, g.hf_dir, cfg, "gold", rng.integer(ctx.config.seed, "gold", "heads"))
+  params = load_hf(ctx, g.hf_dir, cfg, "gold", rng.integer(ctx.config.seed, "gold", "heads"))
   if not gold_retokenizes(ctx):
     return common.reward_fn(ctx, cfg, params)
   try:
@@ -180,3 +177,14 @@ def gold_scorer(ctx: common.Context):
   return lambda tokens, mask: score(
     *hf_tokenize.retokenize(src, dst, tokens, mask, ctx.prompt_len, P, R)
   )
+
+
+def gold_fn(ctx: common.Context):
+  """The gold scorer: the world's human utility ('oracle') or the trained gold RM."""
+  if ctx.config.gold.kind == "hf":  # A local sequence-classification checkpoint.
+    return gold_scorer(ctx)
+  if ctx.config.gold.kind == "oracle":
+    P = ctx.prompt_len
+    return lambda tokens, mask: ctx.world.utility(tokens[:, :P], tokens[:, P:], mask[:, P:])
+  cfg = model_config(ctx, ctx.config.gold.size, "rm")
+  return common.reward_fn(ctx, cfg, common.load_params(ctx, ctx.path("gold", "params"), cfg))

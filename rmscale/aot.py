@@ -1,8 +1,8 @@
 """Ahead-of-time compilation of a config's jitted steps, with per-device memory: see an OOM before
 paying for a pod.
 
-    python -m rmscale.parallel.aot --config=configs/overopt.py:rm=3b --num_devices=64
-    python -m rmscale.parallel.aot --config=configs/overopt.py:rm=85m --config.mesh.tensor=4 \
+    python -m rmscale.aot --config=configs/overopt.py:rm=3b --num_devices=64
+    python -m rmscale.aot --config=configs/overopt.py:rm=85m --config.mesh.tensor=4 \
         --topology=v5e:16x16 --hbm_gib=16        # a TPU pod you do not have (needs libtpu)
 
 Every step the stages run (SFT/LM steps, RM steps, the sampler, RM scoring) is lowered on abstract
@@ -185,11 +185,11 @@ def plan_steps(config) -> list[tuple[str, str, str, int, object]]:
       if p.init == "pretrained":
         out.append(("pretrain", "sft proxy-LM", size, config.pretrain.batch_size, config.pretrain))
       out.append(("rm", "rm proxy", size, p.batch_size, p))
-  if stages & {"label", "bon"}:
+  if stages & {"label", "reference"}:
     out.append(("sampler", "sample policy", config.policy.size, config.sample_batch_size, None))
-  if stages & {"gold", "label", "bon"} and config.gold.kind == "trained":
+  if stages & {"gold", "label", "reference", "optimise"} and config.gold.kind == "trained":
     out.append(("score", "score gold", config.gold.size, config.score_batch_size, None))
-  if stages & {"proxies", "bon"}:
+  if stages & {"proxies", "reference"}:
     out += [("score", "score proxy", size, config.score_batch_size, None) for size in p.sizes]
   seen, unique = set(), []
   for item in out:
@@ -214,7 +214,7 @@ def compile_steps(config, devices=None, kinds=STEP_KINDS, log=None):
   """Yields ``(label, size, batch, compiled)`` for every step of ``config`` (see ``plan_steps``)."""
   from rmscale import pipeline
   from rmscale.parallel import mesh as mesh_lib
-  from rmscale.stages import common
+  from rmscale.stages import common, roles
   from rmscale.train import rm, sft
   from rmscale.train.state import make_optimizer
 
@@ -238,7 +238,7 @@ def compile_steps(config, devices=None, kinds=STEP_KINDS, log=None):
     if log:
       log(f"compiling {label} {size} (batch {batch}) for {len(devices)} devices ...")
     if kind in ("sft", "pretrain"):
-      cfg = common.model_config(ctx, size, "policy")
+      cfg = roles.model_config(ctx, size, "policy")
       spec = {
         "tokens": ((batch, seq), jnp.int32),
         "mask": ((batch, seq), jnp.bool_),
@@ -247,7 +247,7 @@ def compile_steps(config, devices=None, kinds=STEP_KINDS, log=None):
       tx = make_optimizer(common.optim_config(section, 1000))
       compiled = compile_train_step(cfg, sft.make_sft_loss(cfg), tx, spec, mesh, ctx.rules)
     elif kind == "rm":
-      cfg = common.model_config(ctx, size, "rm")
+      cfg = roles.model_config(ctx, size, "rm")
       spec = {
         k: ((batch, seq), jnp.bool_ if k.endswith("mask") else jnp.int32) for k in rm.BATCH_KEYS
       }
@@ -256,9 +256,9 @@ def compile_steps(config, devices=None, kinds=STEP_KINDS, log=None):
         cfg, rm.make_rm_loss(cfg, section.get("score_l2", 0.0)), tx, spec, mesh, ctx.rules
       )
     elif kind == "sampler":
-      compiled = compile_sampler(ctx, common.model_config(ctx, size, "policy"), batch)
+      compiled = compile_sampler(ctx, roles.model_config(ctx, size, "policy"), batch)
     else:
-      compiled = compile_scorer(ctx, common.model_config(ctx, size, "rm"), batch)
+      compiled = compile_scorer(ctx, roles.model_config(ctx, size, "rm"), batch)
     yield label, size, batch, compiled
 
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from rmscale.data.world import World, WorldConfig
-from rmscale.parallel import aot
+from rmscale import aot
 from rmscale.parallel import mesh as mesh_lib
-from rmscale.stages import common
+from rmscale.stages import common, roles
 from rmscale.train import rm
 from rmscale.train.state import compile_train_step, init_state, make_optimizer
 
@@ -73,7 +73,7 @@ def test_rm_step_memory_adds_up_and_is_the_trainers_program():
     rules=mesh_lib.rules_from_config(cfg.rules),
     world=World(WorldConfig(**cfg.world)),
   )
-  model_cfg = common.model_config(ctx, "100k", "rm")
+  model_cfg = roles.model_config(ctx, "100k", "rm")
   tx = make_optimizer(common.optim_config(cfg.proxies, 1000))
   abstract, shardings = aot.abstract_train_state(model_cfg, tx, mesh, ctx.rules)
   state_bytes = _shard_bytes(abstract)
@@ -139,7 +139,7 @@ def test_cli_writes_the_json_report_where_the_user_means(cli):
   (cli.cwd / "configs").mkdir()
   shutil.copy(os.path.join(ROOT, "configs", "overopt.py"), cli.cwd / "configs")
   p = cli(
-    "rmscale.parallel.aot",
+    "rmscale.aot",
     "--config=configs/overopt.py:runlocal,rm=3m",  # Relative to where the user is.
     "--config.stages=proxies",
     "--steps=rm",
