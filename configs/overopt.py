@@ -12,7 +12,7 @@ Arguments after ``:`` (comma-separated; lists joined with ``+``):
   gold    gold RM size (default ``pythia-6.9b``: the GPT-NeoX shape of Pythia 6.9B, like Gao's 6B gold).
   policy  policy size (default ``1.2b``, Gao's policy; ``3b`` for a larger-policy study).
   n       the initial policy's samples per reference prompt: best-of-n's largest n (``10k``).
-  methods alignment methods to run, ``+``-joined (default ``bon+ppo``, METHODS; ``all`` too).
+  methods alignment methods to run, ``+``-joined (default ``bon+ppo``; ``all``: every registered one).
   runlocal  the same protocol shrunk to CPU sizes (seconds-scale compiles and runs; tests, AOT smoke).
 
 The world is the offline one (rmscale/data/world.py), so nothing is downloaded; only the scale of
@@ -28,10 +28,10 @@ from rmscale.parallel.mesh import DEFAULT_RULES
 LADDER = ("3m", "12m", "25m", "42m", "85m", "300m", "680m", "1.2b", "3b")  # Gao et al.'s proxies.
 # Below ~2k comparisons, RMs are near chance.
 DATA_LADDER = (2_000, 4_000, 8_000, 16_000, 32_000, 64_000, 90_000)
-# The alignment methods run by default (and by ``methods=all``), each registered in rmscale/methods/.
-# Adding one (reinforce, remax, rloo, grpo, rejection, once registered) is one more name here, and
-# its real-scale values in SECTIONS where its defaults are CPU-scale.
-METHODS = ("bon", "ppo")
+# Every registered method (``methods=all``; rmscale/methods/) and the ones run by default: Gao et
+# al.'s two. A new method needs its real-scale values in SECTIONS where its defaults are CPU-scale.
+METHODS = tuple(methods.REGISTRY)
+DEFAULT_METHODS = ("bon", "ppo")
 # Real-scale values of each method's own section, over its defaults (rmscale/methods/<name>.py).
 SECTIONS = {
   "bon": dict(
@@ -49,9 +49,19 @@ SECTIONS = {
     kl_mode="fixed",  # fixed | adaptive (then optimise.kl_coef is the start and kl_target the aim).
     kl_target=6.0,
   ),
+  # One on-policy pass of 4 minibatches per rollout (PPO: 16 updates), hence a larger lr.
+  "reinforce": dict(lr=1e-5, baseline_decay=0.9),
+  "remax": dict(lr=1e-5),
+  "rloo": dict(lr=1e-5, k=4),  # Ahmadian et al.: k = 4.
+  "grpo": dict(lr=1e-5, k=4, epochs=2, clip_eps=0.2, kl_beta=0.04),  # Shao et al.: beta 0.04.
+  "rejection": dict(lr=1e-5, k=4, keep="best", sft_epochs=1, restart=False),  # Llama 2.
 }
 # ... and their CPU-sized values under ``runlocal``.
-RUNLOCAL_SECTIONS = {"bon": dict(num_n=5), "ppo": dict(lr=1e-3)}
+RUNLOCAL_SECTIONS = {
+  "bon": dict(num_n=5),
+  **{m: dict(lr=1e-3) for m in ("ppo", "reinforce", "remax", "rloo", "grpo", "rejection")},
+  **{m: dict(lr=1e-3, k=2) for m in ("rloo", "grpo", "rejection")},  # 16 sequences: 8 prompts.
+}
 
 
 def _count(text) -> int:
@@ -67,7 +77,7 @@ def get_config(arg=None):
     gold="pythia-6.9b",
     policy="1.2b",
     n="10k",
-    methods="+".join(METHODS),
+    methods="+".join(DEFAULT_METHODS),
     runlocal=False,
   )
   c = ml_collections.ConfigDict()

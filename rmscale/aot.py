@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from rmscale.errors import UserError
 
-STEP_KINDS = ("sft", "rm", "pretrain", "sampler", "score")
+STEP_KINDS = ("sft", "rm", "pretrain", "sampler", "score", "optimise")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,6 +191,16 @@ def plan_steps(config) -> list[tuple[str, str, str, int, object]]:
     out.append(("score", "score gold", config.gold.size, config.score_batch_size, None))
   if stages & {"proxies", "reference"}:
     out += [("score", "score proxy", size, config.score_batch_size, None) for size in p.sizes]
+  if "optimise" in stages:  # Each method's own programs (rmscale/methods/), per proxy size.
+    from rmscale import methods
+
+    o = config.optimise
+    rm_sizes = [
+      s for s in p.sizes if not o.proxies or any(n.startswith(f"{s}_") for n in o.proxies)
+    ]
+    for name in o.methods:
+      if methods.get(name).programs is not None:
+        out += [("optimise", name, size, o.rollout_batch_size, None) for size in rm_sizes]
   seen, unique = set(), []
   for item in out:
     if item[0] == "pretrain" and item[2] == config.policy.size:
@@ -255,6 +265,13 @@ def compile_steps(config, devices=None, kinds=STEP_KINDS, log=None):
       compiled = compile_train_step(
         cfg, rm.make_rm_loss(cfg, section.get("score_l2", 0.0)), tx, spec, mesh, ctx.rules
       )
+    elif kind == "optimise":  # label is the method's name.
+      from rmscale import methods
+
+      m = methods.get(label)
+      for step_label, rows, compiled in m.programs(m, ctx, methods.section(config, label), size):
+        yield step_label, size, rows, compiled
+      continue
     elif kind == "sampler":
       compiled = compile_sampler(ctx, roles.model_config(ctx, size, "policy"), batch)
     else:

@@ -17,7 +17,7 @@ from rmscale.stages import common, roles
 from rmscale.train import rm
 from rmscale.train.state import compile_train_step, init_state, make_optimizer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _overopt(arg):
@@ -50,9 +50,26 @@ def test_plan_covers_every_step_of_the_real_scale_config():
     ("score", "score gold", "pythia-6.9b", 1024),
     ("score", "score proxy", "85m", 1024),
     ("score", "score proxy", "3b", 1024),
+    ("optimise", "ppo", "85m", 256),  # Methods declare their programs (bon compiles none).
+    ("optimise", "ppo", "3b", 256),
   ]
   cfg.gold.kind = "oracle"
   assert not [s for s in aot.plan_steps(cfg) if "gold" in s[1]]
+
+
+def test_every_methods_iteration_compiles_with_its_memory():
+  """The methods' own jitted iterations, on abstract inputs sharded over 8 devices."""
+  cfg = _overopt("runlocal,rm=3m,methods=bon+ppo+rloo+rejection")
+  reports = aot.compile_config(cfg, kinds=("optimise",))
+  assert [(r.step, r.size, r.batch) for r in reports] == [
+    ("ppo iteration", "3m", 16),
+    ("rloo iteration", "3m", 16),
+    ("rejection iteration", "3m", 16),
+  ]
+  for r in reports:
+    assert r.argument_bytes > 0 and r.temp_bytes > 0
+    assert r.alias_bytes > 0  # The train state is donated.
+    assert r.peak_bytes == r.argument_bytes + r.output_bytes - r.alias_bytes + r.temp_bytes
 
 
 def test_rm_step_memory_adds_up_and_is_the_trainers_program():

@@ -17,6 +17,7 @@ if _ROOT not in sys.path:
   sys.path.insert(0, _ROOT)
 
 from benchmarks import common, sampler, train_step  # noqa: E402
+from benchmarks import methods as methods_bench  # noqa: E402
 from rmscale.models import sizes  # noqa: E402
 from rmscale.models.transformer import abstract_params  # noqa: E402
 from rmscale.train import rm, sft  # noqa: E402
@@ -136,6 +137,81 @@ def test_interleaved_timing_alternates_the_two_functions():
   )
   assert order == [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("a", 2), ("b", 2)]
   assert set(a) == set(b) == {"first_s", "median_s", "min_s", "max_s"}
+
+
+def test_methods_records(capsys):
+  """One record per method, PPO first (the ratios' reference); memory is the compiled program's."""
+  R, K, N = 8, 2, 4
+  records = methods_bench.main(
+    [
+      "--policy=25k",
+      "--rm=25k",
+      "--methods=rloo,ppo,rejection",
+      f"--rollout={R}",
+      "--minibatch=4",
+      f"--k={K}",
+      f"--response_len={N}",
+      "--iterations=1",
+      "--warmup=1",
+      "--devices=2",  # 4 prompts per iteration at k=2: 2 devices split them.
+    ]
+  )
+  assert _lines(capsys) == records
+  assert [r["method"] for r in records] == ["ppo", "rloo", "rejection"]
+  by = {r["method"]: r for r in records}
+  ppo_rec = by["ppo"]
+  for rec in records:
+    for field in COMMON_FIELDS:
+      assert field in rec, field
+    assert rec["benchmark"] == "methods" and rec["device"]["count"] == 2
+    assert (rec["model_size"], rec["rm_size"]) == ("25k", "25k")
+    # The quickstart world's prompts and vocabulary (291 words padded to 296) unless flagged.
+    assert (rec["prompt_len"], rec["response_len"], rec["seq_len"]) == (9, N, 9 + N)
+    assert (rec["vocab_size"], rec["padded_vocab"]) == (291, 296)
+    assert rec["rollout"] == rec["batch"] == R
+    assert rec["settings"]["eos_id"] is None  # Fixed-length responses: the same decode work.
+    assert rec["decoded_tokens_per_iteration"] == R * N
+    assert rec["iterations_timed"] == 1 and rec["schedule"] == "interleaved"
+    assert 0 < rec["iteration_time_min_s"] <= rec["iteration_time_s"] <= rec["iteration_time_max_s"]
+    assert rec["compile_s"] > 0
+    mem = rec["memory_per_device"]
+    for field in ("argument_bytes", "output_bytes", "temp_bytes", "alias_bytes", "peak_bytes"):
+      assert isinstance(mem[field], int) and mem[field] > 0, field
+    assert isinstance(mem["code_bytes"], int) and mem["code_bytes"] >= 0
+    assert mem["peak_bytes"] == (
+      mem["argument_bytes"] + mem["output_bytes"] - mem["alias_bytes"] + mem["temp_bytes"]
+    )
+    assert "memory_analysis()" in rec["memory_source"]
+    assert rec["ratio_vs_ppo"]["time"] == pytest.approx(
+      rec["iteration_time_s"] / ppo_rec["iteration_time_s"], rel=1e-12
+    )
+    assert rec["ratio_vs_ppo"]["peak_memory"] == pytest.approx(
+      mem["peak_bytes"] / ppo_rec["memory_per_device"]["peak_bytes"], rel=1e-12
+    )
+  assert ppo_rec["ratio_vs_ppo"] == {"time": 1.0, "peak_memory": 1.0}
+  # PPO: one response per prompt, 4 epochs x 2 minibatches; its shared critic's value head (and
+  # Adam moments) make its state, the step's largest argument, bigger than RLOO's.
+  assert (ppo_rec["samples_per_prompt"], ppo_rec["prompts_per_iteration"]) == (1, R)
+  assert ppo_rec["updates_per_iteration"] == 4 * 2 and ppo_rec["settings"]["critic"] == "shared"
+  assert (
+    ppo_rec["memory_per_device"]["argument_bytes"]
+    > by["rloo"]["memory_per_device"]["argument_bytes"]
+  )
+  # RLOO: k samples of R / k prompts, one pass; rejection: finetunes on R / k kept, one minibatch.
+  for name, updates in (("rloo", 2), ("rejection", 1)):
+    assert by[name]["samples_per_prompt"] == K
+    assert by[name]["prompts_per_iteration"] == R // K
+    assert by[name]["updates_per_iteration"] == updates
+
+
+def test_methods_bad_flags_name_the_problem():
+  # Rejection's default k=4 keeps 8 / 4 = 2 sequences: no minibatch of 4 fits (before any compile).
+  with pytest.raises(ValueError, match="--methods=rejection with --rollout, --minibatch, --k"):
+    methods_bench.main(["--methods=rejection", "--rollout=8", "--minibatch=4", "--response_len=2"])
+  with pytest.raises(ValueError, match=r"--methods: \['dpo'\]"):
+    methods_bench.main(["--methods=ppo,dpo"])
+  with pytest.raises(ValueError, match="rloo: prompts per iteration .* not divisible by the 8"):
+    methods_bench.main(["--methods=rloo", "--rollout=16", "--minibatch=8"])
 
 
 def _jaxpr_matmul_flops(jaxpr) -> int:

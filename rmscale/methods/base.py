@@ -26,13 +26,14 @@ class Run:
 class Method:
   """An alignment method measured on the gold-vs-KL axis.
 
-  ``run(method, ctx, section, run, reference) -> records`` returns the curve of one run in the schema of
-  ``rmscale.curves`` (resumable: it caches its records and checkpoints under
+  ``run(method, ctx, section, run, reference) -> records`` returns the curve of one run in the
+  schema of ``rmscale.curves`` (resumable: it caches its records and checkpoints under
   ``optimise/<name>/<run>/``). ``section`` is ``config.optimise.<name>``: ``defaults`` under the
   user's keys. ``validate(config, devices)`` checks that section (the config has every method's
   section filled in, so ``checks.positive(config, "optimise.ppo.clip_eps")`` names the key a user
-  would fix). ``programs(ctx, section, rm_size)`` yields
-  ``(label, jitted, abstract_args)`` of the jitted programs it compiles, for the AOT memory report.
+  would fix). ``programs(method, ctx, section, rm_size)`` returns ``[(label, batch, compiled)]``:
+  the jitted programs a run against a proxy of ``rm_size`` compiles, compiled on abstract inputs
+  for ``ctx.mesh`` (``rmscale.aot``'s per-device memory report reads them).
   """
 
   name: str

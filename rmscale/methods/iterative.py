@@ -17,12 +17,16 @@ import json
 import os
 from collections.abc import Callable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from rmscale import curves, fs, results, rng
 from rmscale.errors import UserError
 from rmscale.methods.base import Method, Run
 from rmscale.models.config import TransformerConfig
+from rmscale.models.transformer import abstract_params
+from rmscale.parallel import mesh as mesh_lib
 from rmscale.stages import common, reference, roles
 from rmscale.train import policy
 from rmscale.train.loop import train_loop
@@ -158,6 +162,51 @@ def _check_settings(path: str, wanted: dict) -> None:
 def runner(build: Callable[[Setup], Trainer]) -> Callable[..., list[dict]]:
   """A ``Method.run`` for an iterative method whose step ``build`` makes."""
   return functools.partial(run, build)
+
+
+def programs(build: Callable[[Setup], Trainer]) -> Callable[..., list]:
+  """A ``Method.programs`` for an iterative method: its one jitted iteration."""
+  return functools.partial(compile_iteration, build)
+
+
+def compile_iteration(
+  build: Callable[[Setup], Trainer], method: Method, ctx: common.Context, section, rm_size: str
+) -> list[tuple[str, int, object]]:
+  """``[(label, batch, compiled)]``: the method's iteration against a proxy of ``rm_size``,
+  lowered on abstract sharded inputs and compiled for ``ctx.mesh`` (nothing is allocated)."""
+  policy_cfg = roles.model_config(ctx, ctx.config.policy.size, "policy")
+  rm_cfg = roles.model_config(ctx, rm_size, "rm")
+  held = {}
+
+  def init(params):  # Traced by eval_shape: the state's shapes, and the Trainer with its step.
+    held["trainer"] = build(
+      Setup(ctx, section, policy_cfg, params, rm_cfg, ctx.config.optimise.kl_coef)
+    )
+    return held["trainer"].state
+
+  abstract = lambda cfg: abstract_params(cfg)[0]  # noqa: E731
+  state = jax.eval_shape(init, abstract(policy_cfg))
+  trainer = held["trainer"]
+  if not hasattr(trainer.step, "jitted"):
+    raise ValueError(f"method {method.name!r}: its step has no .jitted program to compile")
+  sharded = lambda tree, shardings: jax.tree.map(  # noqa: E731
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings
+  )
+  ref_cfg = policy.reference_config(policy_cfg)
+  data = mesh_lib.batch_sharding(ctx.mesh)
+  rows = trainer.prompts_per_iteration
+  args = (
+    sharded(state, trainer.shardings),
+    sharded(abstract(ref_cfg), common.param_shardings(ctx, ref_cfg)),
+    sharded(abstract(rm_cfg), common.param_shardings(ctx, rm_cfg)),
+    {
+      "ids": jax.ShapeDtypeStruct((rows, ctx.prompt_len), jnp.int32, sharding=data),
+      "mask": jax.ShapeDtypeStruct((rows, ctx.prompt_len), jnp.bool_, sharding=data),
+    },
+  )
+  with mesh_lib.sharding_context(ctx.mesh, ctx.rules):
+    compiled = trainer.step.jitted.lower(*args).compile()
+  return [(f"{method.name} iteration", trainer.rollout.rollout_batch_size, compiled)]
 
 
 def run(

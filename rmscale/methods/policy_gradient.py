@@ -106,6 +106,7 @@ def _method(name: str, title: str, defaults: dict) -> Method:
     x="iteration",
     defaults={"lr": 1e-4, "entropy_coef": 0.0, **defaults},
     run=iterative.runner(_builder(name)),
+    programs=iterative.programs(_builder(name)),
     validate=_validator(name),
     kl_penalised=True,
   )

@@ -106,6 +106,7 @@ METHOD = Method(
     "kl_target": 6.0,  # adaptive: the KL per sequence (nats) the controller aims at.
   },
   run=iterative.runner(build),
+  programs=iterative.programs(build),
   validate=_validate,
   kl_penalised=True,
 )

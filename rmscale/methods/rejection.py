@@ -100,5 +100,6 @@ METHOD = Method(
     "restart": False,  # True: every round finetunes the initial policy afresh.
   },
   run=iterative.runner(build),
+  programs=iterative.programs(build),
   validate=_validate,
 )

@@ -436,4 +436,5 @@ def make_ppo_step(
     with mesh_lib.sharding_context(mesh, rules):
       return jitted(state, ref_params, reward_params, batch)
 
+  step.jitted = jitted  # For ahead-of-time lowering (memory reports).
   return step
