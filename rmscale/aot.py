@@ -205,8 +205,10 @@ def plan_steps(config) -> list[tuple[str, str, str, int, object]]:
   for item in out:
     if item[0] == "pretrain" and item[2] == config.policy.size:
       continue  # pretrained_lm reuses the initial policy for its own size.
+    # Same kind, size and batch (and, for a method's programs, the same method): the same program.
     key = ("sft" if item[0] == "pretrain" else item[0], item[2], item[3])
-    if key not in seen:  # Same kind, size and batch: the same program.
+    key += (item[1],) if item[0] == "optimise" else ()
+    if key not in seen:
       seen.add(key)
       unique.append(item)
   return unique

@@ -63,7 +63,8 @@ class Reference:
   def from_samples(cls, samples: Mapping[str, np.ndarray]) -> Reference:
     """From ``reference/samples.npz`` (``gold``, ``utility`` [prompts, N]; ``proxy`` [proxies,
     prompts, N] with ``proxy_names``)."""
-    gold, utility = np.asarray(samples["gold"], np.float64), np.asarray(samples["utility"])
+    gold = np.asarray(samples["gold"], np.float64)
+    utility = np.asarray(samples["utility"], np.float64)
     if not np.isfinite(gold).all():
       raise ValueError("the reference gold scores must be finite (found NaN or inf)")
     if not gold.std() > 0:
@@ -73,7 +74,10 @@ class Reference:
     ref = cls(
       gold=(float(gold.mean()), float(gold.std())),
       utility=(float(utility.mean()), float(utility.std())),
-      proxy={str(n): float(p.mean()) for n, p in zip(samples["proxy_names"], samples["proxy"])},
+      proxy={
+        str(n): float(np.asarray(p, np.float64).mean())
+        for n, p in zip(samples["proxy_names"], samples["proxy"])
+      },
     )
     ref.per_prompt["gold"] = ref.gold_scores(gold).mean(axis=1)
     ref.per_prompt["utility"] = ref.utility_scores(utility).mean(axis=1)

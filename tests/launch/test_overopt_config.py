@@ -81,6 +81,6 @@ def test_runlocal_is_the_same_protocol_at_cpu_size():
   )  # Distinct: no duplicate proxies.
   assert c.proxies.data_sizes == (20, 40, 80, 160, 320, 640, 900)
   assert c.stages == overopt.get_config().stages
-  assert c.optimise.methods == overopt.METHODS
+  assert c.optimise.methods == overopt.DEFAULT_METHODS == ("bon", "ppo")
   assert (c.reference.num_prompts, c.optimise.bon.num_n, c.optimise.ppo.lr) == (16, 5, 1e-3)
   pipeline.validate(c, 8)
