@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 from scipy.special import gammaln
 
+from rmscale import curves
+
 
 def kl_bon(n):
   """Analytic KL(best-of-n || base policy) in nats: log n - (n - 1) / n.
@@ -151,15 +153,6 @@ def _average_ties(sorted_proxy: np.ndarray, sorted_gold: np.ndarray) -> np.ndarr
   return (sums[flat] / counts[flat]).reshape(rows, N)
 
 
-def _mean_and_se(per_prompt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Mean and standard error over the prompt axis (-2)."""
-  prompts = per_prompt.shape[-2]
-  mean = per_prompt.mean(axis=-2)
-  if prompts < 2:
-    return mean, np.full_like(mean, np.nan)
-  return mean, per_prompt.std(axis=-2, ddof=1) / np.sqrt(prompts)
-
-
 def unbiased_best_of_n(proxy_scores, gold_scores, ns) -> BonCurve:
   """Expected proxy and gold score of best-of-n, for each n in `ns`, without resampling noise.
 
@@ -203,8 +196,8 @@ def unbiased_best_of_n(proxy_scores, gold_scores, ns) -> BonCurve:
 
   proxy_per_prompt = (sorted_proxy @ weights_KxN.T).reshape(*batch, prompts, ns_K.size)
   gold_per_prompt = (sorted_gold @ weights_KxN.T).reshape(*batch, prompts, ns_K.size)
-  proxy_mean, proxy_se = _mean_and_se(proxy_per_prompt)
-  gold_mean, gold_se = _mean_and_se(gold_per_prompt)
+  proxy_mean, proxy_se = curves.mean_and_se(proxy_per_prompt, axis=-2)  # Over prompts.
+  gold_mean, gold_se = curves.mean_and_se(gold_per_prompt, axis=-2)
   return BonCurve(
     ns=ns_K,
     kl=np.asarray(kl_bon(ns_K), dtype=np.float64).reshape(ns_K.shape),

@@ -7,7 +7,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from rmscale import checks, curves, fs, methods, provenance, results
+from rmscale import checks, curves, fs, methods, provenance, results, rng
 from rmscale.scaling import fit as fit_lib
 from rmscale.scaling import plots
 from rmscale.stages import common, proxies
@@ -30,7 +30,7 @@ def fit_curves(records: list[dict], num_boot: int, seed: int) -> list[dict]:
   instead of coefficients; the other curves are fitted as usual.
   """
   rows = []
-  rng = np.random.default_rng(seed)
+  boot_rng = rng.numpy(seed, "fit", "bootstrap")
   per_unit = curves.per_prompt(records)
   for (method, name), recs in curves.group(records).items():
     form = methods.get(method).form
@@ -46,7 +46,7 @@ def fit_curves(records: list[dict], num_boot: int, seed: int) -> list[dict]:
     row.update(fitted=True, **f.to_dict())
     units = per_unit.get((method, name))
     if units is not None and num_boot:
-      boot = fit_lib.bootstrap_fit(form, d, units, num_boot, rng)
+      boot = fit_lib.bootstrap_fit(form, d, units, num_boot, boot_rng)
       for coef, (lo, hi) in boot.intervals.items():
         row[f"{coef}_lo"], row[f"{coef}_hi"] = lo, hi
     rows.append(row)
