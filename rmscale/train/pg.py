@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -57,12 +58,15 @@ GRPO_EPS = 1e-4
 
 
 @dataclasses.dataclass(frozen=True)
-class PGConfig:
-  """Policy-gradient hyper-parameters; KL options as PPO's (no penalty by default, like Gao)."""
+class PGConfig(policy.RolloutConfig):
+  """Policy-gradient hyper-parameters; KL options as PPO's (no penalty by default, like Gao).
 
+  ``rollout_batch_size`` counts sequences per iteration (the same sample budget for every method);
+  the other rollout fields are ``policy.RolloutConfig``'s.
+  """
+
+  PREFIX: ClassVar[str] = "pg."
   estimator: str = "rloo"  # 'reinforce' | 'remax' | 'rloo' | 'grpo'.
-  rollout_batch_size: int = 64  # Sequences per iteration (the same sample budget for every method).
-  minibatch_size: int = 16  # Sequences per gradient step; must divide rollout_batch_size.
   k: int = 4  # Samples per prompt: >= 2 for rloo and grpo, 1 for reinforce and remax.
   epochs: int = 1  # Passes over each rollout: grpo's mu; the other estimators are on-policy (1).
   clip_eps: float = 0.2  # grpo: clip range of the probability ratio.
@@ -70,22 +74,14 @@ class PGConfig:
   kl_beta: float = 0.04  # grpo: weight of the per-token k3 KL(pi || pi_ref) in the loss.
   baseline_decay: float = 0.9  # reinforce: decay of the moving-average baseline.
   entropy_coef: float = 0.0  # Entropy bonus weight in the loss.
-  temperature: float = 1.0  # Sampling temperature; log-probs and KL are the tempered policy's.
-  max_new_tokens: int = 32  # Response length limit.
-  eos_id: int | None = None  # Ends a response; None: fixed-length responses.
-  pad_id: int = 0  # Written after EOS.
 
   def __post_init__(self):
+    super().__post_init__()
     if self.estimator not in ESTIMATORS:
       raise ValueError(f"pg.estimator={self.estimator!r} is not one of {ESTIMATORS}")
-    for name in ("rollout_batch_size", "minibatch_size", "k", "epochs", "max_new_tokens"):
+    for name in ("k", "epochs"):
       if int(getattr(self, name)) <= 0:
         raise ValueError(f"pg.{name} must be positive, got {getattr(self, name)}")
-    if self.rollout_batch_size % self.minibatch_size:
-      raise ValueError(
-        f"pg.minibatch_size={self.minibatch_size} does not divide "
-        f"pg.rollout_batch_size={self.rollout_batch_size}"
-      )
     if self.estimator in GROUPED and self.k < 2:
       raise ValueError(
         f"pg.k={self.k}: pg.estimator={self.estimator!r} compares k >= 2 samples of each prompt"
@@ -110,11 +106,6 @@ class PGConfig:
         raise ValueError(f"pg.{name} must be >= 0, got {getattr(self, name)}")
     if not 0.0 <= self.baseline_decay < 1.0:
       raise ValueError(f"pg.baseline_decay must be in [0, 1), got {self.baseline_decay}")
-    if self.temperature <= 0:
-      raise ValueError(
-        f"pg.temperature must be > 0 (policy gradients need a stochastic policy), "
-        f"got {self.temperature}"
-      )
 
   @property
   def prompts_per_iteration(self) -> int:
@@ -122,24 +113,9 @@ class PGConfig:
     return self.rollout_batch_size // self.k
 
   @property
-  def num_minibatches(self) -> int:
-    return self.rollout_batch_size // self.minibatch_size
-
-  @property
   def updates_per_iteration(self) -> int:
     """Optimizer steps per iteration: size ``OptimConfig.total_steps`` as iterations times this."""
     return self.epochs * self.num_minibatches
-
-  def rollout_config(self) -> policy.RolloutConfig:
-    """The sampling and scoring fields (rows = sequences), for ``policy.rollout`` and evaluators."""
-    return policy.RolloutConfig(
-      rollout_batch_size=self.rollout_batch_size,
-      minibatch_size=self.minibatch_size,
-      temperature=self.temperature,
-      max_new_tokens=self.max_new_tokens,
-      eos_id=self.eos_id,
-      pad_id=self.pad_id,
-    )
 
 
 # -- advantages and losses ---------------------------------------------------------------------

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import numbers
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -37,32 +39,51 @@ RewardFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
 
 @dataclasses.dataclass(frozen=True)
 class RolloutConfig:
-  """How a method samples and scores: batch sizes, temperature and the response layout."""
+  """How a method samples and scores: batch sizes, temperature and the response layout.
 
-  rollout_batch_size: int = 64  # Rows per rollout (and per evaluation batch).
-  minibatch_size: int = 16  # Rows per forward pass when scoring (and per gradient step).
+  Every method's config (``ppo.PPOConfig``, ``pg.PGConfig``, ``rejection.RejectionConfig``) extends
+  it, so these fields, their checks and ``rollout_config()`` are written once; a subclass names its
+  section in ``PREFIX`` for the error messages (``pg.minibatch_size=5 does not divide ...``).
+  """
+
+  PREFIX: ClassVar[str] = ""
+  rollout_batch_size: int = 64  # Sequences per rollout (and per evaluation batch).
+  minibatch_size: int = 16  # Sequences per forward pass when scoring (and per gradient step).
   temperature: float = 1.0  # Sampling temperature; log-probs and KL are the tempered policy's.
-  max_new_tokens: int = 32  # Response length limit.
-  eos_id: int | None = None  # Ends a response; None: fixed-length responses.
-  pad_id: int = 0  # Written after EOS.
+  max_new_tokens: int = 32  # Response length limit (the rollout's time axis).
+  eos_id: int | None = None  # The tokenizer's EOS (ends a response); None: fixed-length responses.
+  pad_id: int = 0  # The tokenizer's pad id, written after EOS.
 
   def __post_init__(self):
+    p = self.PREFIX
     for name in ("rollout_batch_size", "minibatch_size", "max_new_tokens"):
-      if int(getattr(self, name)) <= 0:
-        raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(f"{p}{name} must be a positive integer, got {value!r}")
     if self.rollout_batch_size % self.minibatch_size:
       raise ValueError(
-        f"minibatch_size={self.minibatch_size} does not divide "
-        f"rollout_batch_size={self.rollout_batch_size}"
+        f"{p}minibatch_size={self.minibatch_size} does not divide "
+        f"{p}rollout_batch_size={self.rollout_batch_size}"
       )
-    if self.temperature <= 0:
+    if not 0.0 < self.temperature < math.inf:
       raise ValueError(
-        f"temperature must be > 0 (policy gradients need a stochastic policy), got {self.temperature}"
+        f"{p}temperature must be > 0 and finite (policy gradients need a stochastic policy), "
+        f"got {self.temperature}"
       )
+    if self.eos_id is not None and self.eos_id < 0:
+      raise ValueError(f"{p}eos_id must be a token id >= 0 or None, got {self.eos_id}")
+    if self.pad_id < 0:
+      raise ValueError(f"{p}pad_id must be a token id >= 0, got {self.pad_id}")
 
   @property
   def num_minibatches(self) -> int:
     return self.rollout_batch_size // self.minibatch_size
+
+  def rollout_config(self) -> RolloutConfig:
+    """Just the sampling and scoring fields, for ``rollout`` and ``make_evaluator``."""
+    return RolloutConfig(
+      **{f.name: getattr(self, f.name) for f in dataclasses.fields(RolloutConfig)}
+    )
 
   def sampling_config(self, temperature: float | None = None) -> SamplingConfig:
     return SamplingConfig(

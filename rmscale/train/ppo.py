@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -40,20 +41,23 @@ CRITICS = ("shared", "separate")
 
 
 @dataclasses.dataclass(frozen=True)
-class PPOConfig:
-  """PPO hyper-parameters; defaults follow Gao et al. (2023, Table 1) where they give one."""
+class PPOConfig(policy.RolloutConfig):
+  """PPO hyper-parameters; defaults follow Gao et al. (2023, Table 1) where they give one.
 
-  rollout_batch_size: int = 64  # Prompts per iteration (one response each); the paper uses 256.
-  minibatch_size: int = 16  # Sequences per gradient step; must divide rollout_batch_size.
+  The rollout fields (``rollout_batch_size``: prompts per iteration, one response each, the paper
+  uses 256; ``minibatch_size``: sequences per gradient step; temperature and the response layout)
+  are ``policy.RolloutConfig``'s.
+  """
+
+  PREFIX: ClassVar[str] = "ppo."
   epochs: int = 4  # Passes over each rollout, reshuffled every pass.
   clip_eps: float = 0.2  # Clip range of the probability ratio in the surrogate.
   value_clip: float = 0.2  # Clip range of the value update around the rollout's values; 0 disables.
   vf_coef: float = 0.1  # Value-loss weight; small so a shared trunk is not dominated by the critic.
   gamma: float = 1.0  # Discount: episodes are short and the reward sits at the end.
   gae_lambda: float = 0.95  # GAE's bias-variance trade-off.
-  kl_coef: float = (
-    0.0  # KL penalty per token (the initial value under 'adaptive'); 0 = Gao's default.
-  )
+  # KL penalty per token (the initial value under 'adaptive'); 0 = Gao's default.
+  kl_coef: float = 0.0
   kl_mode: str = "fixed"  # 'fixed' | 'adaptive' (Ziegler et al. 2019 proportional controller).
   kl_target: float = 6.0  # 'adaptive': KL(pi || pi_ref) per sequence (nats) the controller aims at.
   kl_horizon: int = 10000  # 'adaptive': sequences over which the coefficient may change by ~e^0.2.
@@ -61,22 +65,12 @@ class PPOConfig:
   entropy_coef: float = 0.0  # Entropy bonus weight in the policy loss.
   whiten_advantages: bool = True  # Normalise advantages over the rollout's response tokens.
   critic: str = "shared"  # 'shared': value head on the policy trunk; 'separate': own model.
-  temperature: float = (
-    1.0  # Sampling temperature; log-probs and KL are those of the tempered policy.
-  )
-  max_new_tokens: int = 32  # Response length limit (the rollout's time axis).
-  eos_id: int | None = None  # The tokenizer's EOS (ends a response); None: fixed-length responses.
-  pad_id: int = 0  # The tokenizer's pad id, written after EOS.
 
   def __post_init__(self):
-    for name in ("rollout_batch_size", "minibatch_size", "epochs", "max_new_tokens", "kl_horizon"):
+    super().__post_init__()
+    for name in ("epochs", "kl_horizon"):
       if int(getattr(self, name)) <= 0:
         raise ValueError(f"ppo.{name} must be positive, got {getattr(self, name)}")
-    if self.rollout_batch_size % self.minibatch_size:
-      raise ValueError(
-        f"ppo.minibatch_size={self.minibatch_size} does not divide "
-        f"ppo.rollout_batch_size={self.rollout_batch_size}"
-      )
     if self.clip_eps <= 0:
       raise ValueError(f"ppo.clip_eps must be positive, got {self.clip_eps}")
     if self.value_clip < 0:
@@ -100,30 +94,11 @@ class PPOConfig:
       )
     if self.critic not in CRITICS:
       raise ValueError(f"ppo.critic={self.critic!r} is not one of {CRITICS}")
-    if self.temperature <= 0:
-      raise ValueError(
-        f"ppo.temperature must be > 0 (PPO needs a stochastic policy), got {self.temperature}"
-      )
-
-  @property
-  def num_minibatches(self) -> int:
-    return self.rollout_batch_size // self.minibatch_size
 
   @property
   def updates_per_iteration(self) -> int:
     """Optimizer steps per iteration: size ``OptimConfig.total_steps`` as iterations times this."""
     return self.epochs * self.num_minibatches
-
-  def rollout_config(self) -> policy.RolloutConfig:
-    """The sampling and scoring fields, for ``policy.rollout`` and ``policy.make_evaluator``."""
-    return policy.RolloutConfig(
-      rollout_batch_size=self.rollout_batch_size,
-      minibatch_size=self.minibatch_size,
-      temperature=self.temperature,
-      max_new_tokens=self.max_new_tokens,
-      eos_id=self.eos_id,
-      pad_id=self.pad_id,
-    )
 
 
 # -- models ------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ import dataclasses
 import functools
 import math
 import numbers
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -69,23 +70,24 @@ def num_kept_rows(rollout_batch_size: int, k: int, keep: str, keep_fraction: flo
 
 
 @dataclasses.dataclass(frozen=True)
-class RejectionConfig:
-  """Rejection-sampling hyper-parameters (Llama 2 best-of-k; RAFT top fraction)."""
+class RejectionConfig(policy.RolloutConfig):
+  """Rejection-sampling hyper-parameters (Llama 2 best-of-k; RAFT top fraction).
 
-  rollout_batch_size: int = 64  # Sequences sampled per round: rollout_batch_size / k prompts.
-  minibatch_size: int = 16  # Sequences per SFT step (and per scoring pass over the rollout).
+  ``rollout_batch_size`` counts sequences sampled per round (``rollout_batch_size / k`` prompts);
+  ``minibatch_size`` is the sequences per SFT step and per scoring pass over the rollout; the other
+  rollout fields are ``policy.RolloutConfig``'s.
+  """
+
+  PREFIX: ClassVar[str] = "rejection."
   k: int = 4  # Samples per prompt.
   keep: str = "best"  # 'best': each prompt's best of k (Llama 2); 'top_fraction': RAFT.
   keep_fraction: float = 0.25  # 'top_fraction': share of the whole rollout kept, in (0, 1].
   sft_epochs: int = 1  # Passes over the kept sequences per round, reshuffled every pass.
   restart: bool = False  # True: every round finetunes the initial policy afresh (see module doc).
-  temperature: float = 1.0  # Sampling temperature; the KL metric is the tempered policy's.
-  max_new_tokens: int = 32  # Response length limit (the rollout's time axis).
-  eos_id: int | None = None  # The tokenizer's EOS (ends a response); None: fixed-length responses.
-  pad_id: int = 0  # The tokenizer's pad id, written after EOS.
 
   def __post_init__(self):
-    for name in ("rollout_batch_size", "minibatch_size", "k", "sft_epochs", "max_new_tokens"):
+    super().__post_init__()
+    for name in ("k", "sft_epochs"):
       value = getattr(self, name)
       if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"rejection.{name} must be a positive integer, got {value!r}")
@@ -98,12 +100,6 @@ class RejectionConfig:
       raise ValueError(f"rejection.keep={self.keep!r} is not one of {KEEPS}")
     if not 0.0 < self.keep_fraction <= 1.0:
       raise ValueError(f"rejection.keep_fraction must be in (0, 1], got {self.keep_fraction}")
-    if self.rollout_batch_size % self.minibatch_size:
-      raise ValueError(
-        f"rejection.minibatch_size={self.minibatch_size} does not divide "
-        f"rejection.rollout_batch_size={self.rollout_batch_size} (the rollout is scored in "
-        "minibatches)"
-      )
     if self.num_kept % self.minibatch_size:
       raise ValueError(
         f"rejection.minibatch_size={self.minibatch_size} does not divide the {self.num_kept} "
@@ -113,12 +109,6 @@ class RejectionConfig:
       )
     if not isinstance(self.restart, bool):
       raise ValueError(f"rejection.restart must be True or False, got {self.restart!r}")
-    if not 0.0 < self.temperature < math.inf:
-      raise ValueError(f"rejection.temperature must be > 0 and finite, got {self.temperature}")
-    if self.eos_id is not None and self.eos_id < 0:
-      raise ValueError(f"rejection.eos_id must be a token id >= 0 or None, got {self.eos_id}")
-    if self.pad_id < 0:
-      raise ValueError(f"rejection.pad_id must be a token id >= 0, got {self.pad_id}")
 
   @property
   def prompts_per_iteration(self) -> int:
@@ -131,25 +121,14 @@ class RejectionConfig:
     return num_kept_rows(self.rollout_batch_size, self.k, self.keep, self.keep_fraction)
 
   @property
-  def num_minibatches(self) -> int:
-    """SFT steps per epoch over the kept sequences."""
+  def sft_steps_per_epoch(self) -> int:
+    """SFT steps per pass over the kept sequences."""
     return self.num_kept // self.minibatch_size
 
   @property
   def updates_per_iteration(self) -> int:
     """Optimizer steps per round: size ``OptimConfig.total_steps`` from this (see module doc)."""
-    return self.sft_epochs * self.num_minibatches
-
-  def rollout_config(self) -> policy.RolloutConfig:
-    """The sampling and scoring fields, for ``policy.rollout`` and ``policy.make_evaluator``."""
-    return policy.RolloutConfig(
-      rollout_batch_size=self.rollout_batch_size,
-      minibatch_size=self.minibatch_size,
-      temperature=self.temperature,
-      max_new_tokens=self.max_new_tokens,
-      eos_id=self.eos_id,
-      pad_id=self.pad_id,
-    )
+    return self.sft_epochs * self.sft_steps_per_epoch
 
 
 def select(scores_B, k: int, keep: str, keep_fraction: float):
@@ -277,7 +256,9 @@ def rejection_round(
 
   def epoch(carry, epoch_rng):
     rows = indices[jax.random.permutation(epoch_rng, cfg.num_kept)]
-    minibatches = jax.tree.map(lambda x: policy.to_minibatches(x[rows], cfg.num_minibatches), data)
+    minibatches = jax.tree.map(
+      lambda x: policy.to_minibatches(x[rows], cfg.sft_steps_per_epoch), data
+    )
     return jax.lax.scan(minibatch_step, carry, minibatches)
 
   if cfg.restart:

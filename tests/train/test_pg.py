@@ -176,7 +176,7 @@ def test_config_and_model_errors_name_the_field():
     (dict(kl_coef=-1.0), "pg.kl_coef must be >= 0"),
     (dict(estimator="reinforce", k=1, baseline_decay=1.0), "pg.baseline_decay must be in"),
     (dict(temperature=0.0), "pg.temperature must be > 0"),
-    (dict(max_new_tokens=0), "pg.max_new_tokens must be positive"),
+    (dict(max_new_tokens=0), "pg.max_new_tokens must be a positive integer"),
   ]
   for kwargs, message in cases:
     with pytest.raises(ValueError, match=message):
