@@ -402,28 +402,14 @@ def make_pg_step(
   mesh_lib.check_batch_divisible(cfg.rollout_batch_size, mesh, "pg.rollout_batch_size")
   mesh_lib.check_batch_divisible(cfg.minibatch_size, mesh, "pg.minibatch_size")
   mesh_lib.check_batch_divisible(cfg.prompts_per_iteration, mesh, "pg.prompts_per_iteration")
-  ref_shardings = policy.model_param_shardings(policy.reference_config(policy_cfg), mesh, rules)
-  rep = mesh_lib.replicated(mesh)
-  fn = functools.partial(pg_iteration, cfg=cfg, policy_cfg=policy_cfg, reward_fn=reward_fn, tx=tx)
-  jitted = jax.jit(
-    fn,
-    in_shardings=(
-      state_shardings,
-      ref_shardings,
-      reward_shardings or rep,
-      mesh_lib.batch_sharding(mesh),
-    ),
-    out_shardings=(state_shardings, rep),
-    donate_argnums=0,
+  return policy.jit_iteration(
+    functools.partial(pg_iteration, cfg=cfg, policy_cfg=policy_cfg, reward_fn=reward_fn, tx=tx),
+    policy_cfg=policy_cfg,
+    state_shardings=state_shardings,
+    mesh=mesh,
+    rules=rules,
+    prompts=cfg.prompts_per_iteration,
+    what="pg.prompts_per_iteration",
+    reward_shardings=reward_shardings,
     compiler_options=compiler_options,
   )
-
-  def step(state, ref_params, reward_params, batch):
-    policy.check_reference(ref_params, policy_cfg)
-    policy.check_prompts(batch, cfg.prompts_per_iteration, "pg.prompts_per_iteration")
-    batch = policy.global_batch(batch, mesh_lib.batch_sharding(mesh))
-    with mesh_lib.sharding_context(mesh, rules):
-      return jitted(state, ref_params, reward_params, batch)
-
-  step.jitted = jitted
-  return step

@@ -152,6 +152,48 @@ def check_prompts(batch: dict, rows: int, what: str) -> None:
     )
 
 
+def jit_iteration(
+  iteration: Callable,
+  *,
+  policy_cfg: TransformerConfig,
+  state_shardings,
+  mesh,
+  rules=mesh_lib.DEFAULT_RULES,
+  prompts: int,
+  what: str,
+  reward_shardings=None,
+  compiler_options: dict | None = None,
+):
+  """A method's ``iteration(state, ref_params, reward_params, batch) -> (state, metrics)`` jitted
+  on ``mesh``: ``step(state, ref_params, reward_params, batch)``.
+
+  The state is donated; prompts (host arrays: the whole batch of ``prompts`` rows, see
+  ``global_batch``) are sharded over the data axes; ``ref_params`` (the initial policy, no value
+  head) are laid out like the policy; ``reward_shardings`` (default: replicated) lays out
+  ``reward_params``; metrics come back replicated. ``what`` names the prompt count in errors.
+  ``step.jitted`` is the jitted function, for ahead-of-time lowering (``rmscale.aot``).
+  """
+  ref_shardings = model_param_shardings(reference_config(policy_cfg), mesh, rules)
+  rep, data = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
+  jitted = jax.jit(
+    iteration,
+    in_shardings=(state_shardings, ref_shardings, reward_shardings or rep, data),
+    out_shardings=(state_shardings, rep),
+    donate_argnums=0,
+    compiler_options=compiler_options,
+  )
+
+  def step(state, ref_params, reward_params, batch):
+    check_reference(ref_params, policy_cfg)
+    check_prompts(batch, prompts, what)
+    batch = global_batch(batch, data)
+    with mesh_lib.sharding_context(mesh, rules):
+      return jitted(state, ref_params, reward_params, batch)
+
+  step.jitted = jitted
+  return step
+
+
 # -- minibatches -------------------------------------------------------------------------------
 
 

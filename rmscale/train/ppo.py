@@ -380,8 +380,6 @@ def make_ppo_step(
   _check_models(cfg, policy_cfg, critic_cfg)
   mesh_lib.check_batch_divisible(cfg.rollout_batch_size, mesh, "ppo.rollout_batch_size")
   mesh_lib.check_batch_divisible(cfg.minibatch_size, mesh, "ppo.minibatch_size")
-  ref_shardings = policy.model_param_shardings(policy.reference_config(policy_cfg), mesh, rules)
-  rep = mesh_lib.replicated(mesh)
   fn = functools.partial(
     ppo_iteration,
     cfg=cfg,
@@ -391,25 +389,14 @@ def make_ppo_step(
     critic_cfg=critic_cfg,
     critic_tx=critic_tx,
   )
-  jitted = jax.jit(
+  return policy.jit_iteration(
     fn,
-    in_shardings=(
-      state_shardings,
-      ref_shardings,
-      reward_shardings or rep,
-      mesh_lib.batch_sharding(mesh),
-    ),
-    out_shardings=(state_shardings, rep),
-    donate_argnums=0,
+    policy_cfg=policy_cfg,
+    state_shardings=state_shardings,
+    mesh=mesh,
+    rules=rules,
+    prompts=cfg.rollout_batch_size,
+    what="ppo.rollout_batch_size",
+    reward_shardings=reward_shardings,
     compiler_options=compiler_options,
   )
-
-  def step(state, ref_params, reward_params, batch):
-    policy.check_reference(ref_params, policy_cfg)
-    policy.check_prompts(batch, cfg.rollout_batch_size, "ppo.rollout_batch_size")
-    batch = policy.global_batch(batch, mesh_lib.batch_sharding(mesh))
-    with mesh_lib.sharding_context(mesh, rules):
-      return jitted(state, ref_params, reward_params, batch)
-
-  step.jitted = jitted  # For ahead-of-time lowering (memory reports).
-  return step

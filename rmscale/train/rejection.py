@@ -309,27 +309,14 @@ def make_rejection_step(
   _check_model(policy_cfg)
   mesh_lib.check_batch_divisible(cfg.prompts_per_iteration, mesh, "rejection.prompts_per_iteration")
   mesh_lib.check_batch_divisible(cfg.minibatch_size, mesh, "rejection.minibatch_size")
-  ref_shardings = policy.model_param_shardings(policy.reference_config(policy_cfg), mesh, rules)
-  rep, data = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
-  fn = functools.partial(
-    rejection_round, cfg=cfg, policy_cfg=policy_cfg, reward_fn=reward_fn, tx=tx
-  )
-  jitted = jax.jit(
-    fn,
-    in_shardings=(state_shardings, ref_shardings, reward_shardings or rep, data),
-    out_shardings=(state_shardings, rep),
-    donate_argnums=0,
+  return policy.jit_iteration(
+    functools.partial(rejection_round, cfg=cfg, policy_cfg=policy_cfg, reward_fn=reward_fn, tx=tx),
+    policy_cfg=policy_cfg,
+    state_shardings=state_shardings,
+    mesh=mesh,
+    rules=rules,
+    prompts=cfg.prompts_per_iteration,
+    what="rejection.rollout_batch_size // rejection.k",
+    reward_shardings=reward_shardings,
     compiler_options=compiler_options,
   )
-
-  def step(state, ref_params, reward_params, batch):
-    policy.check_reference(ref_params, policy_cfg)
-    policy.check_prompts(
-      batch, cfg.prompts_per_iteration, "rejection.rollout_batch_size // rejection.k"
-    )
-    batch = policy.global_batch(batch, data)
-    with mesh_lib.sharding_context(mesh, rules):
-      return jitted(state, ref_params, reward_params, batch)
-
-  step.jitted = jitted
-  return step
