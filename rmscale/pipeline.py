@@ -1,4 +1,6 @@
-"""Runs an experiment config's stages in order; each is skipped when its done-marker exists.
+"""Runs an experiment config's stages in order; each is skipped when its done-marker exists (and
+matches the stage's fingerprint of the config, for stages that have one), until one runs: every
+later stage then runs too.
 
 A stage reads the artefacts of earlier stages from the workdir and writes its own atomically, then
 writes ``stages/<name>.json`` (its summary figures). A killed run therefore resumes at the stage it
