@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from rmscale import curves, report, results
+from rmscale import curves, report, results, rng
 from rmscale.methods import iterative
 from rmscale.data.world import World
 from rmscale.scaling import analysis
@@ -231,7 +231,7 @@ def test_fit_rows_match_the_fit_stage(synthetic_sweep):
   workdir = os.path.join(synthetic_sweep, "rm-1.6m")
   res = report.load_results(workdir)
   expected = fit_stage.fit_curves(curves.load(workdir), num_boot=30, seed=7)
-  got = [f.row() for f in analysis.fit_all(res.curves(), 30, np.random.default_rng(7))]
+  got = [f.row() for f in analysis.fit_all(res.curves(), 30, rng.numpy(7, "fit", "bootstrap"))]
   assert len(got) == len(expected) == 2
   for g, e in zip(got, expected):
     assert (g["method"], g["name"]) == (e["method"], e["name"])
