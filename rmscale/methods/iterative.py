@@ -34,6 +34,7 @@ from rmscale.train.state import OptimConfig, make_optimizer
 
 EVAL_SAMPLES = {"initial": "initial_samples.npz", "final": "final_samples.npz"}
 _EVALUATORS: dict = {}
+_STEPS: dict = {}  # Runs of one shape share their compiled step (per method and proxy size).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +89,49 @@ class Setup:
 
   def init_key(self, method: str, run: str):
     return rng.key(self.ctx.config.seed, "optimise", method, run, "init")
+
+  def trainer(
+    self,
+    name: str,
+    cfg,
+    init_state: Callable,
+    make_step: Callable,
+    *,
+    policy_cfg: TransformerConfig | None = None,
+    per_round: bool = False,
+    step_key=None,
+  ) -> Trainer:
+    """A method's Trainer from its config and its module's two functions, in one shape:
+    ``init_state(cfg, policy_cfg, init_params, tx, rng, mesh, rules)`` and
+    ``make_step(cfg, policy_cfg, reward_fn, tx, shardings, mesh, rules, *, reward_shardings)``
+    (bind extra arguments with ``functools.partial``). ``policy_cfg`` is the trained model
+    (default: the initial policy's); the compiled step is shared by every run of the same
+    ``step_key`` (default: ``cfg``) and shapes."""
+    ctx, policy_cfg = self.ctx, policy_cfg or self.policy_cfg
+    optim, tx = self.optimizer(cfg.updates_per_iteration, per_round=per_round)
+    state, shardings = init_state(
+      cfg, policy_cfg, self.init_params, tx, self.init_key(name, "state"), ctx.mesh, ctx.rules
+    )
+    key = (name, step_key or cfg, policy_cfg, self.rm_cfg, optim, ctx.mesh, ctx.rules)
+    if key not in _STEPS:
+      _STEPS[key] = make_step(
+        cfg,
+        policy_cfg,
+        policy.rm_reward_fn(self.rm_cfg),
+        tx,
+        shardings,
+        ctx.mesh,
+        ctx.rules,
+        reward_shardings=common.param_shardings(ctx, self.rm_cfg),
+      )
+    return Trainer(
+      state=state,
+      shardings=shardings,
+      step=_STEPS[key],
+      policy_cfg=policy_cfg,
+      rollout=cfg.rollout_config(),
+      prompts_per_iteration=getattr(cfg, "prompts_per_iteration", cfg.rollout_batch_size),
+    )
 
 
 def evaluator(ctx: common.Context, trainer: Trainer, rm_cfg: TransformerConfig):

@@ -12,15 +12,12 @@ from __future__ import annotations
 from rmscale import checks
 from rmscale.methods import iterative
 from rmscale.methods.base import Method
-from rmscale.stages import common
-from rmscale.train import pg, policy
-
-_STEPS: dict = {}  # Runs of one shape share the compiled step.
+from rmscale.train import pg
 
 
 def _builder(estimator: str):
   def build(setup: iterative.Setup) -> iterative.Trainer:
-    s, o, ctx = setup.section, setup.ctx.config.optimise, setup.ctx
+    s, o = setup.section, setup.ctx.config.optimise
     cfg = pg.PGConfig(
       estimator=estimator,
       rollout_batch_size=o.rollout_batch_size,
@@ -34,36 +31,7 @@ def _builder(estimator: str):
       entropy_coef=s.entropy_coef,
       **setup.rollout_fields(),
     )
-    optim, tx = setup.optimizer(cfg.updates_per_iteration)
-    state, shardings = pg.init_pg_state(
-      cfg,
-      setup.policy_cfg,
-      setup.init_params,
-      tx,
-      setup.init_key(estimator, "state"),
-      ctx.mesh,
-      ctx.rules,
-    )
-    key = (cfg, setup.policy_cfg, setup.rm_cfg, optim, ctx.mesh, ctx.rules)
-    if key not in _STEPS:
-      _STEPS[key] = pg.make_pg_step(
-        cfg,
-        setup.policy_cfg,
-        policy.rm_reward_fn(setup.rm_cfg),
-        tx,
-        shardings,
-        ctx.mesh,
-        ctx.rules,
-        reward_shardings=common.param_shardings(ctx, setup.rm_cfg),
-      )
-    return iterative.Trainer(
-      state=state,
-      shardings=shardings,
-      step=_STEPS[key],
-      policy_cfg=setup.policy_cfg,
-      rollout=cfg.rollout_config(),
-      prompts_per_iteration=cfg.prompts_per_iteration,
-    )
+    return setup.trainer(estimator, cfg, pg.init_pg_state, pg.make_pg_step)
 
   return build
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from rmscale import checks
 from rmscale.methods import iterative
 from rmscale.methods.base import Method
-from rmscale.train import policy, ppo
-
-_STEPS: dict = {}  # Runs of one shape (e.g. a KL study's) share the compiled step.
+from rmscale.train import ppo
 
 
 def _validate(config, devices: int) -> None:
@@ -47,44 +46,18 @@ def build(setup: iterative.Setup) -> iterative.Trainer:
     critic=s.critic,
     **setup.rollout_fields(),
   )
-  ctx = setup.ctx
   train_cfg = (
     setup.policy_cfg.replace(value_head=True) if cfg.critic == "shared" else setup.policy_cfg
   )
   critic_cfg = ppo.critic_config(setup.policy_cfg) if cfg.critic == "separate" else None
-  optim, tx = setup.optimizer(cfg.updates_per_iteration)
-  state, shardings = ppo.init_ppo_state(
+  return setup.trainer(
+    "ppo",
     cfg,
-    train_cfg,
-    setup.init_params,
-    tx,
-    setup.init_key("ppo", "state"),
-    ctx.mesh,
-    ctx.rules,
-    critic_cfg=critic_cfg,
-    critic_params=setup.init_params,
-  )
-  # kl_coef only seeds the state's coefficient, so a KL study's runs share the program.
-  key = (dataclasses.replace(cfg, kl_coef=0.0), train_cfg, setup.rm_cfg, optim, ctx.mesh, ctx.rules)
-  if key not in _STEPS:
-    _STEPS[key] = ppo.make_ppo_step(
-      cfg,
-      train_cfg,
-      policy.rm_reward_fn(setup.rm_cfg),
-      tx,
-      shardings,
-      ctx.mesh,
-      ctx.rules,
-      critic_cfg=critic_cfg,
-      reward_shardings=iterative.common.param_shardings(ctx, setup.rm_cfg),
-    )
-  return iterative.Trainer(
-    state=state,
-    shardings=shardings,
-    step=_STEPS[key],
+    functools.partial(ppo.init_ppo_state, critic_cfg=critic_cfg, critic_params=setup.init_params),
+    functools.partial(ppo.make_ppo_step, critic_cfg=critic_cfg),
     policy_cfg=train_cfg,
-    rollout=cfg.rollout_config(),
-    prompts_per_iteration=cfg.rollout_batch_size,
+    # kl_coef only seeds the state's coefficient, so a KL study's runs share the program.
+    step_key=dataclasses.replace(cfg, kl_coef=0.0),
   )
 
 

@@ -8,10 +8,7 @@ from __future__ import annotations
 from rmscale import checks
 from rmscale.methods import iterative
 from rmscale.methods.base import Method
-from rmscale.stages import common
-from rmscale.train import policy, rejection
-
-_STEPS: dict = {}  # Runs of one shape share the compiled step.
+from rmscale.train import rejection
 
 
 def _validate(config, devices: int) -> None:
@@ -42,7 +39,7 @@ def _validate(config, devices: int) -> None:
 
 
 def build(setup: iterative.Setup) -> iterative.Trainer:
-  s, o, ctx = setup.section, setup.ctx.config.optimise, setup.ctx
+  s, o = setup.section, setup.ctx.config.optimise
   cfg = rejection.RejectionConfig(
     rollout_batch_size=o.rollout_batch_size,
     minibatch_size=o.minibatch_size,
@@ -53,36 +50,12 @@ def build(setup: iterative.Setup) -> iterative.Trainer:
     restart=s.restart,
     **setup.rollout_fields(),
   )
-  # Restarted rounds each run the whole schedule (fresh optimizer state every round).
-  optim, tx = setup.optimizer(cfg.updates_per_iteration, per_round=cfg.restart)
-  state, shardings = rejection.init_rejection_state(
+  return setup.trainer(
+    "rejection",
     cfg,
-    setup.policy_cfg,
-    setup.init_params,
-    tx,
-    setup.init_key("rejection", "state"),
-    ctx.mesh,
-    ctx.rules,
-  )
-  key = (cfg, setup.policy_cfg, setup.rm_cfg, optim, ctx.mesh, ctx.rules)
-  if key not in _STEPS:
-    _STEPS[key] = rejection.make_rejection_step(
-      cfg,
-      setup.policy_cfg,
-      policy.rm_reward_fn(setup.rm_cfg),
-      tx,
-      shardings,
-      ctx.mesh,
-      ctx.rules,
-      reward_shardings=common.param_shardings(ctx, setup.rm_cfg),
-    )
-  return iterative.Trainer(
-    state=state,
-    shardings=shardings,
-    step=_STEPS[key],
-    policy_cfg=setup.policy_cfg,
-    rollout=cfg.rollout_config(),
-    prompts_per_iteration=cfg.prompts_per_iteration,
+    rejection.init_rejection_state,
+    rejection.make_rejection_step,
+    per_round=cfg.restart,  # Restarted rounds each run the whole schedule afresh.
   )
 
 
