@@ -38,8 +38,9 @@ IDENTITY = ("rm_size", "rm_params", "data_size", "seed", "name", "proxy_name")
 def mean_and_se(x, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """Mean and standard error of the mean (ddof=1) along ``axis``; the error is NaN below 2 values.
 
-  The one host-side helper: best-of-n curves, evaluations and reports all use it. (Inside jitted
-  steps ``rl_losses.mean_and_se`` reports 0 instead, as a training metric that must stay finite.)
+  Best-of-n curves, curve records and reports use it. The KL statistics of jitted steps and of
+  ``train.policy.evaluate`` come from ``rl_losses.mean_and_se``, which reports 0 below 2 values
+  instead (a training metric that must stay finite).
   """
   x = np.asarray(x, dtype=np.float64)
   n = x.shape[axis]

@@ -339,21 +339,16 @@ def pg_iteration(
       loss = loss - cfg.entropy_coef * entropy
     return loss, metrics
 
-  def minibatch_step(carry, mb):
-    params, opt_state = carry
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, mb)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    metrics["grad_norm"] = optax.tree.norm(grads)
-    return (params, opt_state), metrics
-
-  def epoch(carry, epoch_rng):
-    perm = jax.random.permutation(epoch_rng, cfg.rollout_batch_size)
-    minibatches = jax.tree.map(lambda x: policy.to_minibatches(x[perm], M), data)
-    return jax.lax.scan(minibatch_step, carry, minibatches)
-
-  (params, opt_state), upd_ExM = jax.lax.scan(
-    epoch, (state["params"], state["opt_state"]), jax.random.split(shuffle_rng, cfg.epochs)
+  params, opt_state, upd_ExM = policy.minibatch_epochs(
+    loss_fn,
+    tx,
+    state["params"],
+    state["opt_state"],
+    data,
+    jnp.arange(cfg.rollout_batch_size),
+    M,
+    shuffle_rng,
+    cfg.epochs,
   )
 
   new_state = {

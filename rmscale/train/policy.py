@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from rmscale import rl_losses
 from rmscale.losses import token_logprobs
@@ -217,6 +218,34 @@ def map_minibatches(fn, arrays: dict, n: int) -> dict:
   """``fn`` over n minibatches in sequence (``lax.map``), so full [B, L, V] logits never coexist."""
   out = jax.lax.map(fn, jax.tree.map(lambda x: to_minibatches(x, n), arrays))
   return jax.tree.map(from_minibatches, out)
+
+
+def minibatch_epochs(
+  loss_fn, tx, params, opt_state, data: dict, rows, num_minibatches: int, rng, epochs: int
+):
+  """``epochs`` passes of optax updates over ``data[rows]``, reshuffled every pass.
+
+  ``loss_fn(params, minibatch) -> (loss, metrics)``; each pass permutes ``rows`` (row indices of
+  ``data``) and splits them into ``num_minibatches`` minibatches (``to_minibatches``). Returns
+  ``(params, opt_state, metrics [epochs, num_minibatches])`` with ``grad_norm`` added.
+  """
+
+  def minibatch_step(carry, mb):
+    params, opt_state = carry
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, mb)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return (params, opt_state), {**metrics, "grad_norm": optax.tree.norm(grads)}
+
+  def epoch(carry, epoch_rng):
+    perm = rows[jax.random.permutation(epoch_rng, rows.shape[0])]
+    minibatches = jax.tree.map(lambda x: to_minibatches(x[perm], num_minibatches), data)
+    return jax.lax.scan(minibatch_step, carry, minibatches)
+
+  (params, opt_state), metrics = jax.lax.scan(
+    epoch, (params, opt_state), jax.random.split(rng, epochs)
+  )
+  return params, opt_state, metrics
 
 
 # -- forward passes ----------------------------------------------------------------------------

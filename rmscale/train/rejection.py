@@ -245,28 +245,15 @@ def rejection_round(
   def loss_fn(params, mb):
     out = policy.forward(policy_cfg, params, mb["tokens"], mb["mask"])
     logp = policy.response_logprobs(policy.response_logits(out, P, 1.0), mb["tokens"], P)
-    return -rl_losses.masked_mean(logp, mb["response_mask"])
-
-  def minibatch_step(carry, mb):
-    params, opt_state = carry
-    loss, grads = jax.value_and_grad(loss_fn)(params, mb)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    return (params, opt_state), {"sft_loss": loss, "grad_norm": optax.tree.norm(grads)}
-
-  def epoch(carry, epoch_rng):
-    rows = indices[jax.random.permutation(epoch_rng, cfg.num_kept)]
-    minibatches = jax.tree.map(
-      lambda x: policy.to_minibatches(x[rows], cfg.sft_steps_per_epoch), data
-    )
-    return jax.lax.scan(minibatch_step, carry, minibatches)
+    loss = -rl_losses.masked_mean(logp, mb["response_mask"])
+    return loss, {"sft_loss": loss}
 
   if cfg.restart:
     start = (ref_params, tx.init(ref_params))
   else:
     start = (state["params"], state["opt_state"])
-  (params, opt_state), upd_ExM = jax.lax.scan(
-    epoch, start, jax.random.split(shuffle_rng, cfg.sft_epochs)
+  params, opt_state, upd_ExM = policy.minibatch_epochs(
+    loss_fn, tx, *start, data, indices, cfg.sft_steps_per_epoch, shuffle_rng, cfg.sft_epochs
   )
 
   seq_kl_B = rl_losses.sequence_kl(exp["logp"], exp["logp_ref"], rmask_BxN)
