@@ -66,18 +66,29 @@ def test_each_method_validates_its_section(key, value, message, tmp_path):
   assert not os.listdir(tmp_path)
 
 
-def test_every_method_runs_on_a_finished_quickstart_workdir(tiny_run, copy_run, tmp_path):
-  """configs/methods.py on the tiny quickstart: only the new methods' runs train; every curve
-  starts at the common origin and spends KL; all are fitted and drawn side by side."""
-  workdir = copy_run(tiny_run[0], tmp_path)
+def test_every_method_runs_on_a_finished_quickstart_workdir(tiny_run, copy_run, cli):
+  """The README's methods command, typed in a user's directory (relative config and workdir) on
+  the tiny quickstart: only the new methods' runs train; every curve starts at the common origin
+  and spends KL; all are fitted and drawn side by side."""
+  os.symlink(os.path.join(ROOT, "configs"), cli.cwd / "configs")
+  (cli.cwd / "runs").mkdir()
+  workdir = copy_run(tiny_run[0], cli.cwd / "runs")
   ppo_records = os.path.join(workdir, "optimise", "ppo", "100k_d300_s0", "records.json")
   stamp = os.path.getmtime(ppo_records)
-  c = methods_config()
-  with c.unlocked():
-    c.optimise.proxies = ("100k_d300_s0",)
-    for name in ALL[2:]:  # 8 updates at the tiny size: a learning rate that surely moves them.
-      c.optimise[name].lr = 3e-3
-  summary = pipeline.run(c, workdir)
+  # 8 updates at the tiny size: a learning rate that surely moves every method.
+  lrs = [f"--config.optimise.{name}.lr=3e-3" for name in ALL[2:]]
+  out = cli(
+    "rmscale.main",
+    "--config=configs/methods.py:tiny,oracle",
+    f"--workdir=runs/{os.path.basename(workdir)}",
+    "--config.optimise.proxies=('100k_d300_s0',)",
+    *lrs,
+    timeout=900,
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "[6/7] optimise: done in" in out.stderr and "[5/7] reference: done already" in out.stderr
+  with open(os.path.join(workdir, "summary.md")) as f:
+    summary = f.read()
   assert os.path.getmtime(ppo_records) == stamp  # Read back, not trained again.
   records = results.read_jsonl(os.path.join(workdir, "results", "curves.jsonl"))
   assert {r["method"] for r in records} == set(ALL)
